@@ -1,0 +1,63 @@
+"""Shared HTTP helpers: parsing bodies into validated models, JSON replies, paging params."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from branchwise.wire.errors import InvalidRequest, from_validation
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    body = obj if isinstance(obj, bytes) else orjson.dumps(obj)
+    return Response(body, status_code=status, media_type="application/json")
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The request body as `model`, or an OpenAI-shaped 400."""
+    raw = await request.body()
+    ctype = request.headers.get("content-type", "")
+    if raw and ctype and "json" not in ctype.split(";")[0].lower():
+        raise InvalidRequest(
+            f"Unsupported content type: '{ctype}'. This API only accepts 'application/json' requests.",
+            code="unsupported_content_type",
+        )
+    try:
+        data = orjson.loads(raw) if raw.strip() else {}
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+            "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)",
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation(e) from None
+
+
+def paging(request: Request, *, max_limit: int = 100, default_limit: int = 20,
+           default_order: str = "desc") -> tuple[int, str, str | None]:
+    q = request.query_params
+    raw_limit = q.get("limit")
+    try:
+        limit = default_limit if raw_limit is None else int(raw_limit)
+    except ValueError:
+        raise InvalidRequest(f"Invalid value for 'limit': expected an integer, got '{raw_limit}'.",
+                             param="limit", code="invalid_value") from None
+    if not 1 <= limit <= max_limit:
+        raise InvalidRequest(f"Invalid value for 'limit': must be between 1 and {max_limit}.",
+                             param="limit", code="invalid_value")
+    order = q.get("order", default_order)
+    if order not in ("asc", "desc"):
+        raise InvalidRequest("Invalid value for 'order': must be 'asc' or 'desc'.", param="order",
+                             code="invalid_value")
+    return limit, order, q.get("after") or None

@@ -1,0 +1,171 @@
+"""/v1/conversations routes, with the branchwise extensions fork, head and tree."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from branchwise.api.common import json_response, paging, parse_body
+from branchwise.ids import new_id
+from branchwise.store.queries import Conversation, Store
+from branchwise.wire import items as witems
+from branchwise.wire import models as m
+from branchwise.wire.errors import InvalidRequest, not_found
+from branchwise.wire.objects import conversation_object, item_list
+
+router = APIRouter()
+
+
+def _store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def _obj(c: Conversation) -> dict:
+    return conversation_object(c.id, c.created_at, c.metadata, c.head_item,
+                               c.forked_from_conversation, c.forked_from_item)
+
+
+async def _get(store: Store, conv_id: str) -> Conversation:
+    conv = await store.conversation(conv_id)
+    if conv is None:
+        raise not_found("Conversation", conv_id)
+    return conv
+
+
+async def _new_items(request: Request, raw: list) -> list[witems.NewItem]:
+    engine = request.app.state.engine
+    return await engine.input_items(raw)
+
+
+@router.post("/conversations")
+async def create_conversation(request: Request) -> Response:
+    body = await parse_body(request, m.CreateConversation)
+    store = _store(request)
+    chain = await _new_items(request, body.items or [])
+    conv_id = new_id("conv")
+    await store.create_conversation(conv_id, conv_id, body.metadata or {}, chain)
+    return json_response(_obj(await _get(store, conv_id)))
+
+
+@router.get("/conversations/{conversation_id}")
+async def retrieve_conversation(request: Request, conversation_id: str) -> Response:
+    return json_response(_obj(await _get(_store(request), conversation_id)))
+
+
+@router.post("/conversations/{conversation_id}")
+async def update_conversation(request: Request, conversation_id: str) -> Response:
+    body = await parse_body(request, m.UpdateConversation)
+    store = _store(request)
+    if not await store.update_metadata(conversation_id, body.metadata or {}):
+        raise not_found("Conversation", conversation_id)
+    return json_response(_obj(await _get(store, conversation_id)))
+
+
+@router.delete("/conversations/{conversation_id}")
+async def delete_conversation(request: Request, conversation_id: str) -> Response:
+    if not await _store(request).delete_conversation(conversation_id):
+        raise not_found("Conversation", conversation_id)
+    return json_response({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
+
+
+@router.post("/conversations/{conversation_id}/items")
+async def create_items(request: Request, conversation_id: str) -> Response:
+    body = await parse_body(request, m.AddItems)
+    store = _store(request)
+    await _get(store, conversation_id)
+    chain = await _new_items(request, body.items)
+    if await store.append_items(conversation_id, chain) is None:
+        raise not_found("Conversation", conversation_id)
+    return json_response(item_list([it.data for it in chain], chain[0].item_id if chain else None,
+                                   chain[-1].item_id if chain else None, False))
+
+
+@router.get("/conversations/{conversation_id}/items")
+async def list_items(request: Request, conversation_id: str) -> Response:
+    limit, order, after = paging(request)
+    store = _store(request)
+    conv = await _get(store, conversation_id)
+    after_row = None
+    if after is not None:
+        after_row = await store.find_on_path(conv, after)
+        if after_row is None:
+            raise not_found("Item", after)
+    rows, has_more = await store.list_path(conv.head, conv.head_depth, limit=limit, order=order, after=after_row)
+    return json_response(item_list([r.data for r in rows], rows[0].item_id if rows else None,
+                                   rows[-1].item_id if rows else None, has_more))
+
+
+@router.get("/conversations/{conversation_id}/items/{item_id}")
+async def retrieve_item(request: Request, conversation_id: str, item_id: str) -> Response:
+    store = _store(request)
+    row = await store.find_on_path(await _get(store, conversation_id), item_id)
+    if row is None:
+        raise not_found("Item", item_id)
+    return json_response(row.data)
+
+
+@router.delete("/conversations/{conversation_id}/items/{item_id}")
+async def delete_item(request: Request, conversation_id: str, item_id: str) -> Response:
+    store = _store(request)
+    done = await store.delete_from_path(conversation_id, item_id)
+    if done is None:
+        raise not_found("Conversation", conversation_id)
+    if done is False:
+        raise not_found("Item", item_id)
+    return json_response(_obj(await _get(store, conversation_id)))
+
+
+# ---------------------------------------------------------------- branchwise extensions
+
+
+@router.post("/conversations/{conversation_id}/fork")
+async def fork_conversation(request: Request, conversation_id: str) -> Response:
+    body = await parse_body(request, m.ForkConversation)
+    store = _store(request)
+    src = await _get(store, conversation_id)
+    node, item = src.head, src.head_item
+    if body.item_id is not None:
+        row = await store.find_on_path(src, body.item_id)
+        if row is None:
+            raise InvalidRequest(f"Item '{body.item_id}' is not in conversation '{conversation_id}'.",
+                                 param="item_id", code="item_not_found")
+        node, item = row.node, row.item_id
+    conv_id = new_id("conv")
+    await store.create_conversation(conv_id, src.tree, body.metadata or {}, [], head=node,
+                                    forked_from=(conversation_id, item))
+    return json_response(_obj(await _get(store, conv_id)))
+
+
+@router.post("/conversations/{conversation_id}/head")
+async def move_head(request: Request, conversation_id: str) -> Response:
+    body = await parse_body(request, m.MoveHead)
+    store = _store(request)
+    conv = await _get(store, conversation_id)
+    cands = await store.candidates(conv.tree, body.item_id)
+    if not cands:
+        raise InvalidRequest(f"Item '{body.item_id}' is not in the tree of conversation '{conversation_id}'.",
+                             param="item_id", code="item_not_found")
+    await store.move_head(conversation_id, cands[0][0])
+    return json_response(_obj(await _get(store, conversation_id)))
+
+
+@router.get("/conversations/{conversation_id}/tree")
+async def tree(request: Request, conversation_id: str) -> Response:
+    limit, _, after = paging(request, max_limit=1000, default_limit=100, default_order="asc")
+    store = _store(request)
+    conv = await _get(store, conversation_id)
+    rows, has_more = await store.tree_page(conv.tree, limit=limit, after=after)
+    if after is not None and not rows and not await store.candidates(conv.tree, after):
+        raise not_found("Item", after)
+    data = [
+        {"id": r[0], "parent_id": r[1], "type": r[2], "role": r[3], "response_id": r[4], "status": r[5],
+         "created_at": r[6]}
+        for r in rows
+    ]
+    return json_response(orjson.dumps({
+        "object": "conversation.tree", "head": conv.head_item, "data": data, "has_more": has_more,
+        "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
+    }))
+

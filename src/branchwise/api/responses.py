@@ -1,0 +1,82 @@
+"""/v1/responses routes. Thin: parse, hand to the engine, encode."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from branchwise.api.common import json_response, paging, parse_body
+from branchwise.engine.runner import Engine
+from branchwise.store.queries import Store
+from branchwise.wire.errors import InvalidRequest, not_found
+from branchwise.wire.models import CreateResponse
+from branchwise.wire.objects import item_list
+
+router = APIRouter()
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def _store(request: Request) -> Store:
+    return request.app.state.store
+
+
+@router.post("/responses")
+async def create_response(request: Request) -> Response:
+    req = await parse_body(request, CreateResponse)
+    engine = _engine(request)
+    plan = await engine.prepare(req)
+    if req.stream:
+        return StreamingResponse(engine.stream(plan), media_type="text/event-stream", headers=SSE_HEADERS)
+    return json_response(await engine.complete(plan))
+
+
+@router.get("/responses/{response_id}")
+async def retrieve_response(request: Request, response_id: str) -> Response:
+    row = await _store(request).response(response_id)
+    if row is None:
+        raise not_found("Response", response_id)
+    return json_response(row.body)
+
+
+@router.delete("/responses/{response_id}")
+async def delete_response(request: Request, response_id: str) -> Response:
+    if not await _store(request).delete_response(response_id):
+        raise not_found("Response", response_id)
+    return json_response({"id": response_id, "object": "response", "deleted": True})
+
+
+@router.post("/responses/{response_id}/cancel")
+async def cancel_response(request: Request, response_id: str) -> Response:
+    row = await _store(request).response(response_id)
+    if row is None:
+        raise not_found("Response", response_id)
+    raise InvalidRequest("Only responses created with background=true can be cancelled.",
+                         param="response_id", code="not_background")
+
+
+@router.get("/responses/{response_id}/input_items")
+async def input_items(request: Request, response_id: str) -> Response:
+    limit, order, after = paging(request)
+    store = _store(request)
+    row = await store.response(response_id)
+    if row is None:
+        raise not_found("Response", response_id)
+    if row.input_node is None or row.input_count == 0:
+        return json_response(item_list([], None, None, False))
+    top = await store.node_depth(row.input_node)
+    low = top - row.input_count + 1
+    rows = await store.walk(row.input_node, low, top, order)
+    if after is not None:
+        idx = next((i for i, r in enumerate(rows) if r.item_id == after), None)
+        if idx is None:
+            raise not_found("Item", after)
+        rows = rows[idx + 1:]
+    page, has_more = rows[:limit], len(rows) > limit
+    return json_response(item_list([r.data for r in page], page[0].item_id if page else None,
+                                   page[-1].item_id if page else None, has_more))

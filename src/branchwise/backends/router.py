@@ -1,0 +1,63 @@
+"""Model routing: which backend answers a model name.
+
+The routing table comes from settings (`upstreams` in the config file, plus the
+single-upstream shortcut `BRANCHWISE_UPSTREAM_BASE_URL`). Patterns are fnmatch globs, first
+match wins. With no upstream configured at all, the embedded model answers every name.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from branchwise.backends.base import Backend
+from branchwise.backends.chat_completions import ChatCompletionsBackend
+from branchwise.settings import Settings, UpstreamConfig
+
+LOCAL_MODEL_ID = "SmolLM2-135M-Instruct"
+
+
+class Router:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.routes: list[tuple[UpstreamConfig, ChatCompletionsBackend]] = [
+            (cfg, ChatCompletionsBackend(cfg.base_url, cfg.api_key, name=cfg.name,
+                                         supports_n=cfg.supports_n, timeout=cfg.timeout))
+            for cfg in settings.routes()
+        ]
+        self._local: Backend | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return not self.routes
+
+    def local(self) -> Backend:
+        if self._local is None:
+            from branchwise.backends.local import LocalBackend
+
+            s = self.settings
+            self._local = LocalBackend(model_path=s.local_model_path, n_ctx=s.local_n_ctx,
+                                       repeat_penalty=s.local_repeat_penalty)
+        return self._local
+
+    def backend(self, model: str) -> Backend | None:
+        """The backend for `model`, or None when no route matches."""
+        if self.embedded:
+            return self.local()
+        for cfg, backend in self.routes:
+            if any(fnmatchcase(model, pattern) for pattern in cfg.models):
+                return backend
+        return None
+
+    def model_ids(self) -> list[str]:
+        if self.embedded:
+            return [LOCAL_MODEL_ID]
+        ids: list[str] = []
+        for cfg, _ in self.routes:
+            ids.extend(p for p in cfg.models if not any(ch in p for ch in "*?["))
+        return ids
+
+    async def aclose(self) -> None:
+        for _, backend in self.routes:
+            await backend.aclose()
+        if self._local is not None:
+            await self._local.aclose()

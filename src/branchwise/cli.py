@@ -1,0 +1,57 @@
+"""The `branchwise` command."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+app = typer.Typer(help="branchwise: OpenAI Responses + Conversations, where a conversation is a tree.",
+                  no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def main() -> None:
+    """branchwise: OpenAI Responses + Conversations, where a conversation is a tree."""
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, help="Interface to bind (default: BRANCHWISE_HOST or 127.0.0.1)."),
+    port: int = typer.Option(None, help="Port (default: BRANCHWISE_PORT or 8000)."),
+    workers: int = typer.Option(1, help="Worker processes sharing the port."),
+    log_level: str = typer.Option("warning", help="uvicorn log level."),
+) -> None:
+    """Serve the API."""
+    import uvicorn
+
+    from branchwise.settings import Settings
+
+    settings = Settings()
+    host = host or settings.host
+    port = port or settings.port
+    kwargs = dict(host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
+    try:
+        import uvloop  # noqa: F401
+
+        kwargs["loop"] = "uvloop"
+    except ImportError:
+        pass
+    try:
+        import httptools  # noqa: F401
+
+        kwargs["http"] = "httptools"
+    except ImportError:
+        pass
+    typer.echo(f"branchwise serving on http://{host}:{port} (database: {settings.database_url})")
+    if workers > 1:
+        os.environ.setdefault("BRANCHWISE_DATABASE_URL", settings.database_url)
+        uvicorn.run("branchwise.api.app:create_app", factory=True, workers=workers, **kwargs)
+    else:
+        from branchwise.api.app import create_app
+
+        uvicorn.run(create_app(settings), **kwargs)
+
+
+if __name__ == "__main__":
+    app()

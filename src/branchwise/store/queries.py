@@ -1,0 +1,390 @@
+"""Every query branchwise runs. SQLAlchemy Core and plain SQL; the same text on SQLite and
+PostgreSQL. Write transactions are short and never span a model call.
+
+Paths are walked with a recursive CTE from a node towards the root, bounded by depth, so a
+page of a long conversation costs what the page needs, not the whole history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import bindparam, delete, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from branchwise.ids import new_node, now
+from branchwise.store.db import writer
+from branchwise.store.tables import conversations, items, responses
+from branchwise.wire.items import NewItem
+
+
+@dataclass(slots=True)
+class Conversation:
+    id: str
+    tree: str
+    head: str | None  # node
+    head_item: str | None
+    head_depth: int  # -1 when empty
+    created_at: int
+    metadata: str  # JSON text
+    forked_from_conversation: str | None
+    forked_from_item: str | None
+
+
+@dataclass(slots=True)
+class PathRow:
+    node: str
+    depth: int
+    item_id: str
+    data: bytes
+
+
+@dataclass(slots=True)
+class ResponseRow:
+    id: str
+    status: str
+    conversation_id: str | None
+    tree: str
+    base_node: str | None
+    input_node: str | None
+    input_count: int
+    last_node: str | None
+    body: bytes
+
+
+@dataclass(slots=True)
+class Placed:
+    """A new item placed in the tree: its node and the node above it."""
+
+    item: NewItem
+    node: str
+    parent: str | None
+    depth: int
+    response_id: str | None = None
+
+
+def place(chain: Sequence[NewItem], parent: str | None, parent_depth: int,
+          response_id: str | None = None) -> list[Placed]:
+    """Hang `chain` as a line under `parent` (None: as a new root)."""
+    out = []
+    for it in chain:
+        node = new_node()
+        parent_depth += 1
+        out.append(Placed(it, node, parent, parent_depth, response_id))
+        parent = node
+    return out
+
+
+_CONV = text(
+    "SELECT c.id, c.tree, c.head, i.item_id, COALESCE(i.depth, -1), c.created_at, c.metadata, "
+    "c.forked_from_conversation, c.forked_from_item "
+    "FROM conversations c LEFT JOIN items i ON i.node = c.head WHERE c.id = :id"
+)
+
+_PATH_CHAT = text(
+    "WITH RECURSIVE path(node, parent, depth, chat) AS ("
+    " SELECT node, parent, depth, chat FROM items WHERE node = :node"
+    " UNION ALL"
+    " SELECT i.node, i.parent, i.depth, i.chat FROM items i JOIN path p ON i.node = p.parent"
+    ") SELECT chat FROM path WHERE chat IS NOT NULL ORDER BY depth"
+)
+
+
+def _path_walk(order: str) -> Any:
+    return text(
+        "WITH RECURSIVE path(node, parent, depth) AS ("
+        " SELECT node, parent, depth FROM items WHERE node = :node"
+        " UNION ALL"
+        " SELECT i.node, i.parent, i.depth FROM items i JOIN path p ON i.node = p.parent WHERE p.depth > :lo"
+        ") SELECT i.node, i.depth, i.item_id, i.data FROM path JOIN items i ON i.node = path.node"
+        f" WHERE path.depth BETWEEN :lo AND :hi ORDER BY path.depth {order}"
+    )
+
+
+_WALK = {"asc": _path_walk("ASC"), "desc": _path_walk("DESC")}
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        self.writer = writer(engine)
+
+    # ------------------------------------------------------------------ reads
+
+    async def conversation(self, conv_id: str, conn: AsyncConnection | None = None) -> Conversation | None:
+        if conn is not None:
+            row = (await conn.execute(_CONV, {"id": conv_id})).first()
+        else:
+            async with self.engine.connect() as c:
+                row = (await c.execute(_CONV, {"id": conv_id})).first()
+        return None if row is None else Conversation(*row)
+
+    async def path_chat(self, node: str | None) -> list[bytes]:
+        """The Chat Completions messages of the path root..node, in order."""
+        if node is None:
+            return []
+        async with self.engine.connect() as c:
+            return list((await c.execute(_PATH_CHAT, {"node": node})).scalars())
+
+    async def walk(self, head: str, lo: int, hi: int, order: str = "asc",
+                   conn: AsyncConnection | None = None) -> list[PathRow]:
+        """The items of the path ending at `head` whose depth lies in [lo, hi]."""
+        params = {"node": head, "lo": max(lo, 0), "hi": hi}
+        if conn is not None:
+            rows = (await conn.execute(_WALK[order], params)).all()
+        else:
+            async with self.engine.connect() as c:
+                rows = (await c.execute(_WALK[order], params)).all()
+        return [PathRow(*r) for r in rows]
+
+    async def candidates(self, tree: str, item_id: str, conn: AsyncConnection | None = None) -> list[tuple[str, int]]:
+        """Nodes holding `item_id` in `tree`: (node, depth), newest first."""
+        q = select(items.c.node, items.c.depth).where(items.c.tree == tree, items.c.item_id == item_id)
+        q = q.order_by(items.c.seq.desc())
+        if conn is not None:
+            return [tuple(r) for r in (await conn.execute(q)).all()]
+        async with self.engine.connect() as c:
+            return [tuple(r) for r in (await c.execute(q)).all()]
+
+    async def find_on_path(self, conv: Conversation, item_id: str,
+                           conn: AsyncConnection | None = None) -> PathRow | None:
+        """The node holding `item_id` on the conversation's current path, if any."""
+        if conv.head is None:
+            return None
+        cands = await self.candidates(conv.tree, item_id, conn)
+        if not cands:
+            return None
+        lo = min(d for _, d in cands)
+        if lo > conv.head_depth:
+            return None
+        nodes = {n for n, _ in cands}
+        for row in await self.walk(conv.head, lo, conv.head_depth, "desc", conn):
+            if row.node in nodes:
+                return row
+        return None
+
+    async def list_path(self, conv_head: str | None, head_depth: int, *, limit: int, order: str,
+                        after: PathRow | None) -> tuple[list[PathRow], bool]:
+        """A page of the path ending at `conv_head`."""
+        if conv_head is None:
+            return [], False
+        if order == "asc":
+            lo = after.depth + 1 if after else 0
+            hi = lo + limit
+        else:
+            hi = after.depth - 1 if after else head_depth
+            lo = hi - limit
+        if hi < lo or hi < 0:
+            return [], False
+        rows = await self.walk(conv_head, lo, hi, order)
+        return rows[:limit], len(rows) > limit
+
+    async def response(self, resp_id: str) -> ResponseRow | None:
+        q = select(
+            responses.c.id, responses.c.status, responses.c.conversation_id, responses.c.tree,
+            responses.c.base_node, responses.c.input_node, responses.c.input_count,
+            responses.c.last_node, responses.c.body,
+        ).where(responses.c.id == resp_id)
+        async with self.engine.connect() as c:
+            row = (await c.execute(q)).first()
+        return None if row is None else ResponseRow(*row)
+
+    async def node_depth(self, node: str | None) -> int:
+        if node is None:
+            return -1
+        async with self.engine.connect() as c:
+            d = (await c.execute(select(items.c.depth).where(items.c.node == node))).scalar()
+        return -1 if d is None else d
+
+    async def items_by_id(self, ids: Sequence[str]) -> dict[str, tuple]:
+        """Content of existing items, for `item_reference` inputs."""
+        q = select(items.c.item_id, items.c.type, items.c.role, items.c.status, items.c.data, items.c.chat)
+        q = q.where(items.c.item_id.in_(list(ids)))
+        async with self.engine.connect() as c:
+            return {r[0]: tuple(r) for r in (await c.execute(q)).all()}
+
+    async def tree_page(self, tree: str, *, limit: int, after: str | None) -> tuple[list[tuple], bool]:
+        after_seq = 0
+        async with self.engine.connect() as c:
+            if after is not None:
+                s = (await c.execute(
+                    select(items.c.seq).where(items.c.tree == tree, items.c.item_id == after)
+                    .order_by(items.c.seq.desc()).limit(1)
+                )).scalar()
+                if s is None:
+                    return [], False  # caller turns this into a 404 when it must
+                after_seq = s
+            parent = items.alias("p")
+            q = (
+                select(items.c.item_id, parent.c.item_id, items.c.type, items.c.role, items.c.response_id,
+                       items.c.status, items.c.created_at)
+                .select_from(items.outerjoin(parent, parent.c.node == items.c.parent))
+                .where(items.c.tree == tree, items.c.seq > after_seq)
+                .order_by(items.c.seq)
+                .limit(limit + 1)
+            )
+            rows = (await c.execute(q)).all()
+        return [tuple(r) for r in rows[:limit]], len(rows) > limit
+
+    # ------------------------------------------------------------------ writes
+
+    @staticmethod
+    async def _insert_items(conn: AsyncConnection, tree: str, placed: Sequence[Placed], created: int) -> None:
+        if not placed:
+            return
+        await conn.execute(
+            insert(items),
+            [
+                {
+                    "node": p.node, "parent": p.parent, "depth": p.depth, "tree": tree,
+                    "item_id": p.item.item_id, "type": p.item.type, "role": p.item.role,
+                    "status": p.item.status, "response_id": p.response_id, "created_at": created,
+                    "data": p.item.data, "chat": p.item.chat,
+                }
+                for p in placed
+            ],
+        )
+
+    async def create_conversation(self, conv_id: str, tree: str, metadata: dict, chain: Sequence[NewItem],
+                                  *, head: str | None = None, forked_from: tuple[str, str | None] | None = None,
+                                  ) -> None:
+        created = now()
+        placed = place(chain, None, -1)
+        if placed:
+            head = placed[-1].node
+        async with self.writer.begin() as conn:
+            await self._insert_items(conn, tree, placed, created)
+            await conn.execute(insert(conversations), {
+                "id": conv_id, "tree": tree, "head": head, "created_at": created,
+                "metadata": orjson.dumps(metadata).decode(),
+                "forked_from_conversation": forked_from[0] if forked_from else None,
+                "forked_from_item": forked_from[1] if forked_from else None,
+            })
+
+    async def update_metadata(self, conv_id: str, metadata: dict) -> bool:
+        async with self.writer.begin() as conn:
+            r = await conn.execute(
+                update(conversations).where(conversations.c.id == conv_id)
+                .values(metadata=orjson.dumps(metadata).decode())
+            )
+        return r.rowcount > 0
+
+    async def delete_conversation(self, conv_id: str) -> bool:
+        async with self.writer.begin() as conn:
+            r = await conn.execute(delete(conversations).where(conversations.c.id == conv_id))
+        return r.rowcount > 0
+
+    async def _locked_conversation(self, conn: AsyncConnection, conv_id: str) -> Conversation | None:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(
+                select(conversations.c.id).where(conversations.c.id == conv_id).with_for_update()
+            )
+        return await self.conversation(conv_id, conn)
+
+    async def append_items(self, conv_id: str, chain: Sequence[NewItem]) -> Conversation | None:
+        """Hang `chain` under the conversation's head and move the head to its end, atomically."""
+        async with self.writer.begin() as conn:
+            conv = await self._locked_conversation(conn, conv_id)
+            if conv is None:
+                return None
+            placed = place(chain, conv.head, conv.head_depth)
+            await self._insert_items(conn, conv.tree, placed, now())
+            if placed:
+                await conn.execute(
+                    update(conversations).where(conversations.c.id == conv_id).values(head=placed[-1].node)
+                )
+        return conv
+
+    async def move_head(self, conv_id: str, node: str) -> None:
+        async with self.writer.begin() as conn:
+            await conn.execute(update(conversations).where(conversations.c.id == conv_id).values(head=node))
+
+    async def delete_from_path(self, conv_id: str, item_id: str) -> bool | None:
+        """Take `item_id` out of the conversation's path without touching any shared node:
+        the nodes below it are re-hung (copied, same item ids) under its parent.
+        None: no such conversation; False: the item is not on its path."""
+        async with self.writer.begin() as conn:
+            conv = await self._locked_conversation(conn, conv_id)
+            if conv is None:
+                return None
+            target = await self.find_on_path(conv, item_id, conn)
+            if target is None:
+                return False
+            below = await conn.execute(
+                _WALK["asc"], {"node": conv.head, "lo": target.depth, "hi": conv.head_depth}
+            )
+            below_nodes = [r[0] for r in below.all()][1:]  # first row is the target itself
+            parent_row = (await conn.execute(
+                select(items.c.parent).where(items.c.node == target.node)
+            )).scalar()
+            new_head = parent_row
+            if below_nodes:
+                rows = (await conn.execute(
+                    select(items).where(items.c.node.in_(below_nodes))
+                )).mappings().all()
+                by_node = {r["node"]: r for r in rows}
+                copies = []
+                parent, depth = parent_row, target.depth - 1
+                for n in below_nodes:
+                    r = dict(by_node[n])
+                    r.pop("seq")
+                    depth += 1
+                    r.update(node=new_node(), parent=parent, depth=depth)
+                    parent = r["node"]
+                    copies.append(r)
+                await conn.execute(insert(items), copies)
+                new_head = parent
+            await conn.execute(update(conversations).where(conversations.c.id == conv_id).values(head=new_head))
+        return True
+
+    async def insert_response(self, row: dict) -> None:
+        async with self.writer.begin() as conn:
+            await conn.execute(insert(responses), row)
+
+    async def commit_response(
+        self,
+        *,
+        tree: str,
+        placed: Sequence[Placed],
+        response_rows: Sequence[dict],
+        conversation_id: str | None,
+        base: str | None,
+        new_head: str | None,
+        update_existing: bool = False,
+    ) -> bool:
+        """Store a finished response in one short transaction: its items, its row(s), and
+        the conversation head moved from `base` to `new_head` if it is still at `base`
+        (compare-and-swap). Returns whether the head moved."""
+        created = now()
+        moved = False
+        async with self.writer.begin() as conn:
+            await self._insert_items(conn, tree, placed, created)
+            if update_existing:
+                await conn.execute(
+                    update(responses).where(responses.c.id == bindparam("_id")).values(
+                        status=bindparam("status"), input_node=bindparam("input_node"),
+                        input_count=bindparam("input_count"), last_node=bindparam("last_node"),
+                        body=bindparam("body"),
+                    ),
+                    [{"_id": r["id"], **{k: r[k] for k in ("status", "input_node", "input_count",
+                                                             "last_node", "body")}} for r in response_rows],
+                )
+            elif response_rows:
+                await conn.execute(insert(responses), list(response_rows))
+            if conversation_id is not None and new_head is not None:
+                r = await conn.execute(
+                    update(conversations)
+                    .where(conversations.c.id == conversation_id,
+                           conversations.c.head.is_not_distinct_from(base))
+                    .values(head=new_head)
+                )
+                moved = r.rowcount > 0
+        return moved
+
+    async def delete_response(self, resp_id: str) -> bool:
+        async with self.writer.begin() as conn:
+            r = await conn.execute(delete(responses).where(responses.c.id == resp_id))
+        return r.rowcount > 0

@@ -1,0 +1,80 @@
+"""SQLAlchemy Core tables. The schema itself is created by the Alembic migrations in
+`store/migrations/versions`; these definitions are what the queries use.
+
+The tree lives in `items`: one row per *node*. A node is an immutable item placed under a
+parent node. Public item ids (`msg_...`) name the content; the same content can stand at two
+places in a tree only when a conversation deleted an item above it and the path below was
+re-hung (see `tree.paths`), so `item_id` is not unique but `node` is.
+
+Ordering never depends on wall-clock time: `seq` is an autoincrementing integer, `depth` is
+the position on the path from the root.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+# BigInteger on PostgreSQL, INTEGER PRIMARY KEY (rowid) on SQLite.
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+
+items = Table(
+    "items",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("node", String(32), nullable=False, unique=True),
+    Column("parent", String(32), nullable=True),
+    Column("depth", Integer, nullable=False),
+    Column("tree", String(64), nullable=False),
+    Column("item_id", String(64), nullable=False),
+    Column("type", String(32), nullable=False),
+    Column("role", String(16), nullable=True),
+    Column("status", String(16), nullable=True),
+    Column("response_id", String(64), nullable=True),
+    Column("created_at", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),  # the item as it goes on the wire (JSON)
+    Column("chat", LargeBinary, nullable=True),  # the item as a Chat Completions message (JSON), or NULL
+    Index("ix_items_item_id", "item_id"),
+    Index("ix_items_tree_seq", "tree", "seq"),
+    Index("ix_items_parent", "parent"),
+)
+
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("tree", String(64), nullable=False),
+    Column("head", String(32), nullable=True),  # node, or NULL when empty
+    Column("created_at", Integer, nullable=False),
+    Column("metadata", Text, nullable=False),  # JSON object
+    Column("forked_from_conversation", String(64), nullable=True),
+    Column("forked_from_item", String(64), nullable=True),
+)
+
+responses = Table(
+    "responses",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("created_at", Integer, nullable=False),
+    Column("conversation_id", String(64), nullable=True),
+    Column("previous_response_id", String(64), nullable=True),
+    Column("tree", String(64), nullable=False),
+    Column("base_node", String(32), nullable=True),  # where the input hangs
+    Column("input_node", String(32), nullable=True),  # last input node
+    Column("input_count", Integer, nullable=False),
+    Column("last_node", String(32), nullable=True),  # last node of input + output: what a follow-up chains from
+    Column("body", LargeBinary, nullable=False),  # the Response object as it goes on the wire (JSON)
+    Index("ix_responses_conversation", "conversation_id"),
+)

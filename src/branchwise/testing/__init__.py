@@ -1,0 +1,1 @@
+"""Test helpers for branchwise (mock upstream model server, fixtures)."""

@@ -1,0 +1,72 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+
+class APIError(Exception):
+    status = 400
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 status: int | None = None, type: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(APIError):
+    status = 400
+
+
+class NotFound(APIError):
+    status = 404
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message, param=param, code=code)
+
+
+def not_found(kind: str, id: str) -> NotFound:
+    return NotFound(f"{kind} with id '{id}' not found.")
+
+
+_UNION_LABELS = ("str", "int", "float", "bool", "none", "list", "dict")
+
+
+def _is_label(part: str) -> bool:
+    """pydantic puts union branch names into `loc`; they are not part of the client's path."""
+    return part.startswith("~") or "[" in part or part in _UNION_LABELS or part.startswith("function-")
+
+
+def _param(loc: tuple) -> str | None:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _is_label(part):
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out or None
+
+
+def from_validation(exc: ValidationError) -> InvalidRequest:
+    """The first pydantic error, phrased the way OpenAI phrases parameter errors."""
+    err = exc.errors(include_url=False)[0]
+    param = _param(err["loc"])
+    if err["type"] == "extra_forbidden":
+        return InvalidRequest(f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")
+    if err["type"] == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param,
+                              code="missing_required_parameter")
+    msg = err["msg"]
+    return InvalidRequest(f"Invalid value for '{param}': {msg}.", param=param, code="invalid_value")

@@ -1,0 +1,251 @@
+"""Request bodies, validated with pydantic. Shapes follow OpenAI's spec; the branchwise
+extensions (`concurrency`, `n`, fork and head bodies) are marked as such.
+
+Union branches carry tags that start with `~` so that error messages can drop them from the
+parameter path (see `wire.errors`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+# ---------------------------------------------------------------- content parts
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class InputText(_Part):
+    type: Literal["input_text"]
+    text: str
+
+
+class InputImage(_Part):
+    type: Literal["input_image"]
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: Literal["low", "high", "auto", "original"] = "auto"
+
+
+class InputFile(_Part):
+    type: Literal["input_file"]
+    file_id: str | None = None
+    file_data: str | None = None
+    file_url: str | None = None
+    filename: str | None = None
+
+
+class OutputText(_Part):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] | None = None
+
+
+class Refusal(_Part):
+    type: Literal["refusal"]
+    refusal: str
+
+
+Part = Annotated[
+    Annotated[InputText, Tag("~input_text")]
+    | Annotated[InputImage, Tag("~input_image")]
+    | Annotated[InputFile, Tag("~input_file")]
+    | Annotated[OutputText, Tag("~output_text")]
+    | Annotated[Refusal, Tag("~refusal")],
+    Discriminator(lambda v: "~" + (v.get("type", "") if isinstance(v, dict) else getattr(v, "type", ""))),
+]
+
+# ---------------------------------------------------------------- input items
+
+
+class _Item(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+class Message(_Item):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[Part]
+
+
+class FunctionCall(_Item):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutput(_Item):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[Part]
+
+
+class Reasoning(_Item):
+    type: Literal["reasoning"]
+    summary: list[dict[str, Any]] = Field(default_factory=list)
+    content: list[dict[str, Any]] | None = None
+    encrypted_content: str | None = None
+
+
+class ItemReference(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["item_reference"] | None = "item_reference"
+    id: str
+
+
+def _item_tag(v: Any) -> str:
+    t = v.get("type", "message") if isinstance(v, dict) else getattr(v, "type", "message")
+    return "~" + (t or "message")
+
+
+InputItem = Annotated[
+    Annotated[Message, Tag("~message")]
+    | Annotated[FunctionCall, Tag("~function_call")]
+    | Annotated[FunctionCallOutput, Tag("~function_call_output")]
+    | Annotated[Reasoning, Tag("~reasoning")]
+    | Annotated[ItemReference, Tag("~item_reference")],
+    Discriminator(_item_tag),
+]
+
+# ---------------------------------------------------------------- shared fields
+
+
+def check_metadata(v: dict[str, str] | None) -> dict[str, str] | None:
+    if v is None:
+        return v
+    if len(v) > 16:
+        raise ValueError("metadata can hold at most 16 key-value pairs")
+    for key, value in v.items():
+        if len(key) > 64:
+            raise ValueError(f"metadata key '{key[:20]}...' is longer than 64 characters")
+        if len(value) > 512:
+            raise ValueError(f"metadata value for '{key}' is longer than 512 characters")
+    return v
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConversationRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+
+
+class TextFormatText(BaseModel):
+    type: Literal["text"]
+
+
+class TextFormatJsonSchema(BaseModel):
+    type: Literal["json_schema"]
+    name: str = Field(max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextFormatJsonObject(BaseModel):
+    type: Literal["json_object"]
+
+
+TextFormat = Annotated[
+    Annotated[TextFormatText, Tag("~text")]
+    | Annotated[TextFormatJsonSchema, Tag("~json_schema")]
+    | Annotated[TextFormatJsonObject, Tag("~json_object")],
+    Discriminator(lambda v: "~" + (v.get("type", "") if isinstance(v, dict) else getattr(v, "type", ""))),
+]
+
+
+class TextParam(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+# ---------------------------------------------------------------- POST /v1/responses
+
+
+class CreateResponse(_Body):
+    model: str = Field(min_length=1)
+    input: str | list[InputItem] | None = None
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    conversation: str | ConversationRef | None = None
+    store: bool | None = True
+    metadata: dict[str, str] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_output_tokens: int | None = Field(default=None, ge=16)
+    max_tool_calls: int | None = Field(default=None, ge=1)
+    text: TextParam | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    user: str | None = None
+    safety_identifier: str | None = Field(default=None, max_length=64)
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    background: bool | None = False
+    include: list[str] | None = None
+    prompt: dict[str, Any] | None = None
+    context_management: list[dict[str, Any]] | None = None
+    moderation: Any = None
+    # branchwise extensions
+    concurrency: Literal["branch", "queue", "reject"] | None = None
+    n: int = Field(default=1, ge=1, le=8)
+
+    _check_metadata = field_validator("metadata")(classmethod(lambda cls, v: check_metadata(v)))
+
+    @property
+    def conversation_id(self) -> str | None:
+        c = self.conversation
+        return c.id if isinstance(c, ConversationRef) else c
+
+
+# ---------------------------------------------------------------- conversations
+
+
+class CreateConversation(_Body):
+    metadata: dict[str, str] | None = None
+    items: list[InputItem] | None = Field(default=None, max_length=20)
+
+    _check_metadata = field_validator("metadata")(classmethod(lambda cls, v: check_metadata(v)))
+
+
+class UpdateConversation(_Body):
+    metadata: dict[str, str] | None
+
+    _check_metadata = field_validator("metadata")(classmethod(lambda cls, v: check_metadata(v)))
+
+
+class AddItems(_Body):
+    items: list[InputItem] = Field(max_length=20)
+
+
+class ForkConversation(_Body):
+    """branchwise extension: POST /v1/conversations/{id}/fork"""
+
+    item_id: str | None = None
+    metadata: dict[str, str] | None = None
+
+    _check_metadata = field_validator("metadata")(classmethod(lambda cls, v: check_metadata(v)))
+
+
+class MoveHead(_Body):
+    """branchwise extension: POST /v1/conversations/{id}/head"""
+
+    item_id: str

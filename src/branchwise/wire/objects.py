@@ -1,0 +1,115 @@
+"""Wire objects branchwise sends: Response, Conversation, lists, SSE frames."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from branchwise.backends.base import Usage
+from branchwise.wire.models import CreateResponse
+
+
+def usage_object(u: Usage | None) -> dict[str, Any] | None:
+    if u is None:
+        return None
+    return {
+        "input_tokens": u.input_tokens,
+        "input_tokens_details": {"cached_tokens": u.cached_tokens},
+        "output_tokens": u.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+        "total_tokens": u.input_tokens + u.output_tokens,
+    }
+
+
+def _text_param(req: CreateResponse) -> dict[str, Any]:
+    fmt: dict[str, Any] = {"type": "text"}
+    verbosity = "medium"
+    if req.text is not None:
+        verbosity = req.text.verbosity or "medium"
+        if req.text.format is not None:
+            f = req.text.format
+            fmt = {"type": f.type}
+            if f.type == "json_schema":
+                fmt.update(name=f.name, schema=f.schema_, description=f.description, strict=f.strict)
+    return {"format": fmt, "verbosity": verbosity}
+
+
+def response_object(
+    req: CreateResponse,
+    *,
+    id: str,
+    created_at: int,
+    status: str,
+    output: list[dict[str, Any]],
+    usage: Usage | None = None,
+    error: dict[str, Any] | None = None,
+    incomplete_reason: str | None = None,
+    completed_at: int | None = None,
+) -> dict[str, Any]:
+    """Every field of OpenAI's Response schema, null where unknown."""
+    conv = req.conversation_id
+    return {
+        "id": id,
+        "object": "response",
+        "created_at": created_at,
+        "status": status,
+        "background": bool(req.background),
+        "completed_at": completed_at,
+        "conversation": {"id": conv} if conv else None,
+        "error": error,
+        "incomplete_details": {"reason": incomplete_reason} if incomplete_reason else None,
+        "instructions": req.instructions,
+        "max_output_tokens": req.max_output_tokens,
+        "max_tool_calls": req.max_tool_calls,
+        "metadata": req.metadata or {},
+        "model": req.model,
+        "output": output,
+        "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+        "previous_response_id": req.previous_response_id,
+        "prompt": req.prompt,
+        "prompt_cache_key": req.prompt_cache_key,
+        "prompt_cache_retention": req.prompt_cache_retention,
+        "reasoning": {"effort": (req.reasoning or {}).get("effort"), "summary": (req.reasoning or {}).get("summary")},
+        "safety_identifier": req.safety_identifier,
+        "service_tier": req.service_tier or "default",
+        "store": True if req.store is None else req.store,
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "text": _text_param(req),
+        "tool_choice": "auto" if req.tool_choice is None else req.tool_choice,
+        "tools": req.tools or [],
+        "top_logprobs": req.top_logprobs if req.top_logprobs is not None else 0,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "truncation": req.truncation or "disabled",
+        "usage": usage_object(usage),
+        "user": req.user,
+    }
+
+
+def conversation_object(conv_id: str, created_at: int, metadata: str | dict, head_item: str | None,
+                        forked_from_conversation: str | None, forked_from_item: str | None) -> dict[str, Any]:
+    return {
+        "id": conv_id,
+        "object": "conversation",
+        "created_at": created_at,
+        "metadata": orjson.loads(metadata) if isinstance(metadata, str) else metadata,
+        "head": head_item,
+        "forked_from": (
+            {"conversation_id": forked_from_conversation, "item_id": forked_from_item}
+            if forked_from_conversation
+            else None
+        ),
+    }
+
+
+def item_list(datas: list[bytes], first_id: str | None, last_id: str | None, has_more: bool) -> bytes:
+    """A `list` object spliced from stored item blobs: no stored item is parsed."""
+    return b"".join((
+        b'{"object":"list","data":[', b",".join(datas), b'],"first_id":', orjson.dumps(first_id),
+        b',"last_id":', orjson.dumps(last_id), b',"has_more":', b"true" if has_more else b"false", b"}",
+    ))
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    """One Server-Sent Event, written in one piece."""
+    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"

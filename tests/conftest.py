@@ -1,0 +1,173 @@
+"""Fixtures: both real databases, the mock upstream over real HTTP, and the official SDK.
+
+Every test that takes `db_url` (directly or through `app` / `client`) runs twice: once on a
+SQLite file, once on PostgreSQL (a database made for this session on 127.0.0.1:5432).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import httpx2
+import openai
+import pytest
+from sqlalchemy import text
+
+from branchwise.api.app import create_app
+from branchwise.settings import Settings
+from branchwise.store.db import create_engine
+from branchwise.testing.mock_upstream import MockUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+PG_ADMIN_URL = os.environ.get("BRANCHWISE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_DB = f"branchwise_test_{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def mock() -> Iterator[MockUpstream]:
+    with MockUpstream() as m:
+        yield m
+
+
+def run_async(coro):
+    """Run a coroutine to completion from sync code, even while a loop runs in this thread."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session."""
+
+    async def admin(sql: str) -> None:
+        engine = create_engine(PG_ADMIN_URL)
+        async with engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text(sql))
+        await engine.dispose()
+
+    run_async(admin(f"DROP DATABASE IF EXISTS {PG_DB}"))
+    run_async(admin(f"CREATE DATABASE {PG_DB}"))
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{PG_DB}"
+    run_async(admin(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)"))
+
+
+async def _truncate(url: str) -> None:
+    engine = create_engine(url)
+    async with engine.begin() as conn:
+        exists = (await conn.execute(text("SELECT to_regclass('items') IS NOT NULL"))).scalar()
+        if exists:
+            await conn.execute(text("TRUNCATE items, conversations, responses"))
+    await engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'branchwise.db'}"
+    url = request.getfixturevalue("pg_url")
+    run_async(_truncate(url))
+    return url
+
+
+@pytest.fixture
+def settings(db_url, mock) -> Settings:
+    return Settings(database_url=db_url, upstream_base_url=mock.url, upstream_supports_n=True)
+
+
+@pytest.fixture
+async def app(settings):
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+async def client(app) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official SDK, in-process over httpx2's ASGI transport."""
+    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test")
+    async with openai.AsyncOpenAI(api_key="test-key", base_url="http://test/v1", http_client=http,
+                                  max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture
+async def raw(app) -> AsyncIterator[httpx2.AsyncClient]:
+    """A plain HTTP client on the same app, for what the SDK cannot send (bad input)."""
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test") as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def _clear_mock_log(request):
+    if "mock" in request.fixturenames:
+        request.getfixturevalue("mock").clear()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`branchwise serve` in a subprocess, over a real socket."""
+
+    def __init__(self, env: dict[str, str], port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("BRANCHWISE_")}
+        full_env.update(env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "branchwise", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=full_env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                raise RuntimeError(f"branchwise serve exited with {self.proc.returncode}:\n{out}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("branchwise serve did not become ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def serve():
+    servers: list[Server] = []
+
+    def start(env: dict[str, str]) -> Server:
+        s = Server(env)
+        servers.append(s)
+        return s.wait_ready()
+
+    yield start
+    for s in servers:
+        s.stop()
