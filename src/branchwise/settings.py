@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     default_concurrency: Literal["branch", "queue", "reject"] = "branch"
     queue_timeout: float = 120.0
     """Seconds a `queue` response waits for the responses before it, then gives up."""
+    queue_poll_interval: float = 0.05
+    """How often a waiting `queue` response looks at the database (releases in the same process
+    wake it at once)."""
+    lease_ttl: float = 15.0
+    """Seconds a lease outlives its holder's last renewal (holders renew every third of it)."""
 
     api_key: str | None = None
     """When set, clients must send `Authorization: Bearer <api_key>`."""

@@ -13,9 +13,11 @@ from starlette.responses import Response
 from branchwise.api import conversations, responses
 from branchwise.api.common import json_response
 from branchwise.backends.router import Router
+from branchwise.engine.policy import Policies
 from branchwise.engine.runner import Engine
 from branchwise.settings import Settings
 from branchwise.store.db import create_engine, migrate
+from branchwise.store.leases import Leases
 from branchwise.store.queries import Store
 from branchwise.wire.errors import APIError
 
@@ -37,7 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.store = store
         app.state.router = router
-        app.state.engine = Engine(store, router, settings)
+        app.state.policies = Policies(Leases(db), settings)
+        app.state.engine = Engine(store, router, settings, app.state.policies)
         try:
             yield
         finally:
@@ -48,7 +51,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> Response:
-        return json_response(exc.body(), exc.status)
+        resp = json_response(exc.body(), exc.status)
+        if exc.headers:
+            resp.headers.update(exc.headers)
+        return resp
 
     @app.exception_handler(HTTPException)
     async def _http_error(_request: Request, exc: HTTPException) -> Response:

@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from branchwise.api.common import json_response, paging, parse_body
+from branchwise.engine.policy import ClientGone, Policies
 from branchwise.ids import new_id
 from branchwise.store.queries import Conversation, Store
 from branchwise.wire import items as witems
@@ -76,8 +77,18 @@ async def create_items(request: Request, conversation_id: str) -> Response:
     store = _store(request)
     await _get(store, conversation_id)
     chain = await _new_items(request, body.items)
-    if await store.append_items(conversation_id, chain) is None:
-        raise not_found("Conversation", conversation_id)
+    policies: Policies = request.app.state.policies
+    policy = body.concurrency or request.app.state.settings.default_concurrency
+    try:
+        lease = await policies.acquire(conversation_id, new_id("append"), policy, request.is_disconnected)
+    except ClientGone:
+        return Response(status_code=499)
+    try:
+        if await store.append_items(conversation_id, chain) is None:
+            raise not_found("Conversation", conversation_id)
+    finally:
+        if lease is not None:
+            await lease.release()
     return json_response(item_list([it.data for it in chain], chain[0].item_id if chain else None,
                                    chain[-1].item_id if chain else None, False))
 

@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from branchwise.api.common import json_response, paging, parse_body
+from branchwise.engine.policy import ClientGone
 from branchwise.engine.runner import Engine
 from branchwise.store.queries import Store
 from branchwise.wire.errors import InvalidRequest, not_found
@@ -30,7 +31,10 @@ def _store(request: Request) -> Store:
 async def create_response(request: Request) -> Response:
     req = await parse_body(request, CreateResponse)
     engine = _engine(request)
-    plan = await engine.prepare(req)
+    try:
+        plan = await engine.prepare(req, request.is_disconnected)
+    except ClientGone:
+        return Response(status_code=499)
     if req.stream:
         return StreamingResponse(engine.stream(plan), media_type="text/event-stream", headers=SSE_HEADERS)
     return json_response(await engine.complete(plan))

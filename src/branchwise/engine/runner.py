@@ -11,8 +11,8 @@ The sequence, and why it is short:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -28,9 +28,10 @@ from branchwise.backends.base import (
     Usage,
 )
 from branchwise.backends.router import Router
+from branchwise.engine.policy import Lease, Policies
 from branchwise.ids import new_id, now
 from branchwise.settings import Settings
-from branchwise.store.queries import Conversation, Placed, ResponseRow, Store, place
+from branchwise.store.queries import Conversation, Placed, Store, place
 from branchwise.wire import items as witems
 from branchwise.wire import models as m
 from branchwise.wire.errors import InvalidRequest, NotFound
@@ -51,7 +52,7 @@ class Plan:
     conversation: Conversation | None
     inputs: list[witems.NewItem]
     chat: ChatRequest
-    placed_inputs: list[Placed] = field(default_factory=list)
+    lease: Lease | None = None
 
     @property
     def n(self) -> int:
@@ -108,14 +109,18 @@ def _chat_params(req: m.CreateResponse) -> dict[str, Any]:
 
 
 class Engine:
-    def __init__(self, store: Store, router: Router, settings: Settings):
+    def __init__(self, store: Store, router: Router, settings: Settings, policies: Policies):
         self.store = store
+        self.policies = policies
         self.router = router
         self.settings = settings
 
     # ------------------------------------------------------------------ prepare
 
-    async def prepare(self, req: m.CreateResponse) -> Plan:
+    async def prepare(self, req: m.CreateResponse,
+                      disconnected: Callable[[], Awaitable[bool]] | None = None) -> Plan:
+        """Validate, take the conversation's lease when the policy needs one, read the context.
+        Raises an APIError before anything is stored."""
         conv_id = req.conversation_id
         if req.previous_response_id and conv_id:
             raise InvalidRequest("Cannot use both 'previous_response_id' and 'conversation' in one request.",
@@ -127,13 +132,21 @@ class Engine:
         if backend is None:
             raise InvalidRequest(f"The model '{req.model}' does not exist or no upstream serves it.",
                                  param="model", code="model_not_found")
+        raw = req.input
+        if raw is None or raw == [] or raw == "":
+            if not conv_id and not req.previous_response_id:
+                raise InvalidRequest("Missing required parameter: 'input'.", param="input",
+                                     code="missing_required_parameter")
+            raw = []
+        inputs = await self.input_items(raw)
+        params = _chat_params(req)
+        ids = [new_id("resp") for _ in range(req.n)]
         base: str | None = None
         base_depth = -1
         conversation: Conversation | None = None
+        lease: Lease | None = None
         if conv_id:
-            conversation = await self.store.conversation(conv_id)
-            if conversation is None:
-                raise NotFound(f"Conversation with id '{conv_id}' not found.", param="conversation")
+            conversation, lease = await self._enter(conv_id, ids[0], req.concurrency, disconnected)
             base, base_depth, tree = conversation.head, conversation.head_depth, conversation.tree
         elif req.previous_response_id:
             prev = await self.store.response(req.previous_response_id)
@@ -143,25 +156,39 @@ class Engine:
             base, tree = prev.last_node, prev.tree
             base_depth = await self.store.node_depth(base)
         else:
-            tree = ""
-        raw = req.input
-        if raw is None or raw == [] or raw == "":
-            if not conv_id and not req.previous_response_id:
-                raise InvalidRequest("Missing required parameter: 'input'.", param="input",
-                                     code="missing_required_parameter")
-            raw = []
-        inputs = await self.input_items(raw)
-        ids = [new_id("resp") for _ in range(req.n)]
-        if not tree:
             tree = ids[0]
-        messages = await self.store.path_chat(base)
+        try:
+            messages = await self.store.path_chat(base)
+        except BaseException:
+            if lease is not None:
+                await lease.release()
+            raise
         chats = [c for c in (i.chat for i in inputs) if c is not None]
         if req.instructions:
             messages = [witems.instructions_message(req.instructions), *messages]
         chat = ChatRequest(model=req.model, messages=b"[" + b",".join([*messages, *chats]) + b"]",
-                           params=_chat_params(req), n=req.n)
+                           params=params, n=req.n)
         return Plan(req=req, ids=ids, created_at=now(), backend=backend, tree=tree, base=base,
-                    base_depth=base_depth, conversation=conversation, inputs=inputs, chat=chat)
+                    base_depth=base_depth, conversation=conversation, inputs=inputs, chat=chat, lease=lease)
+
+    async def _enter(self, conv_id: str, holder: str, concurrency: str | None,
+                     disconnected: Callable[[], Awaitable[bool]] | None) -> tuple[Conversation, Lease | None]:
+        """The conversation to run on, after its policy let this response in."""
+        conversation = await self.store.conversation(conv_id)
+        if conversation is None:
+            raise NotFound(f"Conversation with id '{conv_id}' not found.", param="conversation")
+        policy = concurrency or self.settings.default_concurrency
+        lease = await self.policies.acquire(conv_id, holder, policy, disconnected)
+        if lease is None:
+            return conversation, None
+        try:  # the head as it is now that this response is at the front of the line
+            conversation = await self.store.conversation(conv_id)
+            if conversation is None:
+                raise NotFound(f"Conversation with id '{conv_id}' not found.", param="conversation")
+        except BaseException:
+            await lease.release()
+            raise
+        return conversation, lease
 
     async def input_items(self, raw: str | list) -> list[witems.NewItem]:
         if isinstance(raw, str):
@@ -209,12 +236,16 @@ class Engine:
     async def complete(self, plan: Plan) -> dict[str, Any]:
         """Run a non-streaming response; returns the Response object (alternative 0)."""
         try:
-            result = await self._generate(plan)
-        except BackendError as e:
-            return await self._fail(plan, e)
-        outputs = [witems.from_choice(c, "incomplete" if c.finish_reason in INCOMPLETE else "completed")
-                   for c in result.choices[: plan.n]]
-        return await self._commit(plan, result.choices[: plan.n], outputs, result.usage)
+            try:
+                result = await self._generate(plan)
+            except BackendError as e:
+                return await self._fail(plan, e)
+            outputs = [witems.from_choice(c, "incomplete" if c.finish_reason in INCOMPLETE else "completed")
+                       for c in result.choices[: plan.n]]
+            return await self._commit(plan, result.choices[: plan.n], outputs, result.usage)
+        finally:
+            if plan.lease is not None:
+                await asyncio.shield(plan.lease.release())
 
     # ------------------------------------------------------------------ commit
 
@@ -296,7 +327,15 @@ class Engine:
     # ------------------------------------------------------------------ stream
 
     async def stream(self, plan: Plan) -> AsyncIterator[bytes]:
-        """Server-Sent Events for one response (n == 1), in OpenAI's order."""
+        """Server-Sent Events, in OpenAI's order."""
+        try:
+            async for frame in self._stream(plan):
+                yield frame
+        finally:
+            if plan.lease is not None:
+                await asyncio.shield(plan.lease.release())
+
+    async def _stream(self, plan: Plan) -> AsyncIterator[bytes]:
         if plan.n > 1:
             async for frame in self._stream_n(plan):
                 yield frame

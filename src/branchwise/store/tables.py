@@ -15,6 +15,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Column,
+    Float,
     Index,
     Integer,
     LargeBinary,
@@ -77,4 +78,16 @@ responses = Table(
     Column("last_node", String(32), nullable=True),  # last node of input + output: what a follow-up chains from
     Column("body", LargeBinary, nullable=False),  # the Response object as it goes on the wire (JSON)
     Index("ix_responses_conversation", "conversation_id"),
+)
+
+# A lease is a place in a conversation's line: the lowest live `seq` runs, the others wait.
+# Leases expire unless renewed, so a crashed process never blocks a conversation for long.
+leases = Table(
+    "leases",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("conversation_id", String(64), nullable=False),
+    Column("holder", String(64), nullable=False),  # the response id (or an items append) holding it
+    Column("expires_at", Float, nullable=False),  # unix time
+    Index("ix_leases_conversation_seq", "conversation_id", "seq"),
 )

@@ -10,8 +10,9 @@ class APIError(Exception):
     type = "invalid_request_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status: int | None = None, type: str | None = None):
+                 status: int | None = None, type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
+        self.headers = headers
         self.message = message
         self.param = param
         self.code = code
@@ -59,10 +60,25 @@ def _param(loc: tuple) -> str | None:
     return out or None
 
 
+def _depth(loc: tuple) -> int:
+    return sum(1 for part in loc if isinstance(part, int) or not _is_label(part))
+
+
 def from_validation(exc: ValidationError) -> InvalidRequest:
-    """The first pydantic error, phrased the way OpenAI phrases parameter errors."""
-    err = exc.errors(include_url=False)[0]
+    """The most specific pydantic error, phrased the way OpenAI phrases parameter errors.
+
+    A value that fails a union (`input: str | list[item]`) gets one error per branch; the one
+    that reached deepest into the client's value is the one that says what is wrong with it
+    (`input[0].role`), not the first branch's "should be a valid string"."""
+    errors = exc.errors(include_url=False)
+    err = max(errors, key=lambda e: _depth(e["loc"]))  # max keeps the first of equals
     param = _param(err["loc"])
+    if err["type"] == "union_tag_invalid":
+        param = f"{param}.type" if param else "type"
+        tag = str(err.get("ctx", {}).get("tag", "")).lstrip("~")
+        expected = str(err.get("ctx", {}).get("expected_tags", "")).replace("~", "")
+        return InvalidRequest(f"Invalid value: '{tag}'. Supported values are: {expected}.", param=param,
+                              code="invalid_value")
     if err["type"] == "extra_forbidden":
         return InvalidRequest(f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")
     if err["type"] == "missing":

@@ -139,6 +139,12 @@ class ConversationRef(BaseModel):
     id: str
 
 
+ConversationParam = Annotated[
+    Annotated[str, Tag("~id")] | Annotated[ConversationRef, Tag("~ref")],
+    Discriminator(lambda v: "~ref" if isinstance(v, dict | ConversationRef) else "~id"),
+]
+
+
 class TextFormatText(BaseModel):
     type: Literal["text"]
 
@@ -177,7 +183,7 @@ class CreateResponse(_Body):
     input: str | list[InputItem] | None = None
     instructions: str | None = None
     previous_response_id: str | None = None
-    conversation: str | ConversationRef | None = None
+    conversation: ConversationParam | None = None
     store: bool | None = True
     metadata: dict[str, str] | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -234,6 +240,7 @@ class UpdateConversation(_Body):
 
 class AddItems(_Body):
     items: list[InputItem] = Field(max_length=20)
+    concurrency: Literal["branch", "queue", "reject"] | None = None  # branchwise extension
 
 
 class ForkConversation(_Body):
