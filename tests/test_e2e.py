@@ -1,0 +1,164 @@
+"""End to end over real sockets: `branchwise serve` in a subprocess, the official SDK (sync and
+async) and the forum's script from ../shared, unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from branchwise.store.db import create_engine
+from branchwise.store.leases import Leases
+
+from .conftest import SHARED
+
+pytestmark = pytest.mark.e2e
+
+DEMO = SHARED / "examples" / "forum_branching_demo.py"
+
+
+def _env(db_url: str, mock=None, **extra: str) -> dict[str, str]:
+    env = {"BRANCHWISE_DATABASE_URL": db_url}
+    if mock is not None:
+        env["BRANCHWISE_UPSTREAM_BASE_URL"] = mock.url
+    env.update(extra)
+    return env
+
+
+def test_forum_demo_runs_unchanged(serve, db_url, mock):
+    server = serve(_env(db_url, mock))
+    env = {**os.environ, "OPENAI_BASE_URL": f"{server.url}/v1", "OPENAI_API_KEY": "anything"}
+    out = subprocess.run([sys.executable, str(DEMO)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Base conversation id: conv_" in out.stdout
+    assert "First answer:\n[2 messages] Echo: Give me a quick 3-bullet itinerary." in out.stdout
+    assert "Branch A (formal agent):\n[4 messages] Echo: Continue this conversation, but respond like a very formal" \
+        in out.stdout
+    assert "Branch B (funny buddy):\n[4 messages] Echo: Continue this conversation, but respond like a funny" \
+        in out.stdout
+    # each branch's upstream call received the whole history: 4 messages
+    first, branch_a, branch_b = mock.requests
+    assert len(first["messages"]) == 2
+    for req, style in ((branch_a, "very formal travel agent"), (branch_b, "funny travel buddy")):
+        msgs = req["messages"]
+        assert len(msgs) == 4
+        assert [m["role"] for m in msgs] == ["user", "user", "assistant", "user"]
+        assert msgs[0]["content"].startswith("We are planning a weekend trip to Paris.")
+        assert msgs[1]["content"] == "Give me a quick 3-bullet itinerary."
+        assert msgs[2]["content"] == "[2 messages] Echo: Give me a quick 3-bullet itinerary."
+        assert style in msgs[3]["content"]
+
+
+def test_healthz_and_models(serve, db_url, mock, tmp_path):
+    cfg = tmp_path / "branchwise.toml"
+    cfg.write_text(
+        f'[[upstreams]]\nname = "a"\nbase_url = "{mock.url}"\nmodels = ["alpha", "beta-*"]\n'
+        f'[[upstreams]]\nname = "b"\nbase_url = "{mock.url}"\nmodels = ["gamma"]\nsupports_n = false\n'
+    )
+    server = serve({"BRANCHWISE_DATABASE_URL": db_url, "BRANCHWISE_CONFIG": str(cfg)})
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+    assert sorted(m.id for m in client.models.list()) == ["alpha", "gamma"]
+    assert client.responses.create(model="beta-1", input="hi").output_text == "[1 messages] Echo: hi"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="delta", input="hi")
+    assert e.value.code == "model_not_found"
+
+
+# ------------------------------------------------------------------ two processes, one PostgreSQL
+
+
+@pytest.fixture
+def two_servers(serve, pg_url, mock):
+    from .conftest import _truncate, run_async
+
+    run_async(_truncate(pg_url))
+    a = serve(_env(pg_url, mock))
+    b = serve(_env(pg_url, mock))
+    clients = [openai.AsyncOpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0) for s in (a, b)]
+    clients[1].test_url = b.url
+    return clients
+
+
+async def _new_conv(client):
+    return await client.conversations.create(items=[{"role": "user", "content": "shared start"}])
+
+
+async def test_two_processes_branch(two_servers, mock):
+    a, b = two_servers
+    conv = await _new_conv(a)
+    results = await asyncio.gather(*(
+        (a, b)[i % 2].responses.create(model="m", conversation=conv.id, input=f"[[delay=0.3]] q{i}",
+                                       extra_body={"concurrency": "branch"})
+        for i in range(16)
+    ))
+    assert all(r.status == "completed" for r in results)
+    assert {len(r["messages"]) for r in mock.requests} == {2}
+    tree = httpx.get(f"{b.test_url}/v1/conversations/{conv.id}/tree", params={"limit": 1000}).json()
+    assert tree["head"] in {r.output[-1].id for r in results}
+    assert len([n for n in tree["data"] if n["type"] == "message" and n["role"] == "assistant"]) == 16
+
+
+async def test_two_processes_queue(two_servers, mock):
+    a, b = two_servers
+    conv = await _new_conv(a)
+    results = await asyncio.gather(*(
+        (a, b)[i % 2].responses.create(model="m", conversation=conv.id, input=f"[[delay=0.1]] t{i}",
+                                       extra_body={"concurrency": "queue"})
+        for i in range(16)
+    ))
+    assert all(r.status == "completed" for r in results)
+    assert [len(r["messages"]) for r in mock.requests] == [2 + 2 * k for k in range(16)]
+    items = [it async for it in b.conversations.items.list(conv.id, order="asc", limit=100)]
+    assert len(items) == 33
+    assert [it.content[0].text for it in items[1::2]] == [r["messages"][-1]["content"] for r in mock.requests]
+
+
+async def test_two_processes_reject(two_servers, mock):
+    a, b = two_servers
+    conv = await _new_conv(a)
+    slow = asyncio.create_task(a.responses.create(model="m", conversation=conv.id, input="[[delay=1.0]] slow",
+                                                  extra_body={"concurrency": "reject"}))
+    while not mock.requests:
+        await asyncio.sleep(0.01)
+    others = await asyncio.gather(*(
+        (b, a)[i % 2].responses.create(model="m", conversation=conv.id, input=f"o{i}",
+                                       extra_body={"concurrency": "reject"})
+        for i in range(15)
+    ), return_exceptions=True)
+    assert all(isinstance(e, openai.BadRequestError) and e.code == "conversation_locked" for e in others)
+    assert (await slow).status == "completed"
+    assert len(mock.requests) == 1
+
+
+async def test_client_disconnect_leaves_the_queue(serve, db_url, mock):
+    server = serve(_env(db_url, mock))
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    conv = await _new_conv(client)
+    slow = asyncio.create_task(client.responses.create(
+        model="m", conversation=conv.id, input="[[delay=2.0]] slow", extra_body={"concurrency": "queue"}))
+    while not mock.requests:
+        await asyncio.sleep(0.01)
+    engine = create_engine(db_url)
+    leases = Leases(engine)
+    try:
+        async with httpx.AsyncClient(timeout=0.5) as h:
+            with pytest.raises(httpx.ReadTimeout):
+                await h.post(f"{server.url}/v1/responses", json={
+                    "model": "m", "conversation": conv.id, "input": "impatient", "concurrency": "queue"})
+        deadline = time.monotonic() + 5
+        while len(await leases.live(conv.id)) > 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(await leases.live(conv.id)) == 1  # only the running one is left in line
+        assert (await slow).status == "completed"
+        await asyncio.sleep(0.3)
+        assert len(mock.requests) == 1  # the impatient one never ran
+        assert await leases.live(conv.id) == []
+    finally:
+        await engine.dispose()
