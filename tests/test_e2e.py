@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -53,6 +54,19 @@ def test_forum_demo_runs_unchanged(serve, db_url, mock):
         assert msgs[1]["content"] == "Give me a quick 3-bullet itinerary."
         assert msgs[2]["content"] == "[2 messages] Echo: Give me a quick 3-bullet itinerary."
         assert style in msgs[3]["content"]
+
+
+def test_parallel_branches_example(serve, db_url, mock):
+    server = serve(_env(db_url, mock))
+    env = {**os.environ, "OPENAI_BASE_URL": f"{server.url}/v1", "OPENAI_API_KEY": "anything"}
+    example = Path(__file__).resolve().parent.parent / "examples" / "parallel_branches.py"
+    out = subprocess.run([sys.executable, str(example)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # both follow-ups ran at once from the same head: each saw 4 messages
+    assert [len(r["messages"]) for r in mock.requests] == [2, 4, 4]
+    assert "The tree holds 7 items" in out.stdout
+    assert "After choosing branch B the conversation reads 5 items, ending with:\n[4 messages] Echo: Continue, " \
+           "but respond like a funny travel buddy." in out.stdout
 
 
 def test_healthz_and_models(serve, db_url, mock, tmp_path):
