@@ -165,7 +165,7 @@ async def test_n_alternatives_one_upstream_call(client, raw, mock):
     assert {n["parent_id"] for n in outs} == {inputs[0]["id"]} and len(outs) == 3
     assert t["head"] == r.output[-1].id  # alternative 0 moves the head
     # each alternative is a full, retrievable, chainable response
-    for i, a in enumerate(alts):
+    for a in alts:
         got = await client.responses.retrieve(a.id)
         assert got.output_text == a.output_text
         nxt = await client.responses.create(model="m", previous_response_id=a.id, input="more")

@@ -36,8 +36,7 @@ async def _get(store: Store, conv_id: str) -> Conversation:
 
 
 async def _new_items(request: Request, raw: list) -> list[witems.NewItem]:
-    engine = request.app.state.engine
-    return await engine.input_items(raw)
+    return await request.app.state.engine.input_items(raw, param="items")
 
 
 @router.post("/conversations")

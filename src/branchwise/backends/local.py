@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import random
-import re
 import threading
 import time
 import uuid
@@ -117,11 +116,14 @@ def default_model_path() -> str:
 
 
 def _default_threads() -> int:
+    """Half the usable cores, at most 4. llama.cpp's worker threads spin while they wait, so
+    taking every core starves the event loop and collapses throughput under load (on 2 busy
+    cores: ~7 tokens/s with 2 threads, ~45 with 1); a 135M model gains little past 4."""
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
-    return max(1, min(n, 8))
+    return max(1, min(n // 2, 4))
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,16 +238,18 @@ def _normalise_messages(raw: list[Any], tools: list[_Tool] | None) -> list[dict[
         if role == "developer":
             role = "system"
         if role == "assistant":
-            if m.get("tool_calls"):
-                for call in m["tool_calls"]:
-                    if isinstance(call, dict) and isinstance(call.get("function"), dict):
-                        call_names[str(call.get("id"))] = str(call["function"].get("name", ""))
-                rendered = _render_tool_calls(m["tool_calls"])
-                text = f"message:\n{text}\n{rendered}" if text and tools else (text + "\n" + rendered if text else rendered)
-            elif tools and text:
-                text = f"message:\n{text}"
+            calls = m.get("tool_calls") or []
+            if not calls and isinstance(m.get("function_call"), dict):  # legacy
+                calls = [{"id": None, "function": m["function_call"]}]
+            for call in calls:
+                if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                    call_names[str(call.get("id"))] = str(call["function"].get("name", ""))
             if not text and m.get("refusal"):
                 text = str(m["refusal"])
+            pieces = [f"message:\n{text}" if tools else text] if text else []
+            if calls:
+                pieces.append(_render_tool_calls(calls))
+            text = "\n".join(pieces)
         elif role in ("tool", "function"):
             name = m.get("name") or call_names.get(str(m.get("tool_call_id")), "")
             role = "tool"
@@ -269,6 +273,13 @@ def _normalise_messages(raw: list[Any], tools: list[_Tool] | None) -> list[dict[
 
 def _plan(request: ChatRequest) -> _Plan:
     try:
+        return _plan_unchecked(request)
+    except (TypeError, ValueError) as e:
+        raise _bad_request(f"invalid request parameters: {e}") from None
+
+
+def _plan_unchecked(request: ChatRequest) -> _Plan:
+    try:
         raw = orjson.loads(request.messages)
     except orjson.JSONDecodeError as e:
         raise _bad_request(f"messages is not valid JSON: {e}") from None
@@ -289,9 +300,11 @@ def _plan(request: ChatRequest) -> _Plan:
         "temperature": temperature,
         "top_p": DEFAULT_TOP_P if top_p is None else float(top_p),
     }
-    for key in ("presence_penalty", "frequency_penalty", "top_k", "min_p", "repeat_penalty"):
+    for key in ("presence_penalty", "frequency_penalty", "min_p", "repeat_penalty"):
         if p.get(key) is not None:
-            sampling[key] = p[key]
+            sampling[key] = float(p[key])
+    if p.get("top_k") is not None:
+        sampling["top_k"] = int(p["top_k"])
 
     max_tokens = None
     for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
@@ -309,7 +322,9 @@ def _plan(request: ChatRequest) -> _Plan:
     if not isinstance(response_format, dict) or response_format.get("type") in (None, "text"):
         response_format = None
 
-    n = request.n if request.n and request.n > 1 else int(p.get("n") or 1)
+    # `request.n` is authoritative; a stray params["n"] is ignored (the engine, seeing
+    # supports_n False, fans out itself and may leave it there).
+    n = request.n if request.n and request.n > 1 else 1
     return _Plan(
         messages=messages,
         sampling=sampling,
@@ -319,24 +334,13 @@ def _plan(request: ChatRequest) -> _Plan:
         response_format=response_format,
         tools=tools,
         tool_mode=mode,
-        n=max(1, n),
+        n=n,
     )
 
 
 # --------------------------------------------------------------------------------------------
 # The backend
 # --------------------------------------------------------------------------------------------
-
-
-class _Sink:
-    """Where the worker sends what it produces: a list (complete) or the loop's queue (stream)."""
-
-    def __init__(self, emit: Callable[[Any], None] | None = None):
-        self._emit = emit
-
-    def __call__(self, delta: ChatDelta) -> None:
-        if self._emit is not None:
-            self._emit(delta)
 
 
 class _Counter:
@@ -359,6 +363,10 @@ class _Gen:
 
 
 _DONE = object()
+
+
+def _discard(delta: ChatDelta) -> None:
+    pass
 
 
 class LocalBackend:
@@ -385,7 +393,9 @@ class LocalBackend:
         self._executor: ThreadPoolExecutor | None = None
         self._load_lock = asyncio.Lock()
         self._llm_lock = threading.Lock()  # belt and braces: the executor already serialises
+        self._active: set[threading.Event] = set()  # cancel flags of running generations
         self.load_seconds: float | None = None
+        self.cancelled: list[int] = []  # tokens each cancelled generation had sampled when it stopped
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -446,6 +456,8 @@ class LocalBackend:
 
     async def aclose(self) -> None:
         """Free the model. The backend can still be used afterwards (it reloads lazily)."""
+        for cancel in list(self._active):
+            cancel.set()  # in-flight generations stop at their next token
         async with self._load_lock:
             if self._executor is None:
                 return
@@ -505,8 +517,10 @@ class LocalBackend:
             schema = response_format.get("schema")
         else:
             return None
-        return self._schema_grammar(schema) if schema is not None else LlamaGrammar.from_string(
-            JSON_GBNF, verbose=False
+        return (
+            self._schema_grammar(schema)
+            if schema is not None
+            else LlamaGrammar.from_string(JSON_GBNF, verbose=False)
         )
 
     @staticmethod
@@ -575,6 +589,8 @@ class LocalBackend:
             chunks.close()
         # The criterion runs once per sampled token, plus once after llama's loop ends normally.
         tokens = counter.calls - 1 if finish is not None else counter.calls
+        if cancel.is_set():
+            self.cancelled.append(max(0, tokens))
         return _Gen("".join(parts), finish or "stop", max(0, tokens))
 
     def _choice_seed(self, plan: _Plan, index: int) -> int | None:
@@ -584,7 +600,9 @@ class LocalBackend:
             return None  # llama derives a reproducible sequence from the constructor seed
         return random.getrandbits(31)
 
-    def _run_sync(self, plan: _Plan, cancel: threading.Event, emit: Callable[[ChatDelta], None]) -> ChatResult:
+    def _run_sync(
+        self, plan: _Plan, cancel: threading.Event, emit: Callable[[ChatDelta], None]
+    ) -> ChatResult:
         """Generate all choices, calling `emit` with streamed deltas as they come. Returns the
         whole result (for `complete`)."""
         with self._llm_lock:
@@ -633,6 +651,7 @@ class LocalBackend:
         from llama_cpp.llama_grammar import LlamaGrammar
 
         names = [t.name for t in plan.tools]
+        spent = 0  # tokens of the decision step count against max_tokens
         if plan.tool_mode in names:
             picked: str | None = plan.tool_mode
         else:
@@ -655,12 +674,14 @@ class LocalBackend:
                     temperature=0.0,
                 )
                 usage.output_tokens += gen.tokens
+                spent = gen.tokens
                 head = gen.text.strip()
             picked = head[len("functions.") : -1] if head.startswith("functions.") else None
             if picked not in names:
                 picked = None
 
         add_bos = not added_special
+        budget = None if plan.max_tokens is None else max(1, plan.max_tokens - spent)
         if picked is None:  # 2a: a plain message
             gen = self._generate(
                 self._tokenize(prompt_text + "message:\n", add_bos),
@@ -670,6 +691,7 @@ class LocalBackend:
                 text_out,
                 grammar=self._grammar(plan.response_format),
                 stop=stop,
+                max_tokens=budget,
             )
             usage.output_tokens += gen.tokens
             emit(ChatDelta(index=index, finish_reason=gen.finish_reason))
@@ -691,6 +713,7 @@ class LocalBackend:
             args_out,
             grammar=self._schema_grammar(tool.parameters),
             stop=stop,
+            max_tokens=budget,
         )
         usage.output_tokens += gen.tokens
         finish = "length" if gen.finish_reason == "length" else "tool_calls"
@@ -707,8 +730,9 @@ class LocalBackend:
         plan = _plan(request)
         await self.load()
         cancel = threading.Event()
+        self._active.add(cancel)
         try:
-            return await self._call(self._run_sync, plan, cancel, _Sink())
+            return await self._call(self._run_sync, plan, cancel, _discard)
         except asyncio.CancelledError:
             cancel.set()  # the worker stops at its next token
             raise
@@ -716,6 +740,8 @@ class LocalBackend:
             raise
         except Exception as e:
             raise BackendError(f"embedded model failed: {e}", code="model_error") from e
+        finally:
+            self._active.discard(cancel)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
         plan = _plan(request)
@@ -738,12 +764,13 @@ class LocalBackend:
                     return
                 result = self._run_sync(plan, cancel, emit)
                 emit(ChatDelta(usage=result.usage))
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            except Exception as e:  # handed to the consumer
                 emit(e)
             finally:
                 emit(_DONE)
 
         future = loop.run_in_executor(self._pool(), work)
+        self._active.add(cancel)
         try:
             while True:
                 item = await queue.get()
@@ -757,3 +784,4 @@ class LocalBackend:
             await future
         finally:
             cancel.set()
+            self._active.discard(cancel)

@@ -158,16 +158,16 @@ class Engine:
         else:
             tree = ids[0]
         try:
-            messages = await self.store.path_chat(base)
+            history = await self.store.path_chat(base)
         except BaseException:
             if lease is not None:
                 await lease.release()
             raise
-        chats = [c for c in (i.chat for i in inputs) if c is not None]
-        if req.instructions:
-            messages = [witems.instructions_message(req.instructions), *messages]
-        chat = ChatRequest(model=req.model, messages=b"[" + b",".join([*messages, *chats]) + b"]",
-                           params=params, n=req.n)
+        parts = [witems.instructions_message(req.instructions)] if req.instructions else []
+        if history:
+            parts.append(history)
+        parts += [c for c in (i.chat for i in inputs) if c is not None]
+        chat = ChatRequest(model=req.model, messages=b"[" + b",".join(parts) + b"]", params=params, n=req.n)
         return Plan(req=req, ids=ids, created_at=now(), backend=backend, tree=tree, base=base,
                     base_depth=base_depth, conversation=conversation, inputs=inputs, chat=chat, lease=lease)
 
@@ -190,7 +190,9 @@ class Engine:
             raise
         return conversation, lease
 
-    async def input_items(self, raw: str | list) -> list[witems.NewItem]:
+    async def input_items(self, raw: str | list, param: str = "input") -> list[witems.NewItem]:
+        """New items for `raw` (a string, or validated input items); `item_reference`s are
+        resolved to the stored content. `param` names the list in errors."""
         if isinstance(raw, str):
             return [witems.from_input(m.Message(role="user", content=raw))]
         refs = [it.id for it in raw if isinstance(it, m.ItemReference)]
@@ -200,8 +202,8 @@ class Engine:
             if isinstance(it, m.ItemReference):
                 row = found.get(it.id)
                 if row is None:
-                    raise InvalidRequest(f"Item with id '{it.id}' not found.", param=f"input[{i}].id",
-                                         code="item_not_found")
+                    raise NotFound(f"Item with id '{it.id}' not found.", param=f"{param}[{i}].id",
+                                   code="item_not_found")
                 item_id, type_, role, status, data, chat = row
                 out.append(witems.NewItem(item_id, type_, role, status, {}, data, chat))
             else:

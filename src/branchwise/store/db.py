@@ -51,7 +51,14 @@ def create_engine(url: str) -> AsyncEngine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=False)
+    # Every query branchwise runs is an index lookup or a short range scan; the recursive path
+    # walks are index lookups step by step. A plan made while a table was small (prepared
+    # statements keep theirs) must never turn a walk into a scan per step, so the planner is told
+    # to avoid scans and hash/merge joins on these connections.
+    server_settings = {"enable_seqscan": "off", "enable_hashjoin": "off", "enable_mergejoin": "off",
+                       "jit": "off"}
+    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=False,
+                               connect_args={"server_settings": server_settings})
 
 
 def writer(engine: AsyncEngine) -> AsyncEngine:

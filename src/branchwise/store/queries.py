@@ -84,13 +84,20 @@ _CONV = text(
     "FROM conversations c LEFT JOIN items i ON i.node = c.head WHERE c.id = :id"
 )
 
-_PATH_CHAT = text(
+_PATH = (
     "WITH RECURSIVE path(node, parent, depth, chat) AS ("
     " SELECT node, parent, depth, chat FROM items WHERE node = :node"
     " UNION ALL"
     " SELECT i.node, i.parent, i.depth, i.chat FROM items i JOIN path p ON i.node = p.parent"
-    ") SELECT chat FROM path WHERE chat IS NOT NULL ORDER BY depth"
+    ") "
 )
+# The path's messages joined by commas in the database: one row back, whatever the length.
+_PATH_CHAT = {
+    "sqlite": text(_PATH + "SELECT group_concat(chat, ',') FROM "
+                           "(SELECT chat FROM path WHERE chat IS NOT NULL ORDER BY depth)"),
+    "postgresql": text(_PATH + "SELECT string_agg(chat, '\\x2c'::bytea ORDER BY depth) FROM path "
+                               "WHERE chat IS NOT NULL"),
+}
 
 
 def _path_walk(order: str) -> Any:
@@ -111,6 +118,7 @@ class Store:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         self.writer = writer(engine)
+        self.dialect = engine.dialect.name
 
     # ------------------------------------------------------------------ reads
 
@@ -122,12 +130,16 @@ class Store:
                 row = (await c.execute(_CONV, {"id": conv_id})).first()
         return None if row is None else Conversation(*row)
 
-    async def path_chat(self, node: str | None) -> list[bytes]:
-        """The Chat Completions messages of the path root..node, in order."""
+    async def path_chat(self, node: str | None) -> bytes:
+        """The Chat Completions messages of the path root..node, in order, comma-joined
+        (b"" for an empty path)."""
         if node is None:
-            return []
+            return b""
         async with self.engine.connect() as c:
-            return list((await c.execute(_PATH_CHAT, {"node": node})).scalars())
+            joined = (await c.execute(_PATH_CHAT[self.dialect], {"node": node})).scalar()
+        if joined is None:
+            return b""
+        return joined.encode() if isinstance(joined, str) else bytes(joined)
 
     async def walk(self, head: str, lo: int, hi: int, order: str = "asc",
                    conn: AsyncConnection | None = None) -> list[PathRow]:

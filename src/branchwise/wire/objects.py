@@ -22,6 +22,26 @@ def usage_object(u: Usage | None) -> dict[str, Any] | None:
     }
 
 
+# OpenAI's `ResponseErrorCode` enum. Strict clients (the SDK's own types) reject any other code in a
+# Response's `error`, so a backend's own codes (`upstream_error`, ...) go out as `server_error`; the
+# message keeps the detail.
+RESPONSE_ERROR_CODES = frozenset({
+    "server_error", "rate_limit_exceeded", "invalid_prompt", "data_residency_mismatch", "bio_policy",
+    "vector_store_timeout", "invalid_image", "invalid_image_format", "invalid_base64_image",
+    "invalid_image_url", "image_too_large", "image_too_small", "image_parse_error",
+    "image_content_policy_violation", "invalid_image_mode", "image_file_too_large",
+    "unsupported_image_media_type", "empty_image_file", "failed_to_download_image", "image_file_not_found",
+})
+
+
+def error_object(error: dict[str, Any] | None) -> dict[str, Any] | None:
+    if error is None:
+        return None
+    code = error.get("code")
+    return {"code": code if code in RESPONSE_ERROR_CODES else "server_error",
+            "message": str(error.get("message") or "The model failed to generate a response.")}
+
+
 def _text_param(req: CreateResponse) -> dict[str, Any]:
     fmt: dict[str, Any] = {"type": "text"}
     verbosity = "medium"
@@ -57,7 +77,7 @@ def response_object(
         "background": bool(req.background),
         "completed_at": completed_at,
         "conversation": {"id": conv} if conv else None,
-        "error": error,
+        "error": error_object(error),
         "incomplete_details": {"reason": incomplete_reason} if incomplete_reason else None,
         "instructions": req.instructions,
         "max_output_tokens": req.max_output_tokens,

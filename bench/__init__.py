@@ -1,0 +1,1 @@
+"""branchwise benchmarks: `make bench` (python -m bench). Not tests: they measure."""
