@@ -176,3 +176,27 @@ async def test_client_disconnect_leaves_the_queue(serve, db_url, mock):
         assert await leases.live(conv.id) == []
     finally:
         await engine.dispose()
+
+
+@pytest.mark.embedded
+def test_embedded_model_end_to_end(serve, tmp_path):
+    """No upstream configured: the embedded SmolLM2 answers any model name, for real."""
+    server = serve({"BRANCHWISE_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}"})
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+    assert [m.id for m in client.models.list()] == ["SmolLM2-135M-Instruct"]
+    conv = client.conversations.create(items=[{"role": "user", "content": "We are planning a trip to Paris."}])
+    r = client.responses.create(model="gpt-4.1-mini", conversation=conv.id, input="Name one museum.",
+                                max_output_tokens=24, temperature=0)
+    assert r.status in ("completed", "incomplete")
+    assert r.output_text.strip()
+    assert r.usage.input_tokens > 0 and 0 < r.usage.output_tokens <= 25
+    items = list(client.conversations.items.list(conv.id, order="asc"))
+    assert [i.role for i in items] == ["user", "user", "assistant"]
+    events = list(client.responses.create(model="gpt-4.1-mini", previous_response_id=r.id, input="Why?",
+                                          max_output_tokens=16, temperature=0, stream=True))
+    # a tiny model may well hit the token limit: the stream then ends `response.incomplete`
+    assert events[0].type == "response.created"
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas and deltas == events[-1].response.output_text
+    assert client.responses.retrieve(events[-1].response.id).output_text == deltas
