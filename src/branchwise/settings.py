@@ -37,6 +37,13 @@ from pydantic_settings import (
 class UpstreamConfig(BaseModel):
     name: str = "upstream"
     base_url: str
+    background_workers: int = 8
+    """Background responses generated at once by one server process; the rest wait, `queued`."""
+    event_flush_interval: float = 0.05
+    """Seconds between writes of a running response's events to the database."""
+    event_poll_interval: float = 0.1
+    """How often a reader tailing a response that runs in another process looks for new events."""
+
     api_key: str | None = None
     models: list[str] = Field(default_factory=lambda: ["*"])
     supports_n: bool = True
@@ -82,6 +89,13 @@ class Settings(BaseSettings):
     wake it at once)."""
     lease_ttl: float = 15.0
     """Seconds a lease outlives its holder's last renewal (holders renew every third of it)."""
+
+    background_workers: int = 8
+    """Background responses generated at once by one server process; the rest wait, `queued`."""
+    event_flush_interval: float = 0.05
+    """Seconds between writes of a running response's events to the database."""
+    event_poll_interval: float = 0.1
+    """How often a reader tailing a response that runs in another process looks for new events."""
 
     api_key: str | None = None
     """When set, clients must send `Authorization: Bearer <api_key>`."""

@@ -15,10 +15,12 @@ from branchwise.api.common import json_response
 from branchwise.backends.router import Router
 from branchwise.engine.policy import Policies
 from branchwise.engine.runner import Engine
+from branchwise.engine.runs import Runs
 from branchwise.settings import Settings
 from branchwise.store.db import create_engine, migrate
 from branchwise.store.leases import Leases
 from branchwise.store.queries import Store
+from branchwise.store.runs import RunStore
 from branchwise.wire.errors import APIError
 
 log = logging.getLogger("branchwise")
@@ -40,10 +42,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         app.state.router = router
         app.state.policies = Policies(Leases(db), settings)
-        app.state.engine = Engine(store, router, settings, app.state.policies)
+        app.state.runs = runs = Runs(RunStore(db), settings)
+        app.state.engine = Engine(store, router, settings, app.state.policies, runs)
+        await runs.start()
         try:
             yield
         finally:
+            await runs.stop()
             await router.aclose()
             await db.dispose()
 

@@ -31,20 +31,44 @@ def _store(request: Request) -> Store:
 async def create_response(request: Request) -> Response:
     req = await parse_body(request, CreateResponse)
     engine = _engine(request)
+    if req.background:
+        run = await engine.start_background(await engine.validate(req))
+        if req.stream:
+            return _sse(run.follow())
+        return json_response((await engine.runs.store.state(run.key))[1])
     try:
         plan = await engine.prepare(req, request.is_disconnected)
     except ClientGone:
         return Response(status_code=499)
-    if req.stream:
-        return StreamingResponse(engine.stream(plan), media_type="text/event-stream", headers=SSE_HEADERS)
-    return json_response(await engine.complete(plan))
+    if not req.stream:
+        return json_response(await engine.complete(plan))
+    if req.store is False:
+        return _sse(engine.stream(plan))
+    return _sse((await engine.start_stream(plan)).follow())
+
+
+def _sse(frames) -> StreamingResponse:
+    return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 @router.get("/responses/{response_id}")
 async def retrieve_response(request: Request, response_id: str) -> Response:
+    q = request.query_params
+    stream = q.get("stream", "false").lower()
+    if stream not in ("true", "false", "1", "0"):
+        raise InvalidRequest("Invalid value for 'stream': expected a boolean.", param="stream", code="invalid_value")
+    after = -1
+    if q.get("starting_after") is not None:
+        try:
+            after = int(q["starting_after"])
+        except ValueError:
+            raise InvalidRequest("Invalid value for 'starting_after': expected an integer.",
+                                 param="starting_after", code="invalid_value") from None
     row = await _store(request).response(response_id)
     if row is None:
         raise not_found("Response", response_id)
+    if stream in ("true", "1"):
+        return _sse(_engine(request).runs.replay(response_id, after))
     return json_response(row.body)
 
 
@@ -57,11 +81,10 @@ async def delete_response(request: Request, response_id: str) -> Response:
 
 @router.post("/responses/{response_id}/cancel")
 async def cancel_response(request: Request, response_id: str) -> Response:
-    row = await _store(request).response(response_id)
-    if row is None:
+    body = await _engine(request).cancel(response_id)
+    if body is None:
         raise not_found("Response", response_id)
-    raise InvalidRequest("Only responses created with background=true can be cancelled.",
-                         param="response_id", code="not_background")
+    return json_response(body)
 
 
 @router.get("/responses/{response_id}/input_items")

@@ -2,6 +2,20 @@
 
 One pooled HTTP client per upstream. The request body is spliced from the pre-serialised
 messages; the reply is parsed once.
+
+Faults. Every failure of the upstream ends as a `BackendError` (never a bare httpx or
+asyncio exception), with one of these codes:
+
+- `upstream_unavailable`: no connection could be made (refused, unknown host), even after
+  `CONNECT_RETRIES` retries with exponential backoff. Only these errors are retried: nothing
+  reached the upstream. Once a request was sent it is never sent again.
+- `upstream_timeout`: `timeout` seconds passed while connecting, between two reads, or for the
+  whole request (connect to the last byte of the reply or stream).
+- `upstream_error`: the upstream answered a non-2xx status (its message and `status` kept) or
+  sent an error inside the stream; `rate_limit_exceeded` for a 429.
+- `upstream_stream_cut`: the connection ended before the reply was complete (a stream without
+  `[DONE]`, a body cut short).
+- `upstream_malformed`: a body or stream chunk that is not the JSON of a chat completion.
 """
 
 from __future__ import annotations
@@ -23,8 +37,10 @@ from branchwise.backends.base import (
     Usage,
 )
 
-CONNECT_RETRIES = 2
+CONNECT_RETRIES = 3
+"""Retries of a connection that could not be made (so up to 1 + 3 attempts)."""
 RETRY_BACKOFF = 0.2
+"""Seconds before the first retry, doubled for each next one: 0.2 + 0.4 + 0.8 = 1.4 s at most."""
 
 
 def _usage(u: dict[str, Any] | None) -> Usage:
@@ -51,6 +67,16 @@ def _error_message(resp: httpx.Response) -> str:
     return resp.text[:500] or resp.reason_phrase
 
 
+def _status_error(resp: httpx.Response) -> BackendError:
+    code = "rate_limit_exceeded" if resp.status_code == 429 else "upstream_error"
+    return BackendError(f"Upstream returned {resp.status_code}: {_error_message(resp)}",
+                        code=code, status=resp.status_code)
+
+
+def _malformed(what: str) -> BackendError:
+    return BackendError(f"The upstream sent a malformed {what}.", code="upstream_malformed")
+
+
 class ChatCompletionsBackend:
     supports_n: bool
 
@@ -58,13 +84,16 @@ class ChatCompletionsBackend:
                  supports_n: bool = True, timeout: float = 600.0):
         self.name = name
         self.supports_n = supports_n
+        self.timeout = timeout
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
+        # per operation (connect, each read, each write, waiting for a pooled connection);
+        # the whole request is bounded separately, by a deadline (see `_deadline`)
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers=headers,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
         )
 
@@ -79,28 +108,59 @@ class ChatCompletionsBackend:
         head = orjson.dumps(params)
         return head[:-1] + b',"messages":' + request.messages + b"}"
 
-    async def _send(self, body: bytes, stream: bool) -> httpx.Response:
-        """POST with bounded retries of connection errors (nothing reached the upstream)."""
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.timeout
+
+    # ------------------------------------------------------------------ faults
+
+    def _timed_out(self, e: BaseException, mid_stream: bool = False) -> BackendError:
+        if isinstance(e, httpx.ConnectTimeout):
+            what = f"could not connect within {self.timeout:g} s"
+        elif isinstance(e, httpx.ReadTimeout):
+            what = f"sent nothing for {self.timeout:g} s"
+        elif isinstance(e, httpx.TimeoutException):  # write, pool
+            what = f"did not take the request within {self.timeout:g} s"
+        else:  # the deadline of the whole request
+            what = f"did not finish within {self.timeout:g} s"
+        where = " mid-stream" if mid_stream else ""
+        return BackendError(f"The upstream model server timed out{where}: it {what}.",
+                            code="upstream_timeout")
+
+    def _broken(self, e: httpx.HTTPError) -> BackendError:
+        if isinstance(e, httpx.RemoteProtocolError | httpx.ReadError):
+            return BackendError(f"The upstream connection ended before the reply was complete: {e}",
+                                code="upstream_stream_cut")
+        return BackendError(f"The upstream request failed: {e}", code="upstream_error")
+
+    async def _send(self, body: bytes, stream: bool, deadline: float) -> httpx.Response:
+        """POST, by `deadline`. Retries only connection errors (nothing reached the upstream),
+        `CONNECT_RETRIES` times with exponential backoff; never once the request was sent."""
+        loop = asyncio.get_running_loop()
         for attempt in range(CONNECT_RETRIES + 1):
             try:
                 req = self._client.build_request("POST", "/chat/completions", content=body)
-                return await self._client.send(req, stream=stream)
+                async with asyncio.timeout_at(deadline):
+                    return await self._client.send(req, stream=stream)
             except httpx.ConnectError as e:
-                if attempt == CONNECT_RETRIES:
-                    raise BackendError(f"Could not connect to the upstream model server: {e}",
-                                       code="upstream_unavailable") from e
-                await asyncio.sleep(RETRY_BACKOFF * (2**attempt))
-            except httpx.TimeoutException as e:
-                raise BackendError("The upstream model server timed out.", code="upstream_timeout") from e
+                pause = RETRY_BACKOFF * (2**attempt)
+                if attempt == CONNECT_RETRIES or loop.time() + pause >= deadline:
+                    raise BackendError(
+                        f"Could not connect to the upstream model server at {self._client.base_url} "
+                        f"({attempt + 1} attempts): {e}", code="upstream_unavailable") from e
+                await asyncio.sleep(pause)
+            except (httpx.TimeoutException, TimeoutError) as e:
+                raise self._timed_out(e) from e
             except httpx.HTTPError as e:
-                raise BackendError(f"Upstream request failed: {e}", code="upstream_error") from e
+                raise self._broken(e) from e
         raise AssertionError("unreachable")
 
+    # ------------------------------------------------------------------ calls
+
     async def complete(self, request: ChatRequest) -> ChatResult:
-        resp = await self._send(self._body(request, False), False)
-        if resp.status_code >= 400:
-            raise BackendError(f"Upstream returned {resp.status_code}: {_error_message(resp)}",
-                               code="upstream_error", status=resp.status_code)
+        deadline = self._deadline()
+        resp = await self._send(self._body(request, False), False, deadline)
+        if not resp.is_success:
+            raise _status_error(resp)
         try:
             body = orjson.loads(resp.content)
             choices = [
@@ -117,52 +177,67 @@ class ChatCompletionsBackend:
                 )
                 for i, c in enumerate(body["choices"])
             ]
+            choices.sort(key=lambda c: c.index)
+            usage = _usage(body.get("usage"))
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise BackendError("The upstream sent a malformed reply.", code="upstream_malformed") from e
-        choices.sort(key=lambda c: c.index)
-        return ChatResult(choices=choices, usage=_usage(body.get("usage")))
+            raise _malformed("reply") from e
+        return ChatResult(choices=choices, usage=usage)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
-        resp = await self._send(self._body(request, True), True)
+        deadline = self._deadline()
+        resp = await self._send(self._body(request, True), True, deadline)
+        chunks = resp.aiter_bytes()
         try:
-            if resp.status_code >= 400:
-                await resp.aread()
-                raise BackendError(f"Upstream returned {resp.status_code}: {_error_message(resp)}",
-                                   code="upstream_error", status=resp.status_code)
+            if not resp.is_success:
+                async with asyncio.timeout_at(deadline):
+                    await resp.aread()
+                raise _status_error(resp)
             done = False
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
+            rest = b""
+            while not done:
+                # every read is bounded by the deadline of the whole request (httpx bounds the
+                # time between two reads); a yield is never inside the timeout
+                async with asyncio.timeout_at(deadline):
+                    chunk = await anext(chunks, None)
+                if chunk is None:
+                    lines, rest = [rest], b""
+                else:
+                    *lines, rest = (rest + chunk).split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    try:
+                        parsed = orjson.loads(data)
+                    except orjson.JSONDecodeError as e:
+                        raise _malformed("stream chunk") from e
+                    if isinstance(parsed, dict) and "error" in parsed:
+                        err = parsed["error"]
+                        msg = err.get("message") if isinstance(err, dict) else str(err)
+                        raise BackendError(f"Upstream error mid-stream: {msg}", code="upstream_error")
+                    for d in _deltas(parsed):
+                        yield d
+                if chunk is None:
                     break
-                try:
-                    chunk = orjson.loads(data)
-                except orjson.JSONDecodeError as e:
-                    raise BackendError("The upstream sent a malformed stream chunk.",
-                                       code="upstream_malformed") from e
-                if isinstance(chunk, dict) and "error" in chunk:
-                    err = chunk["error"]
-                    msg = err.get("message") if isinstance(err, dict) else str(err)
-                    raise BackendError(f"Upstream error: {msg}", code="upstream_error")
-                for d in _deltas(chunk):
-                    yield d
             if not done:
-                raise BackendError("The upstream stream ended before it was complete.",
+                raise BackendError("The upstream stream ended before it was complete (no [DONE]).",
                                    code="upstream_stream_cut")
-        except httpx.TimeoutException as e:
-            raise BackendError("The upstream model server timed out.", code="upstream_timeout") from e
+        except (httpx.TimeoutException, TimeoutError) as e:
+            raise self._timed_out(e, mid_stream=True) from e
         except httpx.HTTPError as e:
-            raise BackendError(f"The upstream stream broke: {e}", code="upstream_stream_cut") from e
+            raise self._broken(e) from e
         finally:
+            await chunks.aclose()
             await resp.aclose()
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
 
-def _deltas(chunk: dict[str, Any]) -> list[ChatDelta]:
+def _deltas(chunk: Any) -> list[ChatDelta]:
     out: list[ChatDelta] = []
     try:
         for c in chunk.get("choices") or []:
@@ -184,5 +259,5 @@ def _deltas(chunk: dict[str, Any]) -> list[ChatDelta]:
         if chunk.get("usage"):
             out.append(ChatDelta(usage=_usage(chunk["usage"])))
     except (AttributeError, TypeError) as e:
-        raise BackendError("The upstream sent a malformed stream chunk.", code="upstream_malformed") from e
+        raise _malformed("stream chunk") from e
     return out

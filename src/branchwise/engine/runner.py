@@ -11,8 +11,11 @@ The sequence, and why it is short:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -29,13 +32,16 @@ from branchwise.backends.base import (
 )
 from branchwise.backends.router import Router
 from branchwise.engine.policy import Lease, Policies
+from branchwise.engine.runs import TERMINAL, Run, Runs
 from branchwise.ids import new_id, now
 from branchwise.settings import Settings
 from branchwise.store.queries import Conversation, Placed, Store, place
 from branchwise.wire import items as witems
 from branchwise.wire import models as m
-from branchwise.wire.errors import InvalidRequest, NotFound
+from branchwise.wire.errors import APIError, InvalidRequest, NotFound
 from branchwise.wire.objects import response_object, sse
+
+log = logging.getLogger("branchwise.engine")
 
 INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
@@ -51,8 +57,12 @@ class Plan:
     base_depth: int
     conversation: Conversation | None
     inputs: list[witems.NewItem]
-    chat: ChatRequest
+    params: dict[str, Any]
+    chat: ChatRequest | None = None
     lease: Lease | None = None
+    run: Run | None = None  # set when the response outlives its request (stored stream, background)
+    seq: _Seq = field(default_factory=lambda: _Seq())  # sequence_number, shared by the alternatives
+    terminal_frames: list[bytes] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -109,18 +119,26 @@ def _chat_params(req: m.CreateResponse) -> dict[str, Any]:
 
 
 class Engine:
-    def __init__(self, store: Store, router: Router, settings: Settings, policies: Policies):
+    def __init__(self, store: Store, router: Router, settings: Settings, policies: Policies, runs: Runs):
         self.store = store
         self.policies = policies
         self.router = router
         self.settings = settings
+        self.runs = runs
 
     # ------------------------------------------------------------------ prepare
 
     async def prepare(self, req: m.CreateResponse,
                       disconnected: Callable[[], Awaitable[bool]] | None = None) -> Plan:
-        """Validate, take the conversation's lease when the policy needs one, read the context.
-        Raises an APIError before anything is stored."""
+        """`validate`, then `enter`: everything before the model runs. Raises an APIError
+        before anything is stored."""
+        plan = await self.validate(req)
+        await self.enter(plan, disconnected)
+        return plan
+
+    async def validate(self, req: m.CreateResponse) -> Plan:
+        """Check the request and resolve what it names (conversation, previous response, item
+        references, model). Takes no lease and reads no history yet."""
         conv_id = req.conversation_id
         if req.previous_response_id and conv_id:
             raise InvalidRequest("Cannot use both 'previous_response_id' and 'conversation' in one request.",
@@ -144,9 +162,10 @@ class Engine:
         base: str | None = None
         base_depth = -1
         conversation: Conversation | None = None
-        lease: Lease | None = None
         if conv_id:
-            conversation, lease = await self._enter(conv_id, ids[0], req.concurrency, disconnected)
+            conversation = await self.store.conversation(conv_id)
+            if conversation is None:
+                raise NotFound(f"Conversation with id '{conv_id}' not found.", param="conversation")
             base, base_depth, tree = conversation.head, conversation.head_depth, conversation.tree
         elif req.previous_response_id:
             prev = await self.store.response(req.previous_response_id)
@@ -157,38 +176,39 @@ class Engine:
             base_depth = await self.store.node_depth(base)
         else:
             tree = ids[0]
+        return Plan(req=req, ids=ids, created_at=now(), backend=backend, tree=tree, base=base,
+                    base_depth=base_depth, conversation=conversation, inputs=inputs, params=params)
+
+    async def enter(self, plan: Plan, disconnected: Callable[[], Awaitable[bool]] | None = None) -> None:
+        """Take the conversation's lease when its policy needs one (waiting in line for `queue`),
+        then read the history the model will see."""
+        req = plan.req
+        if plan.conversation is not None:
+            policy = req.concurrency or self.settings.default_concurrency
+            plan.lease = await self.policies.acquire(plan.conversation.id, plan.ids[0], policy, disconnected)
         try:
-            history = await self.store.path_chat(base)
+            if plan.lease is not None:  # the head as it is now that this response is at the front
+                conv = await self.store.conversation(plan.conversation.id)
+                if conv is None:
+                    raise NotFound(f"Conversation with id '{plan.conversation.id}' not found.",
+                                   param="conversation")
+                plan.conversation = conv
+                plan.base, plan.base_depth = conv.head, conv.head_depth
+            history = await self.store.path_chat(plan.base)
         except BaseException:
-            if lease is not None:
-                await lease.release()
+            await self._release(plan)
             raise
         parts = [witems.instructions_message(req.instructions)] if req.instructions else []
         if history:
             parts.append(history)
-        parts += [c for c in (i.chat for i in inputs) if c is not None]
-        chat = ChatRequest(model=req.model, messages=b"[" + b",".join(parts) + b"]", params=params, n=req.n)
-        return Plan(req=req, ids=ids, created_at=now(), backend=backend, tree=tree, base=base,
-                    base_depth=base_depth, conversation=conversation, inputs=inputs, chat=chat, lease=lease)
+        parts += [c for c in (i.chat for i in plan.inputs) if c is not None]
+        plan.chat = ChatRequest(model=req.model, messages=b"[" + b",".join(parts) + b"]", params=plan.params,
+                                n=req.n)
 
-    async def _enter(self, conv_id: str, holder: str, concurrency: str | None,
-                     disconnected: Callable[[], Awaitable[bool]] | None) -> tuple[Conversation, Lease | None]:
-        """The conversation to run on, after its policy let this response in."""
-        conversation = await self.store.conversation(conv_id)
-        if conversation is None:
-            raise NotFound(f"Conversation with id '{conv_id}' not found.", param="conversation")
-        policy = concurrency or self.settings.default_concurrency
-        lease = await self.policies.acquire(conv_id, holder, policy, disconnected)
-        if lease is None:
-            return conversation, None
-        try:  # the head as it is now that this response is at the front of the line
-            conversation = await self.store.conversation(conv_id)
-            if conversation is None:
-                raise NotFound(f"Conversation with id '{conv_id}' not found.", param="conversation")
-        except BaseException:
-            await lease.release()
-            raise
-        return conversation, lease
+    @staticmethod
+    async def _release(plan: Plan) -> None:
+        if plan.lease is not None:
+            await asyncio.shield(plan.lease.release())
 
     async def input_items(self, raw: str | list, param: str = "input") -> list[witems.NewItem]:
         """New items for `raw` (a string, or validated input items); `item_reference`s are
@@ -236,18 +256,17 @@ class Engine:
         return ChatResult(choices=choices, usage=usage)
 
     async def complete(self, plan: Plan) -> dict[str, Any]:
-        """Run a non-streaming response; returns the Response object (alternative 0)."""
+        """Run a non-streaming response in the request; returns the Response (alternative 0)."""
         try:
             try:
                 result = await self._generate(plan)
             except BackendError as e:
-                return await self._fail(plan, e)
+                return (await self._fail(plan, e.code, e.message))[0]
             outputs = [witems.from_choice(c, "incomplete" if c.finish_reason in INCOMPLETE else "completed")
                        for c in result.choices[: plan.n]]
-            return await self._commit(plan, result.choices[: plan.n], outputs, result.usage)
+            return (await self._commit(plan, result.choices[: plan.n], outputs, result.usage))[0]
         finally:
-            if plan.lease is not None:
-                await asyncio.shield(plan.lease.release())
+            await self._release(plan)
 
     # ------------------------------------------------------------------ commit
 
@@ -264,7 +283,7 @@ class Engine:
         ]
 
     async def _commit(self, plan: Plan, choices: list[Choice], outputs: list[list[witems.NewItem]],
-                      usage: Usage) -> dict[str, Any]:
+                      usage: Usage, terminal: Terminal | None = None) -> list[dict[str, Any]]:
         req = plan.req
         completed = now()
         placed_inputs = place(plan.inputs, plan.base, plan.base_depth, plan.ids[0])
@@ -285,10 +304,13 @@ class Engine:
                 output=[it.wire for it in out], usage=usages[i],
                 incomplete_reason=reason, completed_at=completed,
             ))
-        return await self._store(plan, objs, placed, input_node, len(placed_inputs), lasts)
+        return await self._store(plan, objs, placed, input_node, len(placed_inputs), lasts, terminal)
 
     async def _store(self, plan: Plan, objs: list[dict[str, Any]], placed: list[Placed],
-                     input_node: str | None, input_count: int, lasts: list[str | None]) -> dict[str, Any]:
+                     input_node: str | None, input_count: int, lasts: list[str | None],
+                     terminal: Terminal | None = None) -> list[dict[str, Any]]:
+        """One transaction: items, response rows, the run's last events and terminal events,
+        and the head's compare-and-swap."""
         req = plan.req
         first = objs[0]
         if len(objs) > 1:
@@ -302,88 +324,183 @@ class Engine:
                     "tree": plan.tree, "base_node": plan.base, "input_node": input_node,
                     "input_count": input_count, "last_node": last, "body": orjson.dumps(obj),
                 })
+        events: list[dict] = []
+        if terminal is not None:
+            frames = terminal(objs)
+            if plan.run is not None:
+                events = await plan.run.drain(frames)
+            plan.terminal_frames = frames
         keep_items = req.store is not False or plan.conversation is not None
         move = plan.conversation is not None and first["status"] in ("completed", "incomplete")
-        if rows or (keep_items and placed):
+        if rows or events or (keep_items and placed):
             await self.store.commit_response(
                 tree=plan.tree, placed=placed if keep_items else [], response_rows=rows,
                 conversation_id=plan.conversation.id if move and plan.conversation else None,
                 base=plan.base, new_head=lasts[0] if move else None,
+                update_existing=plan.run is not None, events=events,
             )
-        return first
+        return objs
 
-    async def _fail(self, plan: Plan, e: BackendError) -> dict[str, Any]:
-        """A failed upstream call: the response is stored `failed` with its input, the
-        conversation head stays where it was."""
+    async def _fail(self, plan: Plan, code: str, message: str | None, status: str = "failed",
+                    terminal: Terminal | None = None) -> list[dict[str, Any]]:
+        """A response that did not finish (upstream failure, cancel): stored with its input,
+        the conversation's head stays where it was."""
         placed_inputs = place(plan.inputs, plan.base, plan.base_depth, plan.ids[0])
         input_node = placed_inputs[-1].node if placed_inputs else plan.base
+        error = None if status == "cancelled" else {"code": code, "message": message}
         objs = [
-            response_object(plan.req, id=rid, created_at=plan.created_at, status="failed", output=[],
-                            error={"code": e.code, "message": e.message})
+            response_object(plan.req, id=rid, created_at=plan.created_at, status=status, output=[], error=error)
             for rid in plan.ids
         ]
         keep = plan.req.store is not False
         return await self._store(plan, objs, placed_inputs if keep else [], input_node,
-                                 len(placed_inputs), [input_node] * plan.n)
+                                 len(placed_inputs), [input_node] * plan.n, terminal)
 
     # ------------------------------------------------------------------ stream
 
     async def stream(self, plan: Plan) -> AsyncIterator[bytes]:
-        """Server-Sent Events, in OpenAI's order."""
+        """SSE for an unstored response, tied to its request: a client that goes away cancels
+        the upstream call."""
         try:
             async for frame in self._stream(plan):
                 yield frame
         finally:
-            if plan.lease is not None:
-                await asyncio.shield(plan.lease.release())
+            await self._release(plan)
 
-    async def _stream(self, plan: Plan) -> AsyncIterator[bytes]:
-        if plan.n > 1:
-            async for frame in self._stream_n(plan):
-                yield frame
-            return
-        em = _Emitter(plan)
-        yield em.event("response.created", response=em.snapshot("in_progress"))
-        yield em.event("response.in_progress", response=em.snapshot("in_progress"))
-        usage = Usage()
-        finish: str | None = None
+    async def start_stream(self, plan: Plan) -> Run:
+        """A stored streaming response: it runs to the end whatever its client does, and its
+        events can be replayed (`GET /v1/responses/{id}?stream=true`)."""
+        plan.run = self.runs.new(plan.ids)
         try:
-            async for d in plan.backend.stream(plan.chat):
-                if d.usage is not None:
-                    usage = d.usage
-                    continue
-                if d.finish_reason:
-                    finish = d.finish_reason
-                for frame in em.feed(d):
-                    yield frame
-        except BackendError as e:
-            for frame in em.close_all(aborted=True):
-                yield frame
-            failed = await self._fail(plan, e)
-            yield em.event("response.failed", response=failed)
-            return
-        for frame in em.close_all(incomplete=finish in INCOMPLETE):
-            yield frame
-        choice = em.choice(finish)
-        final = await self._commit(plan, [choice], [em.items], usage)
-        kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
-        yield em.event(kind, response=final)
+            await self.runs.store.insert_rows(self._running_rows(plan, "in_progress"))
+        except BaseException:
+            self.runs.forget(plan.run)
+            plan.run.finish()
+            await self._release(plan)
+            raise
+        plan.run.task = asyncio.get_running_loop().create_task(self._produce(plan, background=False))
+        return plan.run
 
-    async def _stream_n(self, plan: Plan) -> AsyncIterator[bytes]:
-        """n > 1 over SSE: every alternative's events interleaved in one stream; each event names
-        its `response_id` and carries `alternative` (its index). Layout in docs/branching.md."""
+    async def start_background(self, plan: Plan) -> Run:
+        """`background: true`: stored as `queued` at once; a bounded worker runs it later."""
+        run = plan.run = self.runs.new(plan.ids)
+        rows = self._running_rows(plan, "queued")
+        try:
+            await self.runs.store.insert_rows(rows)
+        except BaseException:
+            self.runs.forget(run)
+            run.finish()
+            raise
         ems = [_Emitter(plan, i) for i in range(plan.n)]
-        seq = _Seq()
         for em in ems:
-            em.seq = seq
+            run.append(em.event("response.created", response=em.snapshot("queued")))
         for em in ems:
-            yield em.event("response.created", response=em.snapshot("in_progress"))
+            run.append(em.event("response.queued", response=em.snapshot("queued")))
+        run.task = asyncio.get_running_loop().create_task(self._produce(plan, background=True))
+        return run
+
+    def _running_rows(self, plan: Plan, status: str) -> list[dict]:
+        req = plan.req
+        return [{
+            "id": rid, "status": status, "created_at": plan.created_at,
+            "conversation_id": req.conversation_id, "previous_response_id": req.previous_response_id,
+            "tree": plan.tree, "base_node": plan.base, "input_node": None, "input_count": 0, "last_node": None,
+            "body": orjson.dumps(response_object(req, id=rid, created_at=plan.created_at, status=status, output=[])),
+            "background": bool(req.background), "owner": self.runs.owner, "heartbeat_at": time.time(),
+        } for rid in plan.ids]
+
+    async def _produce(self, plan: Plan, background: bool) -> None:
+        run = plan.run
+        try:
+            if background:
+                async with self.runs.workers:
+                    try:
+                        await self.enter(plan)
+                    except APIError as e:  # e.g. the queue's wait timed out, the conversation is gone
+                        await self._fail(plan, e.code or "server_error", e.message,
+                                         terminal=self._terminal_failed(plan))
+                        self._emit_terminal(plan)
+                        return
+                    await self.runs.store.set_status(plan.ids, "in_progress", [
+                        orjson.dumps(response_object(plan.req, id=rid, created_at=plan.created_at,
+                                                     status="in_progress", output=[])) for rid in plan.ids])
+                    async for frame in self._stream(plan, created=False):
+                        run.append(frame)
+            else:
+                async for frame in self._stream(plan):
+                    run.append(frame)
+        except asyncio.CancelledError:
+            status = "cancelled" if run.cancel_reason == "cancel" else "failed"
+            message = "The server shut down before this response finished." if status == "failed" else None
+            try:
+                await self._fail(plan, "server_error", message, status=status, terminal=self._terminal_failed(plan))
+                self._emit_terminal(plan)
+            except Exception:
+                log.exception("could not store cancelled response %s", plan.ids[0])
+        except Exception as e:
+            log.exception("response %s failed", plan.ids[0])
+            with contextlib.suppress(Exception):
+                await self._fail(plan, "server_error", f"The server had an error: {type(e).__name__}",
+                                 terminal=self._terminal_failed(plan))
+                self._emit_terminal(plan)
+        finally:
+            await self._release(plan)
+            self.runs.forget(run)
+            run.finish()
+
+    def _terminal_failed(self, plan: Plan) -> Terminal:
+        ems = [_Emitter(plan, i) for i in range(plan.n)]
+        alts = lambda objs: [objs[0], *objs[0].get("alternatives", [])]  # noqa: E731
+        return lambda objs: [em.event("response.failed", response=o) for em, o in zip(ems, alts(objs), strict=True)]
+
+    @staticmethod
+    def _emit_terminal(plan: Plan) -> None:
+        for frame in plan.terminal_frames:
+            plan.run.append(frame)
+
+    async def cancel(self, response_id: str) -> bytes | None:
+        """Cancel a background response (idempotent). Returns its stored body, or None when there
+        is no such response. Raises when it is not a background response."""
+        state = await self.runs.store.state(response_id)
+        if state is None:
+            return None
+        status, body, background, _ = state
+        if not background:
+            raise InvalidRequest("Only responses created with background=true can be cancelled.",
+                                 param="response_id", code="not_background")
+        if status in TERMINAL:
+            return body
+        run = self.runs.active.get(response_id)
+        if run is not None:
+            if run.cancel_reason is None and run.task is not None:
+                run.cancel_reason = "cancel"
+                run.task.cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(run.finished.wait()), 5)
+        else:  # another process runs it: ask it through the database and wait for the answer
+            await self.runs.store.request_cancel(response_id)
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                state = await self.runs.store.state(response_id)
+                if state is None or state[0] in TERMINAL:
+                    break
+        state = await self.runs.store.state(response_id)
+        return None if state is None else state[1]
+
+    async def _stream(self, plan: Plan, created: bool = True) -> AsyncIterator[bytes]:
+        """OpenAI's SSE for the plan's response(s). With n > 1 every alternative's events are
+        interleaved in one stream; each event names its `response_id` and carries `alternative`
+        (its index). Layout in docs/branching.md."""
+        ems = [_Emitter(plan, i) for i in range(plan.n)]
+        if created:
+            for em in ems:
+                yield em.event("response.created", response=em.snapshot("in_progress"))
         for em in ems:
             yield em.event("response.in_progress", response=em.snapshot("in_progress"))
         usage = Usage()
         finish: dict[int, str | None] = {}
         try:
-            if plan.backend.supports_n:
+            if plan.n == 1 or plan.backend.supports_n:
                 async for d in plan.backend.stream(plan.chat):
                     if d.usage is not None:
                         usage = d.usage
@@ -402,18 +519,28 @@ class Engine:
                         for frame in ems[c.index].feed(d):
                             yield frame
         except BackendError as e:
-            failed = await self._fail(plan, e)
-            yield ems[0].event("response.failed", response=failed)
+            for em in ems:
+                em.close_all(aborted=True)
+            await self._fail(plan, e.code, e.message, terminal=self._terminal_failed(plan))
+            for frame in plan.terminal_frames:
+                yield frame
             return
         for i, em in enumerate(ems):
             for frame in em.close_all(incomplete=finish.get(i) in INCOMPLETE):
                 yield frame
-        final = await self._commit(plan, [em.choice(finish.get(i)) for i, em in enumerate(ems)],
-                                   [em.items for em in ems], usage)
-        alts = [final, *final.get("alternatives", [])]
-        for em, obj in zip(ems, alts, strict=True):
-            kind = "response.incomplete" if obj["status"] == "incomplete" else "response.completed"
-            yield em.event(kind, response=obj)
+
+        def terminal(objs: list[dict[str, Any]]) -> list[bytes]:
+            alts = [objs[0], *objs[0].get("alternatives", [])]
+            return [em.event("response.incomplete" if o["status"] == "incomplete" else "response.completed",
+                             response=o) for em, o in zip(ems, alts, strict=True)]
+
+        await self._commit(plan, [em.choice(finish.get(i)) for i, em in enumerate(ems)],
+                           [em.items for em in ems], usage, terminal)
+        for frame in plan.terminal_frames:
+            yield frame
+
+
+Terminal = Callable[[list[dict[str, Any]]], list[bytes]]
 
 
 def _choice_deltas(c: Choice) -> list[ChatDelta]:
@@ -447,7 +574,7 @@ class _Emitter:
         self.plan = plan
         self.alt = alternative
         self.rid = plan.ids[alternative]
-        self.seq = _Seq()
+        self.seq = plan.seq
         self.items: list[witems.NewItem] = []
         self.done_wire: list[dict[str, Any]] = []
         self.cur: dict[str, Any] | None = None  # the open item: {"kind", "wire", "text", ...}

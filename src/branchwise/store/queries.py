@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from branchwise.ids import new_node, now
 from branchwise.store.db import writer
 from branchwise.store.tables import conversations, items, responses
+from branchwise.store.tables import events as event_log
 from branchwise.wire.items import NewItem
 
 
@@ -366,6 +367,7 @@ class Store:
         base: str | None,
         new_head: str | None,
         update_existing: bool = False,
+        events: Sequence[dict] = (),
     ) -> bool:
         """Store a finished response in one short transaction: its items, its row(s), and
         the conversation head moved from `base` to `new_head` if it is still at `base`
@@ -374,12 +376,14 @@ class Store:
         moved = False
         async with self.writer.begin() as conn:
             await self._insert_items(conn, tree, placed, created)
+            if events:
+                await conn.execute(insert(event_log), list(events))
             if update_existing:
                 await conn.execute(
                     update(responses).where(responses.c.id == bindparam("_id")).values(
                         status=bindparam("status"), input_node=bindparam("input_node"),
                         input_count=bindparam("input_count"), last_node=bindparam("last_node"),
-                        body=bindparam("body"),
+                        body=bindparam("body"), owner=None,
                     ),
                     [{"_id": r["id"], **{k: r[k] for k in ("status", "input_node", "input_count",
                                                              "last_node", "body")}} for r in response_rows],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Float,
     Index,
@@ -77,7 +78,24 @@ responses = Table(
     Column("input_count", Integer, nullable=False),
     Column("last_node", String(32), nullable=True),  # last node of input + output: what a follow-up chains from
     Column("body", LargeBinary, nullable=False),  # the Response object as it goes on the wire (JSON)
+    Column("background", Boolean, nullable=False, default=False),
+    # While a response runs (status queued / in_progress): the process running it and when it last
+    # said so. A response whose owner stopped renewing is failed by any process's reaper.
+    Column("owner", String(64), nullable=True),
+    Column("heartbeat_at", Float, nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
     Index("ix_responses_conversation", "conversation_id"),
+    Index("ix_responses_owner_status", "status", "owner"),
+)
+
+# Every SSE event of a stored streaming or background response, so that a stream can be
+# resumed from any point, by any process, after the response finished or while it runs.
+events = Table(
+    "events",
+    metadata,
+    Column("response_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True),  # the event's sequence_number
+    Column("frame", LargeBinary, nullable=False),  # the SSE frame as sent
 )
 
 # A lease is a place in a conversation's line: the lowest live `seq` runs, the others wait.

@@ -109,6 +109,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import importlib.util
 import itertools
@@ -645,6 +646,7 @@ class MockUpstreamApp:
 
     def __init__(self, *, log_requests: bool = True) -> None:
         self.requests: list[Any] = []
+        self.disconnected: list[Any] = []  # request bodies whose client went away before the reply ended
         self.log_requests = log_requests
         self._counter = itertools.count(1)
 
@@ -718,14 +720,34 @@ class MockUpstreamApp:
             return
 
         mock_header = (b"x-mock-messages", str(reply.n_messages).encode())
+        gone = asyncio.Event()
+
+        async def watch() -> None:  # the client closing its connection
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self._reply(req, reply, send, mock_header, gone)
+        finally:
+            watcher.cancel()
+        if gone.is_set():
+            self.disconnected.append(req)
+
+    async def _reply(self, req: Any, reply: Reply, send: Send, mock_header: tuple[bytes, bytes],
+                     gone: asyncio.Event) -> None:
         if reply.delay > 0:
-            await asyncio.sleep(reply.delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gone.wait(), reply.delay)
+            if gone.is_set():
+                return
         if reply.fail is not None:
             body = _error_body(f"mock failure {reply.fail}", "server_error", "mock_failure")
             await _send_bytes(send, reply.fail, body, [*_JSON_HEADERS, mock_header])
             return
         if reply.stream:
-            await self._stream(reply, send, mock_header)
+            await self._stream(reply, send, mock_header, gone)
             return
         if reply.malformed:
             await _send_bytes(send, 200, b"not json", [*_JSON_HEADERS, mock_header])
@@ -738,7 +760,8 @@ class MockUpstreamApp:
             raise MockAbort("[[cut]]: dropping the connection")
         await _send_bytes(send, 200, body, [*_JSON_HEADERS, mock_header])
 
-    async def _stream(self, reply: Reply, send: Send, mock_header: tuple[bytes, bytes]) -> None:
+    async def _stream(self, reply: Reply, send: Send, mock_header: tuple[bytes, bytes],
+                      gone: asyncio.Event) -> None:
         events = stream_events(reply)
         if reply.cut:
             events = events[: max(1, len(events) // 2)]
@@ -750,7 +773,10 @@ class MockUpstreamApp:
         delay = reply.chunk_delay
         for k, data in enumerate(events):
             if delay > 0 and k:
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(gone.wait(), delay)
+            if gone.is_set():
+                return
             await send({"type": "http.response.body", "body": data, "more_body": True})
         if reply.cut:
             raise MockAbort("[[cut]]: dropping the stream")
@@ -804,9 +830,15 @@ class MockUpstream:
         """A snapshot of every chat request body received, in order."""
         return list(self.app.requests)
 
+    @property
+    def disconnected(self) -> list[Any]:
+        """Request bodies whose client closed the connection before the reply was complete."""
+        return list(self.app.disconnected)
+
     def clear(self) -> None:
         """Forget the logged requests."""
         self.app.requests.clear()
+        self.app.disconnected.clear()
 
     @property
     def running(self) -> bool:

@@ -1,0 +1,289 @@
+"""Responses that outlive their request: stored streams and background responses.
+
+A `Run` is one such response being generated in this process. Its SSE frames are kept in memory
+for live readers here, and written to the `events` table in small batches (every
+`event_flush_interval`) for everyone else: a stream can be resumed from any sequence number, by
+any process, while the response runs or after it finished. The final batch and the terminal
+event are written in the same transaction that commits the response, so a reader that sees a
+finished response also sees its whole log.
+
+`Runs` keeps this process's runs: it renews their heartbeats, picks up cancel requests made
+through other processes, and reaps responses whose process died (their heartbeat went stale):
+those are marked `failed`, and their conversations' heads never moved, since a head only moves
+when a response commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+
+import orjson
+
+from branchwise.settings import Settings
+from branchwise.store.runs import RunStore
+
+log = logging.getLogger("branchwise.runs")
+
+TERMINAL = {"completed", "failed", "incomplete", "cancelled"}
+TERMINAL_EVENTS = (b"event: response.completed\n", b"event: response.failed\n", b"event: response.incomplete\n")
+REAPED_MESSAGE = ("The server running this response stopped before it finished (crash or restart); "
+                  "the response was not completed and its conversation was left unchanged.")
+
+
+class Run:
+    def __init__(self, ids: list[str], store: RunStore, flush_interval: float):
+        self.ids = ids
+        self.key = ids[0]  # the event log is kept under alternative 0's id
+        self.store = store
+        self.frames: list[bytes] = []
+        self.pending: list[tuple[int, bytes]] = []
+        self.done = False
+        self.closing = False
+        self.finished = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.cancel_reason: str | None = None
+        self._changed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._interval = flush_interval
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+
+    # -- producing
+
+    def append(self, frame: bytes) -> None:
+        seq = len(self.frames)
+        self.frames.append(frame)
+        if not self.closing:  # frames after `drain` were written by the commit itself
+            self.pending.append((seq, frame))
+        self._notify()
+
+    def _notify(self) -> None:
+        ev, self._changed = self._changed, asyncio.Event()
+        ev.set()
+
+    async def _flush_forever(self) -> None:
+        while not self.closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            if self.pending and not self.closing:
+                batch, self.pending = self.pending, []
+                try:
+                    await self.store.append_events(self.key, batch)
+                except Exception:  # keep them for the final transaction
+                    log.exception("could not write events of %s", self.key)
+                    self.pending = batch + self.pending
+
+    async def drain(self, terminal: list[bytes]) -> list[dict]:
+        """Stop the flusher and hand over what is left to write, plus the terminal frames that
+        will be appended next: the rows for the commit transaction."""
+        self.closing = True
+        self._wake.set()
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._flusher)
+        start = len(self.frames)
+        rows = [{"response_id": self.key, "seq": s, "frame": f} for s, f in self.pending]
+        rows += [{"response_id": self.key, "seq": start + k, "frame": f} for k, f in enumerate(terminal)]
+        self.pending = []
+        return rows
+
+    def finish(self) -> None:
+        self.done = True
+        self.closing = True
+        self._wake.set()
+        self._notify()
+        self.finished.set()
+
+    # -- reading
+
+    async def follow(self, after: int = -1, only: str | None = None) -> AsyncIterator[bytes]:
+        """Frames with sequence_number > `after`, live until the run is done."""
+        i = after + 1
+        while True:
+            while i < len(self.frames):
+                frame = self.frames[i]
+                i += 1
+                if only is None or _names(frame, only):
+                    yield frame
+            if self.done:
+                return
+            await self._changed.wait()
+
+
+def _names(frame: bytes, response_id: str) -> bool:
+    return response_id.encode() in frame
+
+
+class Runs:
+    def __init__(self, store: RunStore, settings: Settings):
+        self.store = store
+        self.settings = settings
+        self.owner = f"proc_{os.getpid()}_{os.urandom(6).hex()}"
+        self.active: dict[str, Run] = {}  # every alternative's id -> its run
+        self.workers = asyncio.Semaphore(settings.background_workers)
+        self._loop_task: asyncio.Task | None = None
+
+    def new(self, ids: list[str]) -> Run:
+        run = Run(ids, self.store, self.settings.event_flush_interval)
+        for rid in ids:
+            self.active[rid] = run
+        return run
+
+    def forget(self, run: Run) -> None:
+        for rid in run.ids:
+            if self.active.get(rid) is run:
+                del self.active[rid]
+
+    async def start(self) -> None:
+        await self.reap()
+        self._loop_task = asyncio.get_running_loop().create_task(self._maintain())
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop_task
+        runs = {id(r): r for r in self.active.values()}.values()
+        for run in runs:
+            run.cancel_reason = "shutdown"
+            if run.task is not None:
+                run.task.cancel()
+        for run in runs:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(run.finished.wait(), 5)
+
+    async def reap(self) -> None:
+        reaped = await self.store.reap(self.settings.lease_ttl, REAPED_MESSAGE)
+        if reaped:
+            log.warning("failed %d responses left running by a stopped server: %s", len(reaped), reaped)
+
+    async def _maintain(self) -> None:
+        """Every tick: pick up cancel requests; every third of the TTL: heartbeat; every half: reap."""
+        ttl = self.settings.lease_ttl
+        tick = min(0.2, ttl / 4)
+        since_beat = since_reap = 0.0
+        while True:
+            await asyncio.sleep(tick)
+            since_beat += tick
+            since_reap += tick
+            try:
+                if self.active:
+                    for rid in await self.store.cancel_requests(self.owner):
+                        run = self.active.get(rid)
+                        if run is not None and run.task is not None and run.cancel_reason is None:
+                            run.cancel_reason = "cancel"
+                            run.task.cancel()
+                if since_beat >= ttl / 3:
+                    since_beat = 0
+                    await self.store.heartbeat(list(self.active))
+                if since_reap >= ttl / 2:
+                    since_reap = 0
+                    await self.reap()
+            except Exception:
+                log.exception("run maintenance failed")
+
+    def replay(self, response_id: str, after: int) -> AsyncIterator[bytes]:
+        """The response's events after `after`: live from memory when it runs here, else from
+        the database."""
+        run = self.active.get(response_id)
+        if run is not None:
+            return run.follow(after, only=None if response_id == run.key else response_id)
+        return self.follow_stored(response_id, after)
+
+    async def follow_stored(self, response_id: str, after: int) -> AsyncIterator[bytes]:
+        """Replay a response's event log from the database, live-tailing it while the response
+        runs elsewhere. When the log has no terminal event (the process died, or the response was
+        never streamed), one is made from the stored response."""
+        last = after
+        while True:
+            batch = await self.store.events_after(response_id, last)
+            for seq, frame in batch:
+                last = seq
+                yield frame
+                if frame.startswith(TERMINAL_EVENTS):
+                    return
+            if batch:
+                continue
+            state = await self.store.state(response_id)
+            if state is None:
+                return
+            status, body, _, _ = state
+            if status in TERMINAL:
+                batch = await self.store.events_after(response_id, last)
+                if batch:
+                    continue
+                obj = orjson.loads(body)
+                frames = synthesize(obj) if last == -1 else [terminal_frame(obj, last + 1)]
+                for frame in frames[after + 1:] if last == -1 else frames:
+                    yield frame
+                return
+            local = self.active.get(response_id)
+            if local is not None:
+                async for frame in local.follow(last):
+                    yield frame
+                return
+            await asyncio.sleep(self.settings.event_poll_interval)
+
+
+def _frame(event: dict) -> bytes:
+    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+def terminal_frame(obj: dict, seq: int) -> bytes:
+    kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
+        obj["status"], "response.failed")
+    return _frame({"type": kind, "sequence_number": seq, "response": obj})
+
+
+def synthesize(obj: dict) -> list[bytes]:
+    """The event sequence of a finished response that was not streamed (so has no log): what a
+    stream of it would have sent, one delta per part."""
+    events: list[dict] = []
+    start = {**obj, "status": "in_progress", "output": [], "usage": None, "error": None,
+             "incomplete_details": None, "completed_at": None}
+    events.append({"type": "response.created", "response": start})
+    events.append({"type": "response.in_progress", "response": start})
+    for oi, item in enumerate(obj.get("output") or []):
+        kind = item.get("type")
+        if kind == "message":
+            events.append({"type": "response.output_item.added", "output_index": oi,
+                           "item": {**item, "status": "in_progress", "content": []}})
+            for ci, part in enumerate(item.get("content") or []):
+                common = {"item_id": item["id"], "output_index": oi, "content_index": ci}
+                if part["type"] == "output_text":
+                    empty = {**part, "text": "", "annotations": [], "logprobs": []}
+                    events.append({"type": "response.content_part.added", **common, "part": empty})
+                    events.append({"type": "response.output_text.delta", **common, "delta": part["text"],
+                                   "logprobs": []})
+                    events.append({"type": "response.output_text.done", **common, "text": part["text"],
+                                   "logprobs": []})
+                else:
+                    events.append({"type": "response.content_part.added", **common,
+                                   "part": {"type": "refusal", "refusal": ""}})
+                    events.append({"type": "response.refusal.delta", **common, "delta": part["refusal"]})
+                    events.append({"type": "response.refusal.done", **common, "refusal": part["refusal"]})
+                events.append({"type": "response.content_part.done", **common, "part": part})
+        elif kind == "function_call":
+            events.append({"type": "response.output_item.added", "output_index": oi,
+                           "item": {**item, "status": "in_progress", "arguments": ""}})
+            events.append({"type": "response.function_call_arguments.delta", "item_id": item["id"],
+                           "output_index": oi, "delta": item["arguments"]})
+            events.append({"type": "response.function_call_arguments.done", "item_id": item["id"],
+                           "output_index": oi, "name": item["name"], "arguments": item["arguments"]})
+        elif kind == "reasoning":
+            events.append({"type": "response.output_item.added", "output_index": oi,
+                           "item": {**item, "content": [], "status": "in_progress"}})
+            text = "".join(c.get("text", "") for c in item.get("content") or [])
+            common = {"item_id": item["id"], "output_index": oi, "content_index": 0}
+            events.append({"type": "response.reasoning_text.delta", **common, "delta": text})
+            events.append({"type": "response.reasoning_text.done", **common, "text": text})
+        else:
+            events.append({"type": "response.output_item.added", "output_index": oi, "item": item})
+        events.append({"type": "response.output_item.done", "output_index": oi, "item": item})
+    frames = []
+    for seq, ev in enumerate(events):
+        frames.append(_frame({**ev, "sequence_number": seq}))
+    frames.append(terminal_frame(obj, len(events)))
+    return frames

@@ -1,0 +1,93 @@
+"""Queries for responses that run for a while: their rows while running, their event logs,
+heartbeats, cancel requests, and the reaper that fails responses whose process died."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import orjson
+from sqlalchemy import and_, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from branchwise.store.db import writer
+from branchwise.store.tables import events, responses
+
+RUNNING = ("queued", "in_progress")
+
+
+class RunStore:
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        self.writer = writer(engine)
+
+    async def insert_rows(self, rows: Sequence[dict]) -> None:
+        async with self.writer.begin() as conn:
+            await conn.execute(insert(responses), list(rows))
+
+    async def set_status(self, ids: Sequence[str], status: str, bodies: Sequence[bytes]) -> None:
+        async with self.writer.begin() as conn:
+            for rid, body in zip(ids, bodies, strict=True):
+                await conn.execute(update(responses).where(responses.c.id == rid).values(status=status, body=body))
+
+    async def append_events(self, response_id: str, frames: Sequence[tuple[int, bytes]]) -> None:
+        if not frames:
+            return
+        async with self.writer.begin() as conn:
+            await conn.execute(insert(events), [{"response_id": response_id, "seq": s, "frame": f} for s, f in frames])
+
+    async def events_after(self, response_id: str, after: int, limit: int = 1000) -> list[tuple[int, bytes]]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(events.c.seq, events.c.frame)
+                .where(events.c.response_id == response_id, events.c.seq > after)
+                .order_by(events.c.seq).limit(limit)
+            )
+            return [(s, bytes(f)) for s, f in rows.all()]
+
+    async def state(self, response_id: str) -> tuple[str, bytes, bool, bool] | None:
+        """(status, body, background, cancel_requested)"""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(
+                select(responses.c.status, responses.c.body, responses.c.background, responses.c.cancel_requested)
+                .where(responses.c.id == response_id)
+            )).first()
+        return None if row is None else (row[0], bytes(row[1]), bool(row[2]), bool(row[3]))
+
+    async def heartbeat(self, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        async with self.writer.begin() as conn:
+            await conn.execute(update(responses).where(responses.c.id.in_(list(ids))).values(heartbeat_at=time.time()))
+
+    async def request_cancel(self, response_id: str) -> None:
+        async with self.writer.begin() as conn:
+            await conn.execute(update(responses).where(responses.c.id == response_id).values(cancel_requested=True))
+
+    async def cancel_requests(self, owner: str) -> list[str]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(responses.c.id).where(
+                responses.c.status.in_(RUNNING), responses.c.owner == owner, responses.c.cancel_requested.is_(True)))
+            return [r[0] for r in rows.all()]
+
+    async def reap(self, ttl: float, message: str) -> list[str]:
+        """Fail every running response whose owner stopped heart-beating `ttl` seconds ago.
+        The conversation heads are untouched: a response only moves a head when it commits."""
+        stale = time.time() - ttl
+        reaped = []
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(responses.c.id, responses.c.body).where(
+                responses.c.status.in_(RUNNING), responses.c.heartbeat_at < stale))).all()
+        for rid, body in rows:
+            obj = orjson.loads(body)
+            obj.update(status="failed", error={"code": "server_error", "message": message})
+            async with self.writer.begin() as conn:
+                r = await conn.execute(
+                    update(responses)
+                    .where(and_(responses.c.id == rid, responses.c.status.in_(RUNNING),
+                                responses.c.heartbeat_at < stale))
+                    .values(status="failed", body=orjson.dumps(obj), owner=None)
+                )
+            if r.rowcount:
+                reaped.append(rid)
+        return reaped
