@@ -16,6 +16,7 @@ import pytest
 
 from branchwise.store.db import create_engine
 from branchwise.store.leases import Leases
+from branchwise.testing.mock_upstream import MockUpstream
 
 from .conftest import SHARED
 
@@ -56,7 +57,15 @@ def test_forum_demo_runs_unchanged(serve, db_url, mock):
         assert style in msgs[3]["content"]
 
 
-def test_parallel_branches_example(serve, db_url, mock):
+@pytest.fixture
+def slow_mock():
+    # every reply takes 0.3 s, so requests a client sends at once really overlap
+    with MockUpstream(delay=0.3) as m:
+        yield m
+
+
+def test_parallel_branches_example(serve, db_url, slow_mock):
+    mock = slow_mock
     server = serve(_env(db_url, mock))
     env = {**os.environ, "OPENAI_BASE_URL": f"{server.url}/v1", "OPENAI_API_KEY": "anything"}
     example = Path(__file__).resolve().parent.parent / "examples" / "parallel_branches.py"

@@ -644,7 +644,8 @@ async def _read_body(receive: Receive) -> bytes | None:
 class MockUpstreamApp:
     """The raw ASGI application. ``requests`` is the in-process log of chat request bodies."""
 
-    def __init__(self, *, log_requests: bool = True) -> None:
+    def __init__(self, *, log_requests: bool = True, delay: float = 0.0) -> None:
+        self.delay = delay
         self.requests: list[Any] = []
         self.disconnected: list[Any] = []  # request bodies whose client went away before the reply ended
         self.log_requests = log_requests
@@ -737,9 +738,10 @@ class MockUpstreamApp:
 
     async def _reply(self, req: Any, reply: Reply, send: Send, mock_header: tuple[bytes, bytes],
                      gone: asyncio.Event) -> None:
-        if reply.delay > 0:
+        delay = max(reply.delay, self.delay)
+        if delay > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(gone.wait(), reply.delay)
+                await asyncio.wait_for(gone.wait(), delay)
             if gone.is_set():
                 return
         if reply.fail is not None:
@@ -783,12 +785,13 @@ class MockUpstreamApp:
         await send({"type": "http.response.body", "body": b""})
 
 
-def create_app(*, log_requests: bool = True) -> MockUpstreamApp:
+def create_app(*, log_requests: bool = True, delay: float = 0.0) -> MockUpstreamApp:
     """A fresh mock app, with its own request log and id counter.
 
-    ``log_requests=False`` keeps ``/_requests`` empty (long benchmark runs).
+    ``log_requests=False`` keeps ``/_requests`` empty (long benchmark runs); ``delay`` is a
+    minimum ``[[delay]]`` for every chat request.
     """
-    return MockUpstreamApp(log_requests=log_requests)
+    return MockUpstreamApp(log_requests=log_requests, delay=delay)
 
 
 app = create_app()
@@ -806,10 +809,12 @@ class MockUpstream:
     ...     upstream.requests[-1]
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, delay: float = 0.0) -> None:
+        """`delay`: seconds every chat reply waits before it starts (as if every request said
+        ``[[delay=S]]``), for clients whose messages cannot carry directives."""
         self.host = host
         self.port = port
-        self.app = create_app()
+        self.app = create_app(delay=delay)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
