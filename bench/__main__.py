@@ -1,23 +1,34 @@
-"""`python -m bench [--quick]`: run the benchmarks, print a markdown table, write JSON and markdown
-to bench/results/, and check the budgets (exit status 1 when one is missed)."""
+"""`python -m bench [--quick] [--only sqlite|postgresql] [--server-workers N] [--profile]`: run the
+benchmarks, print markdown tables, write bench/results/latest.md and latest.json, and check the
+budgets (exit status 1 when one is missed; everything is printed either way).
+
+Sections: (a) added latency and (b) throughput of stored responses, (c) streaming, (d) tree
+operations (bench/tree_ops.py, in-process), (e) parallel branches, (f) server memory. The load
+sections run branchwise and the mock upstream in their own processes on 127.0.0.1 and drive them
+from this process (bench/loadgen.py); see bench/load.py for what each one does.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
+import sqlite3
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-from bench import tree_ops
+from bench import load, loadgen, tree_ops
 
 RESULTS = Path(__file__).parent / "results"
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-async def _pg_fresh(url: str) -> str:
+async def _pg_fresh(url: str, name: str = "branchwise_bench") -> str:
     from sqlalchemy import text
 
     from branchwise.store.db import create_engine
@@ -25,42 +36,291 @@ async def _pg_fresh(url: str) -> str:
     engine = create_engine(url)
     async with engine.connect() as conn:
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text("DROP DATABASE IF EXISTS branchwise_bench WITH (FORCE)"))
-        await conn.execute(text("CREATE DATABASE branchwise_bench"))
+        await conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        await conn.execute(text(f"CREATE DATABASE {name}"))
     await engine.dispose()
-    return url.rsplit("/", 1)[0] + "/branchwise_bench"
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+def _sqlite_fresh(name: str) -> str:
+    db = RESULTS / name
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    return f"sqlite:///{db}"
+
+
+def _fresh(kind: str, name: str) -> str:
+    return _sqlite_fresh(name + ".db") if kind == "sqlite" else asyncio.run(_pg_fresh(PG_URL, name))
+
+
+def _f(x: float, nd: int = 2) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.{nd}f}"
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _table(title: str, head: list[str], rows: list[list[str]], note: str = "") -> str:
+    lines = [f"### {title}", ""]
+    if note:
+        lines += [note, ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _added(load_res: dict, direct: dict) -> dict:
+    out = {}
+    for c in load.ADDED_AT:
+        b, d = load_res["sweep"][c], direct[c]
+        out[c] = {"p50_ms": b["p50_ms"] - d["p50_ms"], "p99_ms": b["p99_ms"] - d["p99_ms"]}
+    return out
+
+
+def _best(sweep: dict) -> dict | None:
+    ok = [r for r in sweep.values() if r["p99_ms"] < load.P99_LIMIT_MS and not r["errors"]]
+    return max(ok, key=lambda r: r["rps"]) if ok else None
+
+
+def md_client(client: dict, direct: dict, runs: list[dict]) -> str:
+    rows = [[f"canned server, c={c}", _f(r["rps"], 0), _f(r["p50_ms"], 3), _f(r["p99_ms"], 3),
+             _f(r["cpu_ms_per_req"]["client"], 3), _f(r["client_cpu_pct"], 0)] for c, r in client.items()]
+    rows += [[f"mock direct, c={c}", _f(r["rps"], 0), _f(r["p50_ms"], 3), _f(r["p99_ms"], 3),
+              _f(r["cpu_ms_per_req"]["client"], 3), _f(r["client_cpu_pct"], 0)] for c, r in direct.items()]
+    for run in runs:
+        r = run["load"]["sweep"][32]
+        rows.append([f"branchwise ({run['db']}), c=32", _f(r["rps"], 0), _f(r["p50_ms"], 3), _f(r["p99_ms"], 3),
+                     _f(r["cpu_ms_per_req"]["client"], 3), _f(r["client_cpu_pct"], 0)])
+    note = ("The load client (raw asyncio + httptools on uvloop, one keep-alive connection per worker) "
+            "against a server that answers canned bytes, against the mock directly, and its own CPU "
+            "while it drives branchwise. `client CPU %` is of one core.")
+    return _table("Load client check", ["target", "req/s", "p50 ms", "p99 ms", "client CPU ms/req",
+                                       "client CPU %"], rows, note)
+
+
+def md_added(runs: list[dict], direct: dict) -> str:
+    rows = []
+    for run in runs:
+        for c in load.ADDED_AT:
+            b, d, a = run["load"]["sweep"][c], direct[c], run["added"][c]
+            rows.append([run["db"], str(c), _f(b["p50_ms"]), _f(b["p99_ms"]), _f(d["p50_ms"]), _f(d["p99_ms"]),
+                         _f(a["p50_ms"]), _f(a["p99_ms"]), str(b["errors"])])
+    note = (f"Stored, non-streaming `POST /v1/responses` on a {load.SEED_ITEMS}-item conversation (one per "
+            f"connection, head moved back every {load.RESET_EVERY} turns, untimed) vs the same chat call "
+            "straight to the mock. Added = branchwise percentile - direct percentile.")
+    return _table("(a) Added latency, ms", ["db", "concurrency", "branchwise p50", "branchwise p99",
+                                           "mock p50", "mock p99", "added p50", "added p99", "errors"], rows, note)
+
+
+def md_sweep(runs: list[dict]) -> str:
+    rows = []
+    for run in runs:
+        for c, r in run["load"]["sweep"].items():
+            cpu = r["cpu_ms_per_req"]
+            rows.append([run["db"], str(c), _f(r["rps"], 0), _f(r["p50_ms"]), _f(r["p99_ms"]),
+                         "yes" if r["p99_ms"] < load.P99_LIMIT_MS else "no", _f(cpu["branchwise"], 3),
+                         _f(cpu["mock"], 3), _f(cpu["postgres"], 3), _f(cpu["client"], 3), _f(cpu["other"], 3),
+                         _f(r["machine_busy_pct"], 0), str(r["errors"])])
+    out = [_table("(b) Throughput: stored responses per second (closed loop)",
+                  ["db", "concurrency", "responses/s", "p50 ms", "p99 ms", "p99 < 50 ms",
+                   "branchwise CPU ms/resp", "mock CPU ms/resp", "postgres CPU ms/resp", "client CPU ms/resp", "other CPU ms/resp",
+                   "machine busy %", "errors"], rows,
+                  "CPU ms per response: user+system time of each process (tree) over the measured window; "
+                  "other = the machine's busy time not in those processes (kernel, anything else running).")]
+    rows = []
+    for run in runs:
+        best, c32 = run["best"], run["load"]["sweep"][32]
+        rows.append([run["db"], _f(best["rps"], 0) if best else "none", str(best["concurrency"]) if best else "-",
+                     _f(best["p99_ms"]) if best else "-", _f(c32["rps"], 0), _f(c32["p99_ms"])])
+    out.append(_table("(b) Best throughput with p99 < 50 ms",
+                      ["db", "best responses/s", "at concurrency", "its p99 ms", "c=32 responses/s", "c=32 p99 ms"],
+                      rows))
+    return "\n\n".join(out)
+
+
+def md_streaming(runs: list[dict], direct: dict) -> str:
+    rows = [["mock direct", "-", _f(direct["first_event_p50_ms"]), _f(direct["first_delta_p50_ms"]),
+             _f(direct["gap_p50_ms"]), _f(direct["gap_p99_ms"]), _f(direct["gap_max_ms"]), "-", "-"]]
+    for run in runs:
+        s, a = run["load"]["streaming"], run["stream_added"]
+        rows.append([f"branchwise ({run['db']})", str(s["streams"]), _f(s["first_event_p50_ms"]),
+                     _f(s["first_delta_p50_ms"]), _f(s["gap_p50_ms"]), _f(s["gap_p99_ms"]), _f(s["gap_max_ms"]),
+                     _f(a["first_event_p50_ms"]), _f(a["gap_p99_ms"])])
+    note = (f"Stored streaming responses, {load.STREAM_CONCURRENCY} at a time, mock chunk every "
+            f"{int(load.STREAM_CHUNK_DELAY * 1000)} ms, {load.STREAM_WORDS} words. First event: "
+            "branchwise's first SSE event vs the mock's first chunk; first delta: first `output_text.delta` "
+            "vs the mock's first content chunk; gaps: between consecutive deltas / content chunks.")
+    return _table("(c) Streaming, ms", ["through", "streams", "first event p50", "first delta p50", "gap p50",
+                                       "gap p99", "gap max", "added first event p50", "added gap p99"], rows, note)
+
+
+def md_branch(runs: list[dict]) -> str:
+    rows = []
+    for run in runs:
+        b = run["load"]["branch"]
+        rows.append([run["db"], str(b["repeat"]), _f(b["one_conversation_median_ms"], 1),
+                     _f(b["separate_median_ms"], 1), f"{b['ratio']:.2f}x"])
+    note = (f"{load.BRANCH_N} stored `concurrency: branch` responses sent at once, mock delay "
+            f"{int(load.BRANCH_DELAY * 1000)} ms each; wall time of the batch, median of the runs.")
+    return _table("(e) Parallel branches", ["db", "runs", "16 on one conversation ms", "16 on separate ms",
+                                           "ratio"], rows, note)
+
+
+def md_memory(runs: list[dict]) -> str:
+    rows = [[run["db"], _f(run["load"]["rss_kib"]["idle"] / 1024, 1), _f(run["load"]["rss_kib"]["peak"] / 1024, 1),
+             _f(run["load"]["rss_kib"]["end"] / 1024, 1)] for run in runs]
+    return _table("(f) branchwise memory (VmRSS, MiB)", ["db", "idle", "peak under load", "end of load"], rows,
+                  "Summed over the server's process tree (supervisor and workers with --server-workers).")
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def budgets(runs: list[dict], tree_runs: list[dict]) -> list[tuple[str, bool, str]]:
+    checks = []
+    for run in runs:
+        db, a, sweep = run["db"], run["added"], run["load"]["sweep"]
+        if db == "sqlite":
+            checks.append((f"[{db}] added latency c=1 p50 <= 2 ms", a[1]["p50_ms"] <= 2, f"{_f(a[1]['p50_ms'])} ms"))
+            checks.append((f"[{db}] added latency c=1 p99 <= 8 ms", a[1]["p99_ms"] <= 8, f"{_f(a[1]['p99_ms'])} ms"))
+            c32 = sweep[32]
+            ok = c32["rps"] >= 600 and c32["p99_ms"] < 50 and not c32["errors"]
+            checks.append((f"[{db}] >= 600 responses/s at c=32 with p99 < 50 ms", ok,
+                           f"{_f(c32['rps'], 0)}/s, p99 {_f(c32['p99_ms'])} ms"))
+        checks.append((f"[{db}] added latency c=64 p99 <= 30 ms", a[64]["p99_ms"] <= 30, f"{_f(a[64]['p99_ms'])} ms"))
+        s = run["stream_added"]
+        checks.append((f"[{db}] streaming: added time to first event p50 <= 5 ms", s["first_event_p50_ms"] <= 5,
+                       f"{_f(s['first_event_p50_ms'])} ms"))
+        checks.append((f"[{db}] streaming: added inter-chunk gap p99 <= 2 ms", s["gap_p99_ms"] <= 2,
+                       f"{_f(s['gap_p99_ms'])} ms"))
+        r = run["load"]["branch"]["ratio"]
+        checks.append((f"[{db}] 16 branches on one conversation <= 1.2x 16 on separate", r <= 1.2, f"{r:.2f}x"))
+    for res in tree_runs:
+        checks += [(f"[{res['db']}] {name}", ok, got) for name, ok, got in tree_ops.budget(res)]
+    return checks
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _machine() -> dict:
+    return {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
+            "sqlite": sqlite3.sqlite_version}
+
+
+def _busy_now(seconds: float = 1.0) -> float:
+    """How busy the machine is (percent of all CPUs) over `seconds`, before anything starts."""
+    b0, t0 = loadgen.machine_ticks()
+    time.sleep(seconds)
+    b1, t1 = loadgen.machine_ticks()
+    return 100 * (b1 - b0) / max(1, t1 - t0)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("--quick", action="store_true", help="shorter phases, fewer repetitions (about 1-2 min)")
     ap.add_argument("--only", choices=["sqlite", "postgresql"], default=None)
+    ap.add_argument("--server-workers", type=int, default=1, help="passed to `branchwise serve --workers N`")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run one concurrency-32 phase under py-spy (bench/results/profile-<db>.svg/.txt)")
+    ap.add_argument("--skip-tree-ops", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    repeat = 10 if args.quick else 30
-    out: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                             "platform": platform.platform()}, "tree_ops": []}
-    md = []
-    checks = []
-    dbs = []
-    if args.only in (None, "sqlite"):
-        db = RESULTS / "bench.db"
-        for suffix in ("", "-wal", "-shm"):
-            Path(str(db) + suffix).unlink(missing_ok=True)
-        dbs.append(f"sqlite:///{db}")
-    if args.only in (None, "postgresql"):
-        dbs.append(asyncio.run(_pg_fresh(PG_URL)))
-    for url in dbs:
-        res = asyncio.run(tree_ops.run(url, repeat))
-        out["tree_ops"].append(res)
-        md.append(tree_ops.table(res))
-        checks += [(f"[{res['db']}] {name}", ok, got) for name, ok, got in tree_ops.budget(res)]
-    md.append("\n".join(["### Budgets", "", "| budget | result | |", "|---|---:|---|"]
-                        + [f"| {name} | {got} | {'met' if ok else 'MISSED'} |" for name, ok, got in checks]))
+    started = time.monotonic()
+    quick = args.quick
+    repeat = 10 if quick else 30
+    warmup, duration = (0.5, 1.5) if quick else (1.0, 5.0)
+    n_streams = 8 if quick else 32
+    branch_repeat = 3 if quick else 7
+    kinds = [k for k in ("sqlite", "postgresql") if args.only in (None, k)]
+    out: dict = {"machine": _machine(),
+                 "config": {"quick": quick, "warmup_s": warmup, "phase_s": duration, "server_workers": args.server_workers,
+                            "seed_items": load.SEED_ITEMS, "reset_every": load.RESET_EVERY, "sweep": load.SWEEP,
+                            "streams": n_streams, "branch_repeat": branch_repeat},
+                 "tree_ops": [], "load": []}
+
+    busy = _busy_now()
+    out["machine"]["busy_before_pct"] = busy
+    if busy > 15:
+        print(f"warning: the machine was {busy:.0f}% busy before the benchmark started (of all "
+              f"{os.cpu_count()} CPUs); results will be noisy", file=sys.stderr)
+    venv_bin = Path(sys.executable).parent
+    branchwise_exe = str(venv_bin / "branchwise") if (venv_bin / "branchwise").exists() else None
+    logs = Path(tempfile.mkdtemp(prefix="branchwise-bench-"))
+    servers: list[loadgen.Server] = []
+    runs: list[dict] = []
+    try:
+        canned = loadgen.Server("canned", [sys.executable, "-m", "bench.loadgen", "canned", "--port",
+                                           str(port := loadgen.free_port())], port, logs,
+                                cwd=str(Path(__file__).parent.parent))
+        servers.append(canned.start())
+        print("client check (canned server) ...", file=sys.stderr)
+        out["client"] = loadgen.run(load.client_check(canned, warmup, duration / 2))
+        canned.stop()
+
+        mock_port = loadgen.free_port()
+        mock = loadgen.Server("mock", [sys.executable, "-m", "branchwise.testing.mock_upstream", "--host", "127.0.0.1",
+                                       "--port", str(mock_port), "--no-request-log"], mock_port, logs, cwd=str(logs))
+        servers.append(mock.start())
+        print("mock direct: sweep and streams ...", file=sys.stderr)
+        out["direct"] = loadgen.run(load.direct_sweep(mock, warmup, duration))
+        out["direct_streaming"] = loadgen.run(load.direct_streams(mock, n_streams))
+
+        for kind in kinds:
+            if not args.skip_tree_ops:
+                print(f"[{kind}] tree operations ...", file=sys.stderr)
+                res = asyncio.run(tree_ops.run(_fresh(kind, "branchwise_bench"), repeat))
+                out["tree_ops"].append(res)
+            url = _fresh(kind, "branchwise_bench_load")
+            port = loadgen.free_port()
+            argv = [branchwise_exe or sys.executable, *([] if branchwise_exe else ["-m", "branchwise"]), "serve",
+                    "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.server_workers)]
+            bw = loadgen.Server(f"branchwise-{kind}", argv, port, logs, cwd=str(logs), env={
+                "BRANCHWISE_DATABASE_URL": url, "BRANCHWISE_UPSTREAM_BASE_URL": f"http://127.0.0.1:{mock_port}/v1",
+                "BRANCHWISE_CONFIG": str(logs / "none.toml")})
+            (logs / "none.toml").write_text("")
+            servers.append(bw.start())
+            print(f"[{kind}] load: sweep {load.SWEEP}, streams, branches ...", file=sys.stderr)
+            try:
+                res = loadgen.run(load.branchwise_load(
+                    bw, mock, warmup, duration, n_streams, branch_repeat,
+                    profile=RESULTS / f"profile-{kind}" if args.profile else None))
+            except Exception:
+                print(f"branchwise log tail:\n{bw.tail()}", file=sys.stderr)
+                raise
+            finally:
+                bw.stop()
+            d = out["direct_streaming"]
+            s = res["streaming"]
+            run = {"db": kind, "load": res, "added": _added(res, out["direct"]), "best": _best(res["sweep"]),
+                   "stream_added": {"first_event_p50_ms": s["first_event_p50_ms"] - d["first_event_p50_ms"],
+                                    "first_delta_p50_ms": s["first_delta_p50_ms"] - d["first_delta_p50_ms"],
+                                    "gap_p99_ms": s["gap_p99_ms"] - d["gap_p99_ms"]}}
+            runs.append(run)
+            out["load"].append(run)
+    finally:
+        for s in reversed(servers):
+            s.stop()
+
+    md = [f"## branchwise benchmarks{' (--quick)' if quick else ''}", "",
+          f"{out['machine']['cpus']} CPUs, Python {out['machine']['python']}, SQLite {out['machine']['sqlite']}, "
+          f"server workers {args.server_workers}, phases {warmup:g} s warm-up + {duration:g} s measured; "
+          f"machine {out['machine']['busy_before_pct']:.0f}% busy before the run."]
+    md.append(md_client(out["client"], out["direct"], runs))
+    if runs:
+        md += [md_added(runs, out["direct"]), md_sweep(runs), md_streaming(runs, out["direct_streaming"])]
+    md += [tree_ops.table(res) for res in out["tree_ops"]]
+    if runs:
+        md += [md_branch(runs), md_memory(runs)]
+    checks = budgets(runs, out["tree_ops"])
+    out["budgets"] = [{"budget": n, "met": ok, "result": got} for n, ok, got in checks]
+    md.append(_table("Budgets", ["budget", "result", ""], [[n, got, "met" if ok else "MISSED"] for n, ok, got in checks]))
+    out["elapsed_s"] = time.monotonic() - started
     text = "\n\n".join(md)
     print(text)
     (RESULTS / "latest.md").write_text(text + "\n")
-    (RESULTS / "latest.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / "latest.json").write_text(json.dumps(out, indent=2, default=str))
+    print(f"\n(wrote {RESULTS / 'latest.md'} and latest.json in {out['elapsed_s']:.0f} s)", file=sys.stderr)
     return 0 if all(ok for _, ok, _ in checks) else 1
 
 

@@ -129,7 +129,7 @@ RESPONSE_CASES = [
     ("metadata-value-513", req(metadata=LONG_VALUE), "metadata", INVALID),
     ("metadata-non-string", req(metadata={"k": 1}), "metadata.k", INVALID),
     # tools the server cannot run
-    ("hosted-tool", req(tools=[{"type": "web_search"}]), "tools", "unsupported_tool"),
+    ("hosted-tool", req(tools=[{"type": "web_search"}]), "tools[0].type", "invalid_value"),
 ]
 
 

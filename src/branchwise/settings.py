@@ -50,6 +50,10 @@ class UpstreamConfig(BaseModel):
     """Whether the upstream honours `n` in one call (vLLM, OpenAI do; llama.cpp server, Ollama don't)."""
     timeout: float = 600.0
     """Seconds to wait for the upstream (connect, read, whole request)."""
+    context_window: int | None = None
+    """Tokens the served models take (input + output). When set, `truncation` is enforced
+    before the upstream is called (token counts are estimated for remote models); when unset, an
+    input that is too long is left to the upstream to refuse."""
 
 
 def _config_file() -> Path | None:
@@ -74,6 +78,7 @@ class Settings(BaseSettings):
     upstream_api_key: str | None = None
     upstream_supports_n: bool = True
     upstream_timeout: float = 600.0
+    upstream_context_window: int | None = None
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
 
     local_model_path: str | None = None
@@ -127,6 +132,7 @@ class Settings(BaseSettings):
                     api_key=self.upstream_api_key,
                     supports_n=self.upstream_supports_n,
                     timeout=self.upstream_timeout,
+                    context_window=self.upstream_context_window,
                 ),
             )
         return table

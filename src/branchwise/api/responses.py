@@ -9,9 +9,10 @@ from starlette.responses import Response, StreamingResponse
 from branchwise.api.common import json_response, paging, parse_body
 from branchwise.engine.policy import ClientGone
 from branchwise.engine.runner import Engine
+from branchwise.engine.utility import compact, count_input_tokens
 from branchwise.store.queries import Store
 from branchwise.wire.errors import InvalidRequest, not_found
-from branchwise.wire.models import CreateResponse
+from branchwise.wire.models import CompactRequest, CountInputTokens, CreateResponse
 from branchwise.wire.objects import item_list
 
 router = APIRouter()
@@ -107,3 +108,15 @@ async def input_items(request: Request, response_id: str) -> Response:
     page, has_more = rows[:limit], len(rows) > limit
     return json_response(item_list([r.data for r in page], page[0].item_id if page else None,
                                    page[-1].item_id if page else None, has_more))
+
+
+@router.post("/responses/input_tokens")
+async def input_tokens(request: Request) -> Response:
+    body = await parse_body(request, CountInputTokens)
+    return json_response(await count_input_tokens(_engine(request), body))
+
+
+@router.post("/responses/compact")
+async def compact_response(request: Request) -> Response:
+    body = await parse_body(request, CompactRequest)
+    return json_response(await compact(_engine(request), body))

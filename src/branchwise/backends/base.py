@@ -48,6 +48,7 @@ class Choice:
     reasoning: str | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: str | None = None  # stop | length | tool_calls | content_filter
+    logprobs: list[dict[str, Any]] | None = None  # per token: {token, logprob, bytes, top_logprobs}
 
 
 @dataclass(slots=True)
@@ -83,6 +84,7 @@ class ChatDelta:
     tool_arguments: str | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: list[dict[str, Any]] | None = None  # for the tokens of `text`
 
 
 class Backend(Protocol):

@@ -174,6 +174,7 @@ class ChatCompletionsBackend:
                         for t in (c["message"].get("tool_calls") or [])
                     ],
                     finish_reason=c.get("finish_reason"),
+                    logprobs=_logprobs(c.get("logprobs")),
                 )
                 for i, c in enumerate(body["choices"])
             ]
@@ -237,6 +238,18 @@ class ChatCompletionsBackend:
         await self._client.aclose()
 
 
+def _logprobs(lp: Any) -> list[dict[str, Any]] | None:
+    """Chat Completions `logprobs.content` -> the Responses API's `logprobs` of output_text."""
+    if not isinstance(lp, dict) or not isinstance(lp.get("content"), list):
+        return None
+    return [
+        {"token": t.get("token", ""), "logprob": t.get("logprob", 0.0), "bytes": t.get("bytes") or [],
+         "top_logprobs": [{"token": x.get("token", ""), "logprob": x.get("logprob", 0.0), "bytes": x.get("bytes") or []}
+                          for x in t.get("top_logprobs") or []]}
+        for t in lp["content"] if isinstance(t, dict)
+    ]
+
+
 def _deltas(chunk: Any) -> list[ChatDelta]:
     out: list[ChatDelta] = []
     try:
@@ -247,7 +260,7 @@ def _deltas(chunk: Any) -> list[ChatDelta]:
             if r:
                 out.append(ChatDelta(index=i, reasoning=r))
             if d.get("content"):
-                out.append(ChatDelta(index=i, text=d["content"]))
+                out.append(ChatDelta(index=i, text=d["content"], logprobs=_logprobs(c.get("logprobs"))))
             if d.get("refusal"):
                 out.append(ChatDelta(index=i, refusal=d["refusal"]))
             for t in d.get("tool_calls") or []:

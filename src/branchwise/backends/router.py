@@ -48,6 +48,15 @@ class Router:
                 return backend
         return None
 
+    def context_window(self, model: str) -> int | None:
+        """The context window of `model`, when known (always, for the embedded model)."""
+        if self.embedded:
+            return self.settings.local_n_ctx
+        for cfg, _ in self.routes:
+            if any(fnmatchcase(model, pattern) for pattern in cfg.models):
+                return cfg.context_window
+        return None
+
     def model_ids(self) -> list[str]:
         if self.embedded:
             return [LOCAL_MODEL_ID]

@@ -91,30 +91,34 @@ def _chat_params(req: m.CreateResponse) -> dict[str, Any]:
         elif f.type == "json_object":
             p["response_format"] = {"type": "json_object"}
     if req.tools:
-        tools = []
-        for t in req.tools:
-            if t.get("type") != "function":
-                raise InvalidRequest(f"Tool type '{t.get('type')}' is not supported; use 'function' tools.",
-                                     param="tools", code="unsupported_tool")
-            if not isinstance(t.get("name"), str):
-                raise InvalidRequest("Missing required parameter: 'tools[].name'.", param="tools",
-                                     code="missing_required_parameter")
-            fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}
-            tools.append({"type": "function", "function": fn})
-        p["tools"] = tools
-    if req.tool_choice is not None:
-        tc = req.tool_choice
-        if isinstance(tc, dict) and tc.get("type") == "function":
-            p["tool_choice"] = {"type": "function", "function": {"name": tc.get("name")}}
-        else:
+        p["tools"] = [
+            {"type": "function", "function": {k: v for k, v in (
+                ("name", t.name), ("description", t.description), ("parameters", t.parameters), ("strict", t.strict),
+            ) if v is not None}}
+            for t in req.tools
+        ]
+    tc = req.tool_choice
+    if tc is not None:
+        if isinstance(tc, str):
             p["tool_choice"] = tc
+        else:
+            if not any(t.name == tc.name for t in req.tools or []):
+                raise InvalidRequest(f"Tool choice '{tc.name}' is not one of the provided tools.",
+                                     param="tool_choice", code="invalid_value")
+            p["tool_choice"] = {"type": "function", "function": {"name": tc.name}}
+        if tc == "required" and not req.tools:
+            raise InvalidRequest("tool_choice 'required' needs 'tools'.", param="tool_choice", code="invalid_value")
     if req.parallel_tool_calls is not None and req.tools:
         p["parallel_tool_calls"] = req.parallel_tool_calls
     if req.top_logprobs:
         p["logprobs"] = True
         p["top_logprobs"] = req.top_logprobs
-    if req.reasoning and req.reasoning.get("effort"):
-        p["reasoning_effort"] = req.reasoning["effort"]
+    if req.reasoning is not None and req.reasoning.effort:
+        p["reasoning_effort"] = req.reasoning.effort
+    if req.prompt_cache_key:
+        p["prompt_cache_key"] = req.prompt_cache_key
+    if req.service_tier:
+        p["service_tier"] = req.service_tier
     return p
 
 
@@ -161,6 +165,7 @@ class Engine:
         ids = [new_id("resp") for _ in range(req.n)]
         base: str | None = None
         base_depth = -1
+        base_type: str | None = None
         conversation: Conversation | None = None
         if conv_id:
             conversation = await self.store.conversation(conv_id)
@@ -173,11 +178,23 @@ class Engine:
                 raise InvalidRequest(f"Previous response with id '{req.previous_response_id}' not found.",
                                      param="previous_response_id", code="previous_response_not_found")
             base, tree = prev.last_node, prev.tree
-            base_depth = await self.store.node_depth(base)
+            base_depth, base_type = await self.store.node_info(base)
         else:
             tree = ids[0]
+        if base is not None and (conversation.head_type if conversation else base_type) == "function_call":
+            await self._check_tool_output(base, inputs)
         return Plan(req=req, ids=ids, created_at=now(), backend=backend, tree=tree, base=base,
                     base_depth=base_depth, conversation=conversation, inputs=inputs, params=params)
+
+    async def _check_tool_output(self, base: str, inputs: list[witems.NewItem]) -> None:
+        """A history that ends in a function call can only go on with that call's output, as in
+        OpenAI's API. (branchwise's way out: fork, or move the head, to before the call.)"""
+        data = await self.store.node_data(base)
+        call_id = orjson.loads(data).get("call_id") if data else None
+        answered = {it.wire.get("call_id") for it in inputs if it.type == "function_call_output"}
+        if call_id and call_id not in answered:
+            raise InvalidRequest(f"No tool output found for function call {call_id}.", param="input",
+                                 code="tool_output_missing")
 
     async def enter(self, plan: Plan, disconnected: Callable[[], Awaitable[bool]] | None = None) -> None:
         """Take the conversation's lease when its policy needs one (waiting in line for `queue`),
@@ -201,9 +218,48 @@ class Engine:
         parts = [witems.instructions_message(req.instructions)] if req.instructions else []
         if history:
             parts.append(history)
-        parts += [c for c in (i.chat for i in plan.inputs) if c is not None]
+        new = [c for c in (i.chat for i in plan.inputs) if c is not None]
+        parts += new
         plan.chat = ChatRequest(model=req.model, messages=b"[" + b",".join(parts) + b"]", params=plan.params,
                                 n=req.n)
+        window = self.router.context_window(req.model)
+        if window:
+            try:
+                await self._fit(plan, window, fixed_head=1 if req.instructions else 0, fixed_tail=len(new))
+            except BaseException:
+                await self._release(plan)
+                raise
+
+    async def _count(self, plan: Plan, messages: bytes) -> int:
+        count = getattr(plan.backend, "count_tokens", None)
+        if count is not None:
+            return await count(messages, plan.params)
+        return estimate_tokens(messages)
+
+    async def _fit(self, plan: Plan, window: int, fixed_head: int, fixed_tail: int) -> None:
+        """`truncation`: `disabled` refuses an input that does not fit the model's context window
+        (leaving room for `max_output_tokens`); `auto` drops the oldest history items until it fits."""
+        req = plan.req
+        limit = window - (req.max_output_tokens or 0)
+        tokens = await self._count(plan, plan.chat.messages)
+        if tokens <= limit:
+            return
+        too_long = InvalidRequest(
+            f"Your input ({tokens} tokens) exceeds the context window of this model ({window} tokens, "
+            f"{req.max_output_tokens or 0} kept for the output). Shorten the input, or use truncation 'auto'.",
+            param="input", code="context_length_exceeded")
+        if req.truncation != "auto":
+            raise too_long
+        msgs = orjson.loads(plan.chat.messages)
+        head, body, tail = msgs[:fixed_head], msgs[fixed_head:len(msgs) - fixed_tail], msgs[len(msgs) - fixed_tail:]
+        while body and tokens > limit:
+            body.pop(0)
+            while body and body[0].get("role") == "tool":  # a tool result without its call
+                body.pop(0)
+            plan.chat.messages = orjson.dumps(head + body + tail)
+            tokens = await self._count(plan, plan.chat.messages)
+        if tokens > limit:
+            raise too_long
 
     @staticmethod
     async def _release(plan: Plan) -> None:
@@ -228,6 +284,7 @@ class Engine:
                 out.append(witems.NewItem(item_id, type_, role, status, {}, data, chat))
             else:
                 out.append(witems.from_input(it))
+        witems.merge_tool_calls(out)
         return out
 
     # ------------------------------------------------------------------ generate
@@ -262,6 +319,9 @@ class Engine:
                 result = await self._generate(plan)
             except BackendError as e:
                 return (await self._fail(plan, e.code, e.message))[0]
+            if plan.req.max_tool_calls is not None:
+                for c in result.choices:
+                    del c.tool_calls[plan.req.max_tool_calls:]
             outputs = [witems.from_choice(c, "incomplete" if c.finish_reason in INCOMPLETE else "completed")
                        for c in result.choices[: plan.n]]
             return (await self._commit(plan, result.choices[: plan.n], outputs, result.usage))[0]
@@ -499,6 +559,7 @@ class Engine:
             yield em.event("response.in_progress", response=em.snapshot("in_progress"))
         usage = Usage()
         finish: dict[int, str | None] = {}
+        max_calls = plan.req.max_tool_calls
         try:
             if plan.n == 1 or plan.backend.supports_n:
                 async for d in plan.backend.stream(plan.chat):
@@ -507,6 +568,8 @@ class Engine:
                         continue
                     if d.finish_reason:
                         finish[d.index] = d.finish_reason
+                    if d.tool_index is not None and max_calls is not None and d.tool_index >= max_calls:
+                        continue  # `max_tool_calls`: later calls are dropped
                     if 0 <= d.index < plan.n:
                         for frame in ems[d.index].feed(d):
                             yield frame
@@ -514,6 +577,8 @@ class Engine:
                 result = await self._generate(plan)
                 usage = result.usage
                 for c in result.choices:
+                    if max_calls is not None:
+                        del c.tool_calls[max_calls:]
                     finish[c.index] = c.finish_reason
                     for d in _choice_deltas(c):
                         for frame in ems[c.index].feed(d):
@@ -534,6 +599,8 @@ class Engine:
             return [em.event("response.incomplete" if o["status"] == "incomplete" else "response.completed",
                              response=o) for em, o in zip(ems, alts, strict=True)]
 
+        for em in ems:
+            witems.merge_tool_calls(em.items)
         await self._commit(plan, [em.choice(finish.get(i)) for i, em in enumerate(ems)],
                            [em.items for em in ems], usage, terminal)
         for frame in plan.terminal_frames:
@@ -543,12 +610,17 @@ class Engine:
 Terminal = Callable[[list[dict[str, Any]]], list[bytes]]
 
 
+def estimate_tokens(messages: bytes) -> int:
+    """Tokens of a remote model's input, estimated: about four bytes of JSON per token."""
+    return -(-len(messages) // 4)
+
+
 def _choice_deltas(c: Choice) -> list[ChatDelta]:
     out = []
     if c.reasoning:
         out.append(ChatDelta(index=c.index, reasoning=c.reasoning))
     if c.text:
-        out.append(ChatDelta(index=c.index, text=c.text))
+        out.append(ChatDelta(index=c.index, text=c.text, logprobs=c.logprobs))
     if c.refusal:
         out.append(ChatDelta(index=c.index, refusal=c.refusal))
     for k, t in enumerate(c.tool_calls):
@@ -610,9 +682,11 @@ class _Emitter:
             if d.text:
                 out += self._part("output_text")
                 self.cur["text"] += d.text
+                if d.logprobs:
+                    self.cur["logprobs"] += d.logprobs
                 out.append(self.event("response.output_text.delta", item_id=self.cur["id"],
                                       output_index=self.index, content_index=self.cur["ci"],
-                                      delta=d.text, logprobs=[]))
+                                      delta=d.text, logprobs=d.logprobs or []))
             if d.refusal:
                 out += self._part("refusal")
                 self.cur["refusal"] += d.refusal
@@ -636,7 +710,7 @@ class _Emitter:
         out = self._close()
         prefix = {"reasoning": "rs", "message": "msg", "function_call": "fc"}[kind]
         self.cur = {"kind": kind, "id": new_id(prefix), "text": "", "refusal": "", "part": None, "ci": -1,
-                    **extra}
+                    "logprobs": [], **extra}
         if kind == "message":
             wire = {"id": self.cur["id"], "type": "message", "status": "in_progress", "role": "assistant",
                     "content": []}
@@ -670,8 +744,8 @@ class _Emitter:
         out = []
         if cur["part"] == "output_text":
             out.append(self.event("response.output_text.done", item_id=cur["id"], output_index=self.index,
-                                  content_index=cur["ci"], text=cur["text"], logprobs=[]))
-            part = {"type": "output_text", "text": cur["text"], "annotations": [], "logprobs": []}
+                                  content_index=cur["ci"], text=cur["text"], logprobs=cur["logprobs"]))
+            part = {"type": "output_text", "text": cur["text"], "annotations": [], "logprobs": cur["logprobs"]}
         else:
             out.append(self.event("response.refusal.done", item_id=cur["id"], output_index=self.index,
                                   content_index=cur["ci"], refusal=cur["refusal"]))
@@ -691,7 +765,8 @@ class _Emitter:
             if cur["ci"] < 0:  # an empty message still has one (empty) text part
                 out += self._part("output_text")
             out += self._close_part()
-            item = witems.output_message(cur["text"], cur["refusal"] or None, status, item_id=cur["id"])
+            item = witems.output_message(cur["text"], cur["refusal"] or None, status, item_id=cur["id"],
+                                         logprobs=cur["logprobs"])
             self.text += cur["text"]
             if cur["refusal"]:
                 self.refusal = (self.refusal or "") + cur["refusal"]

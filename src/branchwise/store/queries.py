@@ -29,6 +29,7 @@ class Conversation:
     head: str | None  # node
     head_item: str | None
     head_depth: int  # -1 when empty
+    head_type: str | None
     created_at: int
     metadata: str  # JSON text
     forked_from_conversation: str | None
@@ -80,7 +81,7 @@ def place(chain: Sequence[NewItem], parent: str | None, parent_depth: int,
 
 
 _CONV = text(
-    "SELECT c.id, c.tree, c.head, i.item_id, COALESCE(i.depth, -1), c.created_at, c.metadata, "
+    "SELECT c.id, c.tree, c.head, i.item_id, COALESCE(i.depth, -1), i.type, c.created_at, c.metadata, "
     "c.forked_from_conversation, c.forked_from_item "
     "FROM conversations c LEFT JOIN items i ON i.node = c.head WHERE c.id = :id"
 )
@@ -206,11 +207,19 @@ class Store:
         return None if row is None else ResponseRow(*row)
 
     async def node_depth(self, node: str | None) -> int:
+        return (await self.node_info(node))[0]
+
+    async def node_info(self, node: str | None) -> tuple[int, str | None]:
+        """(depth, item type) of a node; (-1, None) for no node."""
         if node is None:
-            return -1
+            return -1, None
         async with self.engine.connect() as c:
-            d = (await c.execute(select(items.c.depth).where(items.c.node == node))).scalar()
-        return -1 if d is None else d
+            row = (await c.execute(select(items.c.depth, items.c.type).where(items.c.node == node))).first()
+        return (-1, None) if row is None else (row[0], row[1])
+
+    async def node_data(self, node: str) -> bytes | None:
+        async with self.engine.connect() as c:
+            return (await c.execute(select(items.c.data).where(items.c.node == node))).scalar()
 
     async def items_by_id(self, ids: Sequence[str]) -> dict[str, tuple]:
         """Content of existing items, for `item_reference` inputs."""

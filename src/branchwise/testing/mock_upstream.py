@@ -50,6 +50,16 @@ kept, so that joining the deltas gives the exact text, choices interleaved
 ``finish_reason`` per choice; when ``stream_options.include_usage`` is set a
 chunk with ``"choices": []`` and ``usage``; and finally ``data: [DONE]``.
 
+Logprobs
+--------
+With ``logprobs: true`` each streamed piece of the content is one token whose entry is
+``token_logprob(piece, k, top_logprobs)`` (deterministic), in ``choices[].logprobs.content``.
+
+Disconnects
+-----------
+``MockUpstream.disconnected`` lists the requests whose client closed the
+connection before the reply was complete.
+
 Directives
 ----------
 Written anywhere in the text of a ``system``, ``developer`` or ``user``
@@ -356,6 +366,7 @@ class Reply:
     cut: bool = False
     malformed: bool = False
     directives: dict[str, str | None] = field(default_factory=dict)
+    top_logprobs: int | None = None  # set when the request asked for `logprobs`
 
 
 def _float_directive(directives: dict[str, str | None], name: str) -> float:
@@ -539,7 +550,17 @@ def build_reply(req: dict[str, Any], counter: int) -> Reply:
         cut="cut" in directives,
         malformed="malformed" in directives,
         directives=directives,
+        top_logprobs=int(req.get("top_logprobs") or 0) if req.get("logprobs") else None,
     )
+
+
+def token_logprob(piece: str, k: int, top: int) -> dict[str, Any]:
+    """The deterministic logprob entry of the k-th streamed piece (``logprobs: true``)."""
+    lp = -round(0.1 * (k + 1), 3)
+    entry = {"token": piece, "logprob": lp, "bytes": list(piece.encode())}
+    alts = [entry] + [{"token": f"alt{j}", "logprob": lp - j, "bytes": list(f"alt{j}".encode())}
+                      for j in range(1, top)]
+    return {**entry, "top_logprobs": alts[:top]}
 
 
 def completion_body(reply: Reply) -> dict[str, Any]:
@@ -551,7 +572,11 @@ def completion_body(reply: Reply) -> dict[str, Any]:
             message["reasoning_content"] = choice.reasoning
         if choice.tool_call is not None:
             message["tool_calls"] = [choice.tool_call]
-        choices.append({"index": choice.index, "message": message, "finish_reason": choice.finish_reason})
+        out: dict[str, Any] = {"index": choice.index, "message": message, "finish_reason": choice.finish_reason}
+        if reply.top_logprobs is not None:
+            pieces = stream_pieces(choice.content) if choice.content else []
+            out["logprobs"] = {"content": [token_logprob(p, k, reply.top_logprobs) for k, p in enumerate(pieces)]}
+        choices.append(out)
     return {
         "id": reply.id,
         "object": "chat.completion",
@@ -604,7 +629,15 @@ def stream_events(reply: Reply) -> list[bytes]:
         for i, piece in _interleave(arguments)
     )
     content = [stream_pieces(c.content) if c.content else [] for c in choices]
-    events.extend(event(i, {"content": piece}) for i, piece in _interleave(content))
+    if reply.top_logprobs is None:
+        events.extend(event(i, {"content": piece}) for i, piece in _interleave(content))
+    else:
+        counters = [0] * len(choices)
+        for i, piece in _interleave(content):
+            lp = {"content": [token_logprob(piece, counters[i], reply.top_logprobs)]}
+            counters[i] += 1
+            choice = orjson.dumps({"index": i, "delta": {"content": piece}, "logprobs": lp, "finish_reason": None})
+            events.append(b"data: " + head + b',"choices":[' + choice + b"]}\n\n")
     events.extend(event(c.index, {}, c.finish_reason) for c in choices)
     if reply.include_usage:
         events.append(b"data: " + head + b',"choices":[],"usage":' + orjson.dumps(reply.usage) + b"}\n\n")

@@ -151,7 +151,7 @@ def from_choice(choice: Choice, status: str = "completed") -> list[NewItem]:
         }
         out.append(_make(wire, None))
     if choice.text or choice.refusal or not choice.tool_calls:
-        out.append(output_message(choice.text, choice.refusal, status))
+        out.append(output_message(choice.text, choice.refusal, status, logprobs=choice.logprobs))
     for call in choice.tool_calls:
         wire = {
             "id": new_id("fc"),
@@ -162,14 +162,50 @@ def from_choice(choice: Choice, status: str = "completed") -> list[NewItem]:
             "arguments": call.arguments,
         }
         out.append(_make(wire, _chat_tool_call(call.id, call.name, call.arguments)))
+    merge_tool_calls(out)
     return out
 
 
+def merge_tool_calls(items: list[NewItem]) -> None:
+    """Chat Completions wants one assistant message per turn: its text and every tool call it
+    made together, then the tool results. The Responses API has one item each. So in each run of
+    an assistant message and/or function calls (reasoning items between them are invisible to the
+    model), the first item carries the whole assistant message and the others none."""
+    i = 0
+    while i < len(items):
+        run = []
+        j = i
+        while j < len(items):
+            it = items[j]
+            if not it.wire:  # referenced content: keep its own message
+                break
+            if it.type == "function_call" or (it.type == "message" and it.role == "assistant" and not run):
+                run.append(it)
+            elif it.type != "reasoning":
+                break
+            j += 1
+        calls = [it for it in run if it.type == "function_call"]
+        if calls and len(run) > 1:
+            text = "".join(p.get("text") or p.get("refusal") or "" for it in run if it.type == "message"
+                           for p in it.wire["content"])
+            merged = {
+                "role": "assistant",
+                "content": text or None,
+                "tool_calls": [{"id": c.wire["call_id"], "type": "function",
+                                "function": {"name": c.wire["name"], "arguments": c.wire["arguments"]}}
+                               for c in calls],
+            }
+            run[0].chat = orjson.dumps(merged)
+            for it in run[1:]:
+                it.chat = None
+        i = max(j, i + 1)
+
+
 def output_message(text: str, refusal: str | None = None, status: str = "completed",
-                   item_id: str | None = None) -> NewItem:
+                   item_id: str | None = None, logprobs: list[dict[str, Any]] | None = None) -> NewItem:
     parts: list[dict[str, Any]] = []
     if text or not refusal:
-        parts.append({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+        parts.append({"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []})
     if refusal:
         parts.append({"type": "refusal", "refusal": refusal})
     wire = {

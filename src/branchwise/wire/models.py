@@ -175,6 +175,54 @@ class TextParam(BaseModel):
     verbosity: Literal["low", "medium", "high"] | None = None
 
 
+# ---------------------------------------------------------------- tools, reasoning
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+def _tool_tag(v: Any) -> str:
+    t = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+    return "~function" if t == "function" else "~other"
+
+
+class OtherTool(BaseModel):
+    """Hosted tools (web_search, file_search, ...) have no Chat Completions equivalent."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _unsupported(cls, v: str) -> str:
+        raise ValueError(f"tool type '{v}' is not supported by branchwise; use 'function' tools")
+
+
+Tool = Annotated[
+    Annotated[FunctionTool, Tag("~function")] | Annotated[OtherTool, Tag("~other")],
+    Discriminator(_tool_tag),
+]
+
+
+class ToolChoiceFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    name: str
+
+
+class ReasoningParam(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
 # ---------------------------------------------------------------- POST /v1/responses
 
 
@@ -192,10 +240,10 @@ class CreateResponse(_Body):
     max_output_tokens: int | None = Field(default=None, ge=16)
     max_tool_calls: int | None = Field(default=None, ge=1)
     text: TextParam | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
     parallel_tool_calls: bool | None = None
-    reasoning: dict[str, Any] | None = None
+    reasoning: ReasoningParam | None = None
     truncation: Literal["auto", "disabled"] | None = None
     user: str | None = None
     safety_identifier: str | None = Field(default=None, max_length=64)
@@ -256,3 +304,38 @@ class MoveHead(_Body):
     """branchwise extension: POST /v1/conversations/{id}/head"""
 
     item_id: str
+
+
+
+# ---------------------------------------------------------------- POST /v1/responses/input_tokens, /compact
+
+
+def _body_model(name: str, doc: str, shared: tuple[str, ...], **own: tuple[Any, Any]) -> type[_Body]:
+    """A request body that also takes the `shared` fields of `CreateResponse`, declared exactly as
+    it declares them (type, default, constraints), so they validate the same way on every route."""
+    fields = {n: (CreateResponse.model_fields[n].annotation, CreateResponse.model_fields[n]) for n in shared}
+    fields.update(own)
+    namespace: dict[str, Any] = {"__doc__": doc, "__module__": __name__,
+                                 "__annotations__": {n: t for n, (t, _) in fields.items()}}
+    namespace.update({n: d for n, (_, d) in fields.items()})
+    return type(name, (_Body,), namespace)
+
+
+CountInputTokens = _body_model(
+    "CountInputTokens",
+    "POST /v1/responses/input_tokens: the parts of a POST /v1/responses body that make what the model sees.",
+    ("input", "instructions", "previous_response_id", "conversation", "tools", "text", "reasoning",
+     "truncation", "parallel_tool_calls", "tool_choice"),
+    model=(str | None, Field(default=None, min_length=1)),
+    personality=(str | None, Field(default=None, max_length=64)),
+)
+
+CompactRequest = _body_model(
+    "CompactRequest",
+    "POST /v1/responses/compact. `conversation` is a branchwise extension (OpenAI's body has none).",
+    ("input", "instructions", "previous_response_id", "conversation", "prompt_cache_key",
+     "prompt_cache_retention", "prompt_cache_options"),
+    model=(str, Field(min_length=1)),
+    image=(dict[str, Any] | None, None),
+    service_tier=(str | None, None),
+)

@@ -55,6 +55,18 @@ def _text_param(req: CreateResponse) -> dict[str, Any]:
     return {"format": fmt, "verbosity": verbosity}
 
 
+def _tool(t: Any) -> dict[str, Any]:
+    return {"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters,
+            "strict": True if t.strict is None else t.strict}
+
+
+def _tool_choice(req: CreateResponse) -> Any:
+    tc = req.tool_choice
+    if tc is None:
+        return "auto"
+    return tc if isinstance(tc, str) else {"type": "function", "name": tc.name}
+
+
 def response_object(
     req: CreateResponse,
     *,
@@ -90,14 +102,15 @@ def response_object(
         "prompt": req.prompt,
         "prompt_cache_key": req.prompt_cache_key,
         "prompt_cache_retention": req.prompt_cache_retention,
-        "reasoning": {"effort": (req.reasoning or {}).get("effort"), "summary": (req.reasoning or {}).get("summary")},
+        "reasoning": {"effort": req.reasoning.effort if req.reasoning else None,
+                      "summary": (req.reasoning.summary or req.reasoning.generate_summary) if req.reasoning else None},
         "safety_identifier": req.safety_identifier,
         "service_tier": req.service_tier or "default",
         "store": True if req.store is None else req.store,
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "text": _text_param(req),
-        "tool_choice": "auto" if req.tool_choice is None else req.tool_choice,
-        "tools": req.tools or [],
+        "tool_choice": _tool_choice(req),
+        "tools": [_tool(t) for t in req.tools or []],
         "top_logprobs": req.top_logprobs if req.top_logprobs is not None else 0,
         "top_p": 1.0 if req.top_p is None else req.top_p,
         "truncation": req.truncation or "disabled",

@@ -1,0 +1,198 @@
+"""The two utility routes beside POST /v1/responses: counting input tokens and compacting.
+
+Both see exactly the context POST /v1/responses would build: the request is turned into a
+`CreateResponse`, checked by `Engine.validate` (same errors: unknown conversation 404, unknown
+`previous_response_id` 400 `previous_response_not_found`, ...) and its messages built by
+`Engine.enter` under the `branch` policy, which takes no lease. Nothing is stored.
+
+Token counts. With the embedded model the count is exact: the messages rendered with the
+model's chat template and tokenised (`LocalBackend.count_tokens`), the number a real response
+reports as `usage.input_tokens`. With a remote upstream nothing is asked of it (Chat Completions
+has no counting route) and the count is an estimate, `estimate_tokens`:
+
+    sum over messages of (4 + ceil(b / 4))  +  ceil(t / 4)
+
+where `b` is the number of UTF-8 bytes of a message's text (its text content parts, refusal,
+tool call names and arguments, `name`), and `t` the number of bytes of the `tools` JSON (the
+Chat Completions form) when there are tools. Four bytes a token is the usual rule of thumb for
+English with BPE tokenisers; 4 tokens a message stands for the role and the template's framing.
+Images and files are not counted.
+
+Compaction. One chat call to the routed backend: a system message asking for a summary (with
+the request's `instructions`, if any, as context), the conversation's messages, and a last user
+message repeating the request (a model that sees a conversation ending on a user turn would
+otherwise answer that turn). The output is plain input items, so it can be sent back as
+`input` to continue: a `user` message whose text is the summary, followed by the user messages
+that ended the conversation unanswered, kept verbatim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from branchwise.backends.base import BackendError, ChatRequest
+from branchwise.backends.router import LOCAL_MODEL_ID, Router
+from branchwise.engine.runner import Engine, Plan
+from branchwise.ids import new_id, now
+from branchwise.wire import models as m
+from branchwise.wire.errors import APIError, InvalidRequest, from_validation
+from branchwise.wire.objects import usage_object
+
+BYTES_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+
+COMPACT_PROMPT = (
+    "You are compacting a conversation so that it can be continued later from a summary alone. "
+    "Write a summary of the conversation so far that keeps everything needed to continue it: the "
+    "user's goals, requests and preferences, the facts, names, numbers, code and decisions that were "
+    "established, what was answered, what was done with tools and their results, and what is still "
+    "open. Write it as notes, not as a reply to the user."
+)
+COMPACT_REQUEST = "Summarise the conversation above so that it can be continued later from the summary alone."
+SUMMARY_HEADER = "Summary of the conversation so far (compacted):\n\n"
+
+
+# ------------------------------------------------------------------ shared
+
+
+async def _messages(engine: Engine, **fields: Any) -> Plan:
+    """The `CreateResponse` made of `fields`, validated, and the messages the model would see
+    (`plan.chat`), built without a lease."""
+    try:  # `branch`: `enter` takes no lease, so nothing waits and nothing is locked
+        req = m.CreateResponse(**fields, store=False, concurrency="branch")
+    except ValidationError as e:
+        raise from_validation(e) from None
+    plan = await engine.validate(req)
+    await engine.enter(plan)
+    if plan.lease is not None:  # never with `branch`; should that change, don't hold the conversation
+        await plan.lease.release()
+    return plan
+
+
+def _any_model(router: Router) -> str | None:
+    """A model name the router serves, for an input_tokens request that names none."""
+    if router.embedded:
+        return LOCAL_MODEL_ID
+    for name in router.model_ids():
+        return name
+    for cfg, _ in router.routes:  # only globs: a name each matches ("*" matches the empty string)
+        for pattern in cfg.models:
+            if "[" not in pattern:
+                return pattern.replace("*", "").replace("?", "x") or "model"
+    return None
+
+
+# ------------------------------------------------------------------ input tokens
+
+
+def _text_bytes(msg: dict[str, Any]) -> int:
+    n = 0
+    content = msg.get("content")
+    if isinstance(content, str):
+        n += len(content.encode())
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                n += len(part["text"].encode())
+    for key in ("refusal", "name"):
+        if isinstance(msg.get(key), str):
+            n += len(msg[key].encode())
+    for call in msg.get("tool_calls") or []:
+        fn = (call.get("function") or {}) if isinstance(call, dict) else {}
+        for key in ("name", "arguments"):
+            if isinstance(fn.get(key), str):
+                n += len(fn[key].encode())
+    return n
+
+
+def estimate_tokens(messages_json: bytes, params: dict[str, Any] | None = None) -> int:
+    """Estimated prompt tokens of Chat Completions messages for a model whose tokeniser we don't
+    have: sum of (4 + ceil(UTF-8 text bytes / 4)) per message, plus ceil(tools JSON bytes / 4)."""
+    total = 0
+    for msg in orjson.loads(messages_json):
+        if isinstance(msg, dict):
+            total += TOKENS_PER_MESSAGE + math.ceil(_text_bytes(msg) / BYTES_PER_TOKEN)
+    tools = (params or {}).get("tools")
+    if tools:
+        total += math.ceil(len(orjson.dumps(tools)) / BYTES_PER_TOKEN)
+    return total
+
+
+async def count_input_tokens(engine: Engine, body: Any) -> dict[str, Any]:
+    """POST /v1/responses/input_tokens for a validated `CountInputTokens` body."""
+    model = body.model or _any_model(engine.router)
+    if model is None:
+        raise InvalidRequest("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+    shared = {k: getattr(body, k) for k in body.model_fields_set if k not in ("model", "personality")}
+    plan = await _messages(engine, model=model, **shared)
+    chat = plan.chat
+    count_tokens = getattr(plan.backend, "count_tokens", None)
+    if engine.router.embedded and count_tokens is not None:
+        try:
+            n = await count_tokens(chat.messages, chat.params)
+        except BackendError as e:
+            if e.status == 400:
+                raise InvalidRequest(f"The input cannot be counted: {e.message}") from None
+            raise APIError(f"The model could not count the input: {e.message}", status=500,
+                           type="server_error", code="server_error") from None
+    else:
+        n = estimate_tokens(chat.messages, chat.params)
+    return {"object": "response.input_tokens", "input_tokens": n}
+
+
+# ------------------------------------------------------------------ compact
+
+
+def _input_parts(content: Any) -> list[dict[str, Any]]:
+    """A Chat Completions user message's content as Responses input content parts."""
+    if isinstance(content, str):
+        return [{"type": "input_text", "text": content}]
+    parts: list[dict[str, Any]] = []
+    for p in content or []:
+        if not isinstance(p, dict):
+            continue
+        if p.get("type") == "text":
+            parts.append({"type": "input_text", "text": p.get("text") or ""})
+        elif p.get("type") == "image_url":
+            img = p.get("image_url") or {}
+            parts.append({"type": "input_image", "image_url": img.get("url"), "detail": img.get("detail", "auto")})
+        elif p.get("type") == "file":
+            parts.append({"type": "input_file", **(p.get("file") or {})})
+    return parts
+
+
+def _user_item(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"id": new_id("msg"), "type": "message", "status": "completed", "role": "user", "content": parts}
+
+
+async def compact(engine: Engine, body: Any) -> dict[str, Any]:
+    """POST /v1/responses/compact for a validated `CompactRequest` body."""
+    shared = {k: getattr(body, k) for k in body.model_fields_set
+              if k in ("input", "previous_response_id", "conversation")}
+    plan = await _messages(engine, model=body.model, **shared)
+    history = orjson.loads(plan.chat.messages)
+    system = COMPACT_PROMPT
+    if body.instructions:
+        system += "\n\nThe conversation was held under these instructions:\n" + body.instructions
+    messages = [{"role": "system", "content": system}, *history, {"role": "user", "content": COMPACT_REQUEST}]
+    try:
+        result = await plan.backend.complete(ChatRequest(model=body.model, messages=orjson.dumps(messages)))
+    except BackendError as e:
+        raise APIError(f"The model failed to compact the conversation: {e.message}", status=502,
+                       type="server_error", code="server_error") from None
+    summary = result.choices[0].text.strip() if result.choices else ""
+    if not summary:
+        raise APIError("The model returned an empty summary.", status=502, type="server_error",
+                       code="server_error")
+    tail = []  # the user messages after the last thing the model said: still unanswered
+    for msg in reversed(history):
+        if not isinstance(msg, dict) or msg.get("role") != "user":
+            break
+        tail.append(_user_item(_input_parts(msg.get("content"))))
+    output = [_user_item([{"type": "input_text", "text": SUMMARY_HEADER + summary}]), *reversed(tail)]
+    return {"id": new_id("resp"), "object": "response.compaction", "created_at": now(), "output": output,
+            "usage": usage_object(result.usage)}
