@@ -45,7 +45,8 @@ _UNION_LABELS = ("str", "int", "float", "bool", "none", "list", "dict")
 
 def _is_label(part: str) -> bool:
     """pydantic puts union branch names into `loc`; they are not part of the client's path."""
-    return part.startswith("~") or "[" in part or part in _UNION_LABELS or part.startswith("function-")
+    return (part.startswith("~") or "[" in part or part in _UNION_LABELS or part.startswith("function-")
+            or part[:1].isupper())  # a model class name: OpenAI's field names are lower case
 
 
 def _param(loc: tuple) -> str | None:
