@@ -568,3 +568,14 @@ async def test_responses_parse_with_pydantic_text_format(client, mock):
     assert fmt["json_schema"]["strict"] is True
     assert r.output_parsed == Person(name="name", age=1)
     assert r.text.format.type == "json_schema" and r.text.format.name == "Person"
+
+
+async def test_server_timing_header(raw, mock):
+    r = await raw.post("/v1/responses", json={"model": "m", "input": "[[delay=0.2]] hi"})
+    own, upstream = r.headers["server-timing"].split(", ")
+    assert own.startswith("branchwise;dur=") and upstream.startswith("upstream;dur=")
+    own_ms, up_ms = float(own.split("=")[1]), float(upstream.split("=")[1])
+    assert up_ms >= 200  # the mock waited 0.2 s: that time is the upstream's, not branchwise's
+    assert own_ms >= 0
+    s = await raw.post("/v1/responses", json={"model": "m", "input": "hi", "stream": True})
+    assert s.headers["server-timing"].startswith("branchwise;dur=")

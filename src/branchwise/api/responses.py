@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -28,24 +30,36 @@ def _store(request: Request) -> Store:
     return request.app.state.store
 
 
+def _timed(response: Response, started: float, upstream_s: float = 0.0) -> Response:
+    """`Server-Timing`: the time branchwise itself spent on the request (and, apart, the model's)."""
+    own = (time.perf_counter() - started - upstream_s) * 1000
+    value = f"branchwise;dur={own:.2f}"
+    if upstream_s:
+        value += f", upstream;dur={upstream_s * 1000:.2f}"
+    response.headers["server-timing"] = value
+    return response
+
+
 @router.post("/responses")
 async def create_response(request: Request) -> Response:
+    started = time.perf_counter()
     req = await parse_body(request, CreateResponse)
     engine = _engine(request)
     if req.background:
         run = await engine.start_background(await engine.validate(req))
         if req.stream:
-            return _sse(run.follow())
-        return json_response((await engine.runs.store.state(run.key))[1])
+            return _timed(_sse(run.follow()), started)
+        return _timed(json_response((await engine.runs.store.state(run.key))[1]), started)
     try:
         plan = await engine.prepare(req, request.is_disconnected)
     except ClientGone:
         return Response(status_code=499)
     if not req.stream:
-        return json_response(await engine.complete(plan))
+        body = await engine.complete(plan)
+        return _timed(json_response(body), started, plan.upstream_s)
     if req.store is False:
-        return _sse(engine.stream(plan))
-    return _sse((await engine.start_stream(plan)).follow())
+        return _timed(_sse(engine.stream(plan)), started)
+    return _timed(_sse((await engine.start_stream(plan)).follow()), started)
 
 
 def _sse(frames) -> StreamingResponse:

@@ -63,6 +63,7 @@ class Plan:
     run: Run | None = None  # set when the response outlives its request (stored stream, background)
     seq: _Seq = field(default_factory=lambda: _Seq())  # sequence_number, shared by the alternatives
     terminal_frames: list[bytes] = field(default_factory=list)
+    upstream_s: float = 0.0  # seconds spent waiting for the model (for Server-Timing)
 
     @property
     def n(self) -> int:
@@ -290,6 +291,13 @@ class Engine:
     # ------------------------------------------------------------------ generate
 
     async def _generate(self, plan: Plan) -> ChatResult:
+        started = time.perf_counter()
+        try:
+            return await self._generate_now(plan)
+        finally:
+            plan.upstream_s += time.perf_counter() - started
+
+    async def _generate_now(self, plan: Plan) -> ChatResult:
         backend, chat = plan.backend, plan.chat
         if plan.n == 1 or backend.supports_n:
             result = await backend.complete(chat)
