@@ -20,11 +20,24 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
 
-from bench.loadgen import Conn, CpuMeter, Server, close_all, median, open_conns, pct, perf, rss_kib
+from bench.loadgen import (
+    CLOCK_NANOSLEEP,
+    Conn,
+    CpuMeter,
+    Server,
+    close_all,
+    median,
+    open_conns,
+    pct,
+    perf,
+    rss_kib,
+    threads_in_syscall,
+)
 
 HOST = "127.0.0.1"
 SEED_ITEMS = 20
@@ -38,6 +51,7 @@ STREAM_CHUNK_DELAY = 0.02
 STREAM_CONCURRENCY = 4
 BRANCH_N = 16
 BRANCH_DELAY = 0.2
+REQUEST_GRACE_S = 30.0  # how long past a phase's end a request may still take before it counts as failed
 
 
 def seed_messages() -> list[dict]:
@@ -130,42 +144,60 @@ class _CannedWorker:
 
 
 async def closed_loop(port: int, workers: list, warmup: float, duration: float, meter: CpuMeter,
-                      rss_pids=None) -> dict:
+                      server_pids=None) -> dict:
     """len(workers) connections, each running its worker's requests back to back for
-    warmup + duration seconds; requests sent after the warm-up and done before the end count."""
+    warmup + duration seconds; requests sent after the warm-up and done before the end count.
+    With `server_pids` (a function), the server's RSS is sampled every 0.25 s and its threads
+    asleep in clock_nanosleep (SQLite's busy handler waiting for the write lock) every 20 ms; the
+    client CPU this sampling costs is not counted as the client's."""
     conns = await open_conns(HOST, port, len(workers))
     t0 = perf()
     t_measure, t_end = t0 + warmup, t0 + warmup + duration
     lat: list[float] = []
     errors = 0
     rss_peak = 0
+    sleeping = samples = 0
+    sampler_cpu = 0.0
 
     async def run(w, conn: Conn):
         nonlocal errors
-        while perf() < t_end:
-            try:
-                r, ok = await w.step(conn)
-            except (ConnectionError, OSError):
-                errors += 1
-                conn = await Conn.open(HOST, port)
-                continue
-            if r.t_sent >= t_measure and r.t_done <= t_end:
-                if ok:
-                    lat.append(r.ms)
-                else:
+        try:
+            while perf() < t_end:
+                try:
+                    r, ok = await w.step(conn)
+                except (ConnectionError, OSError):
                     errors += 1
-        conn.close()
+                    conn.close()
+                    conn = await Conn.open(HOST, port)
+                    continue
+                if r.t_sent >= t_measure and r.t_done <= t_end:
+                    if ok:
+                        lat.append(r.ms)
+                    else:
+                        errors += 1
+        finally:
+            conn.close()
 
     tasks = [asyncio.ensure_future(run(w, c)) for w, c in zip(workers, conns, strict=True)]
     try:
         await asyncio.sleep(max(0.0, t_measure - perf()))
         meter.start()
-        while perf() < t_end:
-            if rss_pids is not None:
-                rss_peak = max(rss_peak, rss_kib(rss_pids()))
-            await asyncio.sleep(min(0.25, max(0.0, t_end - perf())))
+        pids = server_pids() if server_pids is not None else []
+        next_rss = 0.0
+        while (now := perf()) < t_end:
+            if pids:
+                c0 = time.process_time()
+                if now >= next_rss:
+                    rss_peak = max(rss_peak, rss_kib(pids))
+                    next_rss = now + 0.25
+                sleeping += threads_in_syscall(pids, CLOCK_NANOSLEEP)
+                samples += 1
+                sampler_cpu += time.process_time() - c0
+            await asyncio.sleep(min(0.02 if pids else 0.25, max(0.0, t_end - perf())))
         cpu = meter.stop()
-        await asyncio.gather(*tasks)
+        cpu["client"] -= sampler_cpu
+        _, pending = await asyncio.wait(tasks, timeout=REQUEST_GRACE_S)
+        errors += len(pending)  # requests still not answered long after the end: failed
     finally:
         for t in tasks:
             t.cancel()
@@ -175,17 +207,20 @@ async def closed_loop(port: int, workers: list, warmup: float, duration: float, 
         "concurrency": len(workers), "requests": n, "errors": errors, "duration_s": duration,
         "rps": n / duration, "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99),
         "max_ms": max(lat) if lat else math.nan,
-        "cpu_s": {k: v for k, v in cpu.items() if k not in ("machine_total",)},
+        "cpu_s": {k: v for k, v in cpu.items() if k != "machine_total"},
     }
     per = {k: (1000 * v / n if n else math.nan) for k, v in cpu.items()
            if k not in ("wall", "machine_total", "machine_busy")}
     # whatever else ran on the machine meanwhile (kernel threads, other people's test runs)
-    per["other"] = (1000 * (cpu["machine_busy"] - sum(cpu[k] for k in per)) / n) if n else math.nan
+    own = sum(v for k, v in cpu.items() if k not in ("wall", "machine_total", "machine_busy")
+              and not k.endswith(("_main_thread", "_other_threads")))
+    per["other"] = (1000 * (cpu["machine_busy"] - own) / n) if n else math.nan
     res["cpu_ms_per_req"] = per
     res["client_cpu_pct"] = 100 * cpu["client"] / cpu["wall"]
     res["machine_busy_pct"] = 100 * cpu["machine_busy"] / cpu["machine_total"]
-    if rss_pids is not None:
+    if server_pids is not None:
         res["rss_peak_kib"] = rss_peak
+        res["threads_in_busy_sleep"] = sleeping / samples if samples else math.nan
     return res
 
 
@@ -208,7 +243,7 @@ def _bw_stream(r) -> tuple[float, float, list[float]]:
     deltas = [t for t, e in events if e.startswith(b"event: response.output_text.delta\n")]
     if not deltas or not events[-1][1].startswith(b"event: response.completed\n"):
         raise RuntimeError(f"unexpected branchwise stream: {events[-1][1][:300]!r}")
-    return first - r.t_sent, deltas[0] - r.t_sent, [b - a for a, b in zip(deltas, deltas[1:])]
+    return first - r.t_sent, deltas[0] - r.t_sent, [b - a for a, b in zip(deltas, deltas[1:], strict=False)]
 
 
 def _direct_stream(r) -> tuple[float, float, list[float]]:
@@ -222,7 +257,7 @@ def _direct_stream(r) -> tuple[float, float, list[float]]:
         choices = orjson.loads(data).get("choices") or []
         if choices and choices[0].get("delta", {}).get("content"):
             content.append(t)
-    return first - r.t_sent, content[0] - r.t_sent, [b - a for a, b in zip(content, content[1:])]
+    return first - r.t_sent, content[0] - r.t_sent, [b - a for a, b in zip(content, content[1:], strict=False)]
 
 
 async def streams(port: int, n_streams: int, convs: list[tuple[str, str]] | None) -> dict:
@@ -256,7 +291,8 @@ async def streams(port: int, n_streams: int, convs: list[tuple[str, str]] | None
                 gaps.extend(x * 1000 for x in g)
 
     try:
-        await asyncio.gather(*(run(i, c) for i, c in enumerate(conns)))
+        await asyncio.wait_for(asyncio.gather(*(run(i, c) for i, c in enumerate(conns))),
+                               REQUEST_GRACE_S + 2 * per * STREAM_WORDS * STREAM_CHUNK_DELAY)
     finally:
         close_all(conns)
     return {"streams": per * STREAM_CONCURRENCY, "gaps": len(gaps),
@@ -280,8 +316,9 @@ async def branch_batches(port: int, repeat: int) -> dict:
         async def batch(targets: list[str]) -> float:
             bodies = [dumps({"model": "mock", "conversation": cid, "concurrency": "branch",
                              "input": f"[[delay={BRANCH_DELAY}]] question {i}"}) for i, cid in enumerate(targets)]
-            rs = await asyncio.gather(*(c.request("POST", "/v1/responses", b)
-                                        for c, b in zip(conns, bodies, strict=True)))
+            rs = await asyncio.wait_for(asyncio.gather(*(c.request("POST", "/v1/responses", b)
+                                                         for c, b in zip(conns, bodies, strict=True))),
+                                        REQUEST_GRACE_S)
             bad = [r for r in rs if r.status != 200 or b'"status":"completed"' not in r.body]
             if bad:
                 raise RuntimeError(f"branch batch: {bad[0].status} {bad[0].body[:300]!r}")
@@ -309,7 +346,7 @@ def _meter(servers: dict[str, Server]) -> CpuMeter:
 
     groups = {name: s.pids for name, s in servers.items()}
     groups["postgres"] = lambda: pids_named("postgres")
-    return CpuMeter(groups)
+    return CpuMeter(groups, threads_of="branchwise" if "branchwise" in servers else None)
 
 
 async def client_check(canned: Server, warmup: float, duration: float) -> dict:
@@ -344,7 +381,7 @@ async def branchwise_load(bw: Server, mock: Server, warmup: float, duration: flo
     sweep = {}
     for c in SWEEP:
         sweep[c] = await closed_loop(bw.port, [_BranchwiseWorker(conv) for conv in convs[:c]], warmup, duration,
-                                     meter, rss_pids=bw.pids)
+                                     meter, server_pids=bw.pids)
     out["sweep"] = sweep
     if profile is not None:
         out["profile"] = await _profile(bw, convs, warmup, duration, meter, profile)
@@ -356,26 +393,28 @@ async def branchwise_load(bw: Server, mock: Server, warmup: float, duration: flo
 
 
 async def _profile(bw: Server, convs, warmup: float, duration: float, meter: CpuMeter, path: Path) -> dict:
-    """An extra concurrency-32 phase with py-spy attached (not counted in the results)."""
+    """An extra concurrency-32 phase with py-spy attached (not counted in the results). `--gil`:
+    only samples of the thread holding the GIL, i.e. Python CPU time, not SQLite's C code."""
+    from bench.profile import summarise
+
     exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(exe).exists():
         return {"error": "py-spy is not installed (.venv/bin/pip install py-spy)"}
     secs = max(2, int(duration + warmup))
-    outs = {}
-    procs = []
-    for fmt in ("flamegraph", "raw"):
-        f = path.with_suffix(".svg" if fmt == "flamegraph" else ".txt")
-        outs[fmt] = str(f)
-        procs.append(subprocess.Popen([exe, "record", "--pid", str(bw.pid), "--duration", str(secs), "--rate", "250",
-                                       "--nonblocking", "--subprocesses", "--format", fmt, "-o", str(f)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    files = {"flamegraph": path.with_suffix(".svg"), "raw": path.with_suffix(".txt")}
+    procs = [subprocess.Popen([exe, "record", "--pid", str(bw.pid), "--duration", str(secs), "--rate", "250", "--gil",
+                               "--nonblocking", "--subprocesses", "--format", fmt, "-o", str(f)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for fmt, f in files.items()]
     try:
         await asyncio.sleep(0.5)
-        res = await closed_loop(bw.port, [_BranchwiseWorker(conv) for conv in convs[:32]], warmup, duration, meter)
+        res = await closed_loop(bw.port, [_BranchwiseWorker(conv) for conv in convs[:32]], 0.2, secs - 0.7, meter)
     finally:
         for p in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(secs + 15)
             if p.poll() is None:
                 p.kill()
-    return {"files": outs, "rps_while_profiled": res["rps"]}
+    out = {"files": {k: str(v) for k, v in files.items()}, "rps_while_profiled": res["rps"]}
+    if files["raw"].exists():
+        out["summary"] = summarise(files["raw"])
+    return out

@@ -43,14 +43,9 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 
 def run(coro):
-    """asyncio.run on uvloop when it is installed."""
-    loop = new_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        with contextlib.suppress(Exception):
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
+    """asyncio.run on uvloop when it is installed (tasks left over are cancelled on the way out)."""
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        return runner.run(coro)
 
 
 # --------------------------------------------------------------------------- the client
@@ -211,16 +206,57 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_ticks(pids: list[int]) -> int:
-    """user+system clock ticks of `pids` (a vanished one counts 0)."""
+def cpu_ticks(pids: list[int], children: bool = True) -> int:
+    """user+system clock ticks of `pids` (a vanished one counts 0), with `children` the ticks of
+    their children that have exited and been waited for too (PostgreSQL's backends)."""
     total = 0
     for p in pids:
         try:
             f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(f[11]) + int(f[12])
+        total += int(f[11]) + int(f[12]) + ((int(f[13]) + int(f[14])) if children else 0)
     return total
+
+
+def thread_ticks(pid: int) -> tuple[int, int]:
+    """(main thread, other threads) user+system clock ticks of process `pid`."""
+    main = other = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0, 0
+    for t in tids:
+        try:
+            f = Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks = int(f[11]) + int(f[12])
+        if int(t) == pid:
+            main += ticks
+        else:
+            other += ticks
+    return main, other
+
+
+def threads_in_syscall(pids: list[int], nr: int) -> int:
+    """How many threads of `pids` are blocked in system call `nr` right now."""
+    n = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for t in tids:
+            try:
+                if Path(f"/proc/{pid}/task/{t}/syscall").read_text().split(" ", 1)[0] == str(nr):
+                    n += 1
+            except (OSError, ValueError):
+                pass
+    return n
+
+
+CLOCK_NANOSLEEP = 230 if os.uname().machine == "x86_64" else 115  # aarch64: 115
 
 
 def pids_named(name: str) -> list[int]:
@@ -255,16 +291,25 @@ def rss_kib(pids: list[int]) -> int:
 
 
 class CpuMeter:
-    """CPU seconds used between `start()` and `stop()` by named process groups, this process
-    (the client) and the whole machine."""
+    """CPU seconds used between `start()` and `stop()` by named groups of processes (each a
+    function returning their pids, read at both ends), this process (the client), the whole
+    machine, and with `threads_of` the main thread and the other threads of one process."""
 
-    def __init__(self, groups: dict[str, list[int] | callable]) -> None:
+    def __init__(self, groups: dict, threads_of: str | None = None) -> None:
         self.groups = groups
+        self.threads_of = threads_of
 
     def _read(self) -> dict[str, float]:
         out = {}
         for name, pids in self.groups.items():
-            out[name] = cpu_ticks(pids() if callable(pids) else pids) / CLK_TCK
+            ps = pids()
+            out[name] = cpu_ticks(ps) / CLK_TCK
+            if name == self.threads_of:
+                main = other = 0
+                for p in ps:  # a --workers N server: every process's main thread is "main"
+                    m, o = thread_ticks(p)
+                    main, other = main + m, other + o
+                out[name + "_main_thread"], out[name + "_other_threads"] = main / CLK_TCK, other / CLK_TCK
         out["client"] = time.process_time()
         busy, total = machine_ticks()
         out["machine_busy"], out["machine_total"] = busy / CLK_TCK, total / CLK_TCK
