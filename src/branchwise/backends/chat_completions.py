@@ -24,7 +24,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from branchwise.backends.base import (
@@ -54,23 +54,23 @@ def _usage(u: dict[str, Any] | None) -> Usage:
     )
 
 
-def _error_message(resp: httpx.Response) -> str:
+def _error_message(status: int, reason: str | None, body: bytes) -> str:
     try:
-        body = orjson.loads(resp.content)
-        err = body.get("error") if isinstance(body, dict) else None
+        parsed = orjson.loads(body)
+        err = parsed.get("error") if isinstance(parsed, dict) else None
         if isinstance(err, dict) and err.get("message"):
             return str(err["message"])
         if isinstance(err, str):
             return err
     except orjson.JSONDecodeError:
         pass
-    return resp.text[:500] or resp.reason_phrase
+    return body[:500].decode(errors="replace") or reason or str(status)
 
 
-def _status_error(resp: httpx.Response) -> BackendError:
-    code = "rate_limit_exceeded" if resp.status_code == 429 else "upstream_error"
-    return BackendError(f"Upstream returned {resp.status_code}: {_error_message(resp)}",
-                        code=code, status=resp.status_code)
+def _status_error(status: int, reason: str | None, body: bytes) -> BackendError:
+    code = "rate_limit_exceeded" if status == 429 else "upstream_error"
+    return BackendError(f"Upstream returned {status}: {_error_message(status, reason, body)}",
+                        code=code, status=status)
 
 
 def _malformed(what: str) -> BackendError:
@@ -78,6 +78,9 @@ def _malformed(what: str) -> BackendError:
 
 
 class ChatCompletionsBackend:
+    """The HTTP client is aiohttp: at a few hundred requests per second its per-request cost is a
+    fraction of httpx's on this kind of machine (see docs/performance.md)."""
+
     supports_n: bool
 
     def __init__(self, base_url: str, api_key: str | None = None, *, name: str = "upstream",
@@ -85,17 +88,23 @@ class ChatCompletionsBackend:
         self.name = name
         self.supports_n = supports_n
         self.timeout = timeout
-        headers = {"content-type": "application/json"}
+        self.base_url = base_url.rstrip("/")
+        self._url = self.base_url + "/chat/completions"
+        self._headers = {"content-type": "application/json"}
         if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        # per operation (connect, each read, each write, waiting for a pooled connection);
-        # the whole request is bounded separately, by a deadline (see `_deadline`)
-        self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            headers=headers,
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
-        )
+            self._headers["authorization"] = f"Bearer {api_key}"
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # per operation: connecting, and each read; the whole request is bounded by a deadline
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout),
+                headers=self._headers,
+                auto_decompress=True,
+            )
+        return self._session
 
     def _body(self, request: ChatRequest, stream: bool) -> bytes:
         params = dict(request.params)
@@ -114,43 +123,43 @@ class ChatCompletionsBackend:
     # ------------------------------------------------------------------ faults
 
     def _timed_out(self, e: BaseException, mid_stream: bool = False) -> BackendError:
-        if isinstance(e, httpx.ConnectTimeout):
+        if isinstance(e, aiohttp.ConnectionTimeoutError):
             what = f"could not connect within {self.timeout:g} s"
-        elif isinstance(e, httpx.ReadTimeout):
+        elif isinstance(e, aiohttp.ServerTimeoutError):
             what = f"sent nothing for {self.timeout:g} s"
-        elif isinstance(e, httpx.TimeoutException):  # write, pool
-            what = f"did not take the request within {self.timeout:g} s"
         else:  # the deadline of the whole request
             what = f"did not finish within {self.timeout:g} s"
         where = " mid-stream" if mid_stream else ""
         return BackendError(f"The upstream model server timed out{where}: it {what}.",
                             code="upstream_timeout")
 
-    def _broken(self, e: httpx.HTTPError) -> BackendError:
-        if isinstance(e, httpx.RemoteProtocolError | httpx.ReadError):
+    @staticmethod
+    def _broken(e: aiohttp.ClientError) -> BackendError:
+        if isinstance(e, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
             return BackendError(f"The upstream connection ended before the reply was complete: {e}",
                                 code="upstream_stream_cut")
         return BackendError(f"The upstream request failed: {e}", code="upstream_error")
 
-    async def _send(self, body: bytes, stream: bool, deadline: float) -> httpx.Response:
-        """POST, by `deadline`. Retries only connection errors (nothing reached the upstream),
-        `CONNECT_RETRIES` times with exponential backoff; never once the request was sent."""
+    async def _send(self, body: bytes, deadline: float) -> aiohttp.ClientResponse:
+        """POST, by `deadline`; returns once the status and headers are in. Retries only
+        connection errors (nothing reached the upstream), `CONNECT_RETRIES` times with exponential
+        backoff; never once the request was sent."""
         loop = asyncio.get_running_loop()
+        session = self._client()
         for attempt in range(CONNECT_RETRIES + 1):
             try:
-                req = self._client.build_request("POST", "/chat/completions", content=body)
                 async with asyncio.timeout_at(deadline):
-                    return await self._client.send(req, stream=stream)
-            except httpx.ConnectError as e:
+                    return await session.post(self._url, data=body)
+            except aiohttp.ClientConnectorError as e:
                 pause = RETRY_BACKOFF * (2**attempt)
                 if attempt == CONNECT_RETRIES or loop.time() + pause >= deadline:
                     raise BackendError(
-                        f"Could not connect to the upstream model server at {self._client.base_url} "
+                        f"Could not connect to the upstream model server at {self.base_url} "
                         f"({attempt + 1} attempts): {e}", code="upstream_unavailable") from e
                 await asyncio.sleep(pause)
-            except (httpx.TimeoutException, TimeoutError) as e:
+            except TimeoutError as e:  # aiohttp's timeouts are TimeoutErrors too
                 raise self._timed_out(e) from e
-            except httpx.HTTPError as e:
+            except aiohttp.ClientError as e:
                 raise self._broken(e) from e
         raise AssertionError("unreachable")
 
@@ -158,11 +167,22 @@ class ChatCompletionsBackend:
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         deadline = self._deadline()
-        resp = await self._send(self._body(request, False), False, deadline)
-        if not resp.is_success:
-            raise _status_error(resp)
+        resp = await self._send(self._body(request, False), deadline)
         try:
-            body = orjson.loads(resp.content)
+            async with asyncio.timeout_at(deadline):
+                raw = await resp.read()
+        except TimeoutError as e:
+            resp.close()
+            raise self._timed_out(e) from e
+        except aiohttp.ClientError as e:
+            resp.close()
+            raise self._broken(e) from e
+        finally:
+            resp.release()
+        if resp.status >= 300:
+            raise _status_error(resp.status, resp.reason, raw)
+        try:
+            body = orjson.loads(raw)
             choices = [
                 Choice(
                     index=c.get("index", i),
@@ -186,21 +206,21 @@ class ChatCompletionsBackend:
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
         deadline = self._deadline()
-        resp = await self._send(self._body(request, True), True, deadline)
-        chunks = resp.aiter_bytes()
+        resp = await self._send(self._body(request, True), deadline)
+        done = False
         try:
-            if not resp.is_success:
+            if resp.status >= 300:
                 async with asyncio.timeout_at(deadline):
-                    await resp.aread()
-                raise _status_error(resp)
-            done = False
+                    raw = await resp.read()
+                done = True
+                raise _status_error(resp.status, resp.reason, raw)
             rest = b""
             while not done:
-                # every read is bounded by the deadline of the whole request (httpx bounds the
+                # every read is bounded by the deadline of the whole request (aiohttp bounds the
                 # time between two reads); a yield is never inside the timeout
                 async with asyncio.timeout_at(deadline):
-                    chunk = await anext(chunks, None)
-                if chunk is None:
+                    chunk = await resp.content.readany()
+                if not chunk:
                     lines, rest = [rest], b""
                 else:
                     *lines, rest = (rest + chunk).split(b"\n")
@@ -221,21 +241,24 @@ class ChatCompletionsBackend:
                         raise BackendError(f"Upstream error mid-stream: {msg}", code="upstream_error")
                     for d in _deltas(parsed):
                         yield d
-                if chunk is None:
+                if not chunk:
                     break
             if not done:
                 raise BackendError("The upstream stream ended before it was complete (no [DONE]).",
                                    code="upstream_stream_cut")
-        except (httpx.TimeoutException, TimeoutError) as e:
+        except TimeoutError as e:
             raise self._timed_out(e, mid_stream=True) from e
-        except httpx.HTTPError as e:
+        except aiohttp.ClientError as e:
             raise self._broken(e) from e
         finally:
-            await chunks.aclose()
-            await resp.aclose()
+            if done:
+                resp.release()  # back to the pool
+            else:
+                resp.close()  # cancelled or broken: drop the connection, so the upstream stops too
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 def _logprobs(lp: Any) -> list[dict[str, Any]] | None:

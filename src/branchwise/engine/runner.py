@@ -59,6 +59,7 @@ class Plan:
     inputs: list[witems.NewItem]
     params: dict[str, Any]
     chat: ChatRequest | None = None
+    history: bytes | None = None  # the base's messages, when already read
     lease: Lease | None = None
     run: Run | None = None  # set when the response outlives its request (stored stream, background)
     seq: _Seq = field(default_factory=lambda: _Seq())  # sequence_number, shared by the alternatives
@@ -168,8 +169,13 @@ class Engine:
         base_depth = -1
         base_type: str | None = None
         conversation: Conversation | None = None
+        history: bytes | None = None
         if conv_id:
-            conversation = await self.store.conversation(conv_id)
+            policy = req.concurrency or self.settings.default_concurrency
+            if policy == "branch" and not req.background:  # the history it will run on: read it now
+                conversation, history = await self.store.conversation_with_history(conv_id)
+            else:
+                conversation = await self.store.conversation(conv_id)
             if conversation is None:
                 raise NotFound(f"Conversation with id '{conv_id}' not found.", param="conversation")
             base, base_depth, tree = conversation.head, conversation.head_depth, conversation.tree
@@ -185,7 +191,8 @@ class Engine:
         if base is not None and (conversation.head_type if conversation else base_type) == "function_call":
             await self._check_tool_output(base, inputs)
         return Plan(req=req, ids=ids, created_at=now(), backend=backend, tree=tree, base=base,
-                    base_depth=base_depth, conversation=conversation, inputs=inputs, params=params)
+                    base_depth=base_depth, conversation=conversation, inputs=inputs, params=params,
+                    history=history)
 
     async def _check_tool_output(self, base: str, inputs: list[witems.NewItem]) -> None:
         """A history that ends in a function call can only go on with that call's output, as in
@@ -212,7 +219,8 @@ class Engine:
                                    param="conversation")
                 plan.conversation = conv
                 plan.base, plan.base_depth = conv.head, conv.head_depth
-            history = await self.store.path_chat(plan.base)
+                plan.history = None
+            history = plan.history if plan.history is not None else await self.store.path_chat(plan.base)
         except BaseException:
             await self._release(plan)
             raise

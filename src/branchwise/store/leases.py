@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from branchwise.store.db import writer
+from branchwise.store.db import reader, writer
 from branchwise.store.tables import conversations, leases
 
 
@@ -25,6 +25,7 @@ class Leases:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         self.writer = writer(engine)
+        self.reader = reader(engine)
 
     async def take_if_free(self, conv_id: str, holder: str, ttl: float) -> int | None:
         """A lease if nobody holds or waits for one on `conv_id`, else None."""
@@ -51,7 +52,7 @@ class Leases:
 
     async def first(self, conv_id: str) -> int | None:
         """The live lease at the front of the line."""
-        async with self.engine.connect() as conn:
+        async with self.reader.connect() as conn:
             return (await conn.execute(
                 select(leases.c.seq).where(leases.c.conversation_id == conv_id, leases.c.expires_at > time.time())
                 .order_by(leases.c.seq).limit(1)
@@ -69,7 +70,7 @@ class Leases:
             await conn.execute(delete(leases).where(leases.c.seq == seq))
 
     async def live(self, conv_id: str) -> list[tuple[int, str]]:
-        async with self.engine.connect() as conn:
+        async with self.reader.connect() as conn:
             rows = await conn.execute(
                 select(leases.c.seq, leases.c.holder)
                 .where(leases.c.conversation_id == conv_id, leases.c.expires_at > time.time())

@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from branchwise.ids import new_node, now
-from branchwise.store.db import writer
+from branchwise.store.db import reader, writer
 from branchwise.store.tables import conversations, items, responses
 from branchwise.store.tables import events as event_log
 from branchwise.wire.items import NewItem
@@ -84,7 +84,7 @@ _CONV = text(
     "SELECT c.id, c.tree, c.head, i.item_id, COALESCE(i.depth, -1), i.type, c.created_at, c.metadata, "
     "c.forked_from_conversation, c.forked_from_item "
     "FROM conversations c LEFT JOIN items i ON i.node = c.head WHERE c.id = :id"
-)
+)  # keep in step with _CONV_COLUMNS below
 
 _PATH = (
     "WITH RECURSIVE path(node, parent, depth, chat) AS ("
@@ -116,10 +116,33 @@ def _path_walk(order: str) -> Any:
 _WALK = {"asc": _path_walk("ASC"), "desc": _path_walk("DESC")}
 
 
+_CONV_COLUMNS = (
+    "c.id, c.tree, c.head, i.item_id, COALESCE(i.depth, -1), i.type, c.created_at, c.metadata, "
+    "c.forked_from_conversation, c.forked_from_item"
+)
+_HEAD_PATH = (
+    "WITH RECURSIVE path(node, parent, depth, chat) AS ("
+    " SELECT node, parent, depth, chat FROM items WHERE node = (SELECT head FROM conversations WHERE id = :id)"
+    " UNION ALL"
+    " SELECT i.node, i.parent, i.depth, i.chat FROM items i JOIN path p ON i.node = p.parent"
+    ") "
+)
+# The conversation and its history's messages, in one round trip (the hot path).
+_CONV_HISTORY = {
+    "sqlite": text(_HEAD_PATH + f"SELECT {_CONV_COLUMNS}, (SELECT group_concat(chat, ',') FROM "
+                                "(SELECT chat FROM path WHERE chat IS NOT NULL ORDER BY depth)) "
+                                "FROM conversations c LEFT JOIN items i ON i.node = c.head WHERE c.id = :id"),
+    "postgresql": text(_HEAD_PATH + f"SELECT {_CONV_COLUMNS}, (SELECT string_agg(chat, '\\x2c'::bytea "
+                                    "ORDER BY depth) FROM path WHERE chat IS NOT NULL) "
+                                    "FROM conversations c LEFT JOIN items i ON i.node = c.head WHERE c.id = :id"),
+}
+
+
 class Store:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         self.writer = writer(engine)
+        self.reader = reader(engine)
         self.dialect = engine.dialect.name
 
     # ------------------------------------------------------------------ reads
@@ -128,16 +151,26 @@ class Store:
         if conn is not None:
             row = (await conn.execute(_CONV, {"id": conv_id})).first()
         else:
-            async with self.engine.connect() as c:
+            async with self.reader.connect() as c:
                 row = (await c.execute(_CONV, {"id": conv_id})).first()
         return None if row is None else Conversation(*row)
+
+    async def conversation_with_history(self, conv_id: str) -> tuple[Conversation | None, bytes]:
+        """The conversation and the comma-joined messages of its current path, in one query."""
+        async with self.reader.connect() as c:
+            row = (await c.execute(_CONV_HISTORY[self.dialect], {"id": conv_id})).first()
+        if row is None:
+            return None, b""
+        joined = row[-1]
+        history = b"" if joined is None else joined.encode() if isinstance(joined, str) else bytes(joined)
+        return Conversation(*row[:-1]), history
 
     async def path_chat(self, node: str | None) -> bytes:
         """The Chat Completions messages of the path root..node, in order, comma-joined
         (b"" for an empty path)."""
         if node is None:
             return b""
-        async with self.engine.connect() as c:
+        async with self.reader.connect() as c:
             joined = (await c.execute(_PATH_CHAT[self.dialect], {"node": node})).scalar()
         if joined is None:
             return b""
@@ -150,7 +183,7 @@ class Store:
         if conn is not None:
             rows = (await conn.execute(_WALK[order], params)).all()
         else:
-            async with self.engine.connect() as c:
+            async with self.reader.connect() as c:
                 rows = (await c.execute(_WALK[order], params)).all()
         return [PathRow(*r) for r in rows]
 
@@ -160,7 +193,7 @@ class Store:
         q = q.order_by(items.c.seq.desc())
         if conn is not None:
             return [tuple(r) for r in (await conn.execute(q)).all()]
-        async with self.engine.connect() as c:
+        async with self.reader.connect() as c:
             return [tuple(r) for r in (await c.execute(q)).all()]
 
     async def find_on_path(self, conv: Conversation, item_id: str,
@@ -202,7 +235,7 @@ class Store:
             responses.c.base_node, responses.c.input_node, responses.c.input_count,
             responses.c.last_node, responses.c.body,
         ).where(responses.c.id == resp_id)
-        async with self.engine.connect() as c:
+        async with self.reader.connect() as c:
             row = (await c.execute(q)).first()
         return None if row is None else ResponseRow(*row)
 
@@ -213,24 +246,24 @@ class Store:
         """(depth, item type) of a node; (-1, None) for no node."""
         if node is None:
             return -1, None
-        async with self.engine.connect() as c:
+        async with self.reader.connect() as c:
             row = (await c.execute(select(items.c.depth, items.c.type).where(items.c.node == node))).first()
         return (-1, None) if row is None else (row[0], row[1])
 
     async def node_data(self, node: str) -> bytes | None:
-        async with self.engine.connect() as c:
+        async with self.reader.connect() as c:
             return (await c.execute(select(items.c.data).where(items.c.node == node))).scalar()
 
     async def items_by_id(self, ids: Sequence[str]) -> dict[str, tuple]:
         """Content of existing items, for `item_reference` inputs."""
         q = select(items.c.item_id, items.c.type, items.c.role, items.c.status, items.c.data, items.c.chat)
         q = q.where(items.c.item_id.in_(list(ids)))
-        async with self.engine.connect() as c:
+        async with self.reader.connect() as c:
             return {r[0]: tuple(r) for r in (await c.execute(q)).all()}
 
     async def tree_page(self, tree: str, *, limit: int, after: str | None) -> tuple[list[tuple], bool]:
         after_seq = 0
-        async with self.engine.connect() as c:
+        async with self.reader.connect() as c:
             if after is not None:
                 s = (await c.execute(
                     select(items.c.seq).where(items.c.tree == tree, items.c.item_id == after)

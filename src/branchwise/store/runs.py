@@ -10,7 +10,7 @@ import orjson
 from sqlalchemy import and_, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from branchwise.store.db import writer
+from branchwise.store.db import reader, writer
 from branchwise.store.tables import events, responses
 
 RUNNING = ("queued", "in_progress")
@@ -20,6 +20,7 @@ class RunStore:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         self.writer = writer(engine)
+        self.reader = reader(engine)
 
     async def insert_rows(self, rows: Sequence[dict]) -> None:
         async with self.writer.begin() as conn:
@@ -37,7 +38,7 @@ class RunStore:
             await conn.execute(insert(events), [{"response_id": response_id, "seq": s, "frame": f} for s, f in frames])
 
     async def events_after(self, response_id: str, after: int, limit: int = 1000) -> list[tuple[int, bytes]]:
-        async with self.engine.connect() as conn:
+        async with self.reader.connect() as conn:
             rows = await conn.execute(
                 select(events.c.seq, events.c.frame)
                 .where(events.c.response_id == response_id, events.c.seq > after)
@@ -47,7 +48,7 @@ class RunStore:
 
     async def state(self, response_id: str) -> tuple[str, bytes, bool, bool] | None:
         """(status, body, background, cancel_requested)"""
-        async with self.engine.connect() as conn:
+        async with self.reader.connect() as conn:
             row = (await conn.execute(
                 select(responses.c.status, responses.c.body, responses.c.background, responses.c.cancel_requested)
                 .where(responses.c.id == response_id)
@@ -65,7 +66,7 @@ class RunStore:
             await conn.execute(update(responses).where(responses.c.id == response_id).values(cancel_requested=True))
 
     async def cancel_requests(self, owner: str) -> list[str]:
-        async with self.engine.connect() as conn:
+        async with self.reader.connect() as conn:
             rows = await conn.execute(select(responses.c.id).where(
                 responses.c.status.in_(RUNNING), responses.c.owner == owner, responses.c.cancel_requested.is_(True)))
             return [r[0] for r in rows.all()]
@@ -75,7 +76,7 @@ class RunStore:
         The conversation heads are untouched: a response only moves a head when it commits."""
         stale = time.time() - ttl
         reaped = []
-        async with self.engine.connect() as conn:
+        async with self.reader.connect() as conn:
             rows = (await conn.execute(select(responses.c.id, responses.c.body).where(
                 responses.c.status.in_(RUNNING), responses.c.heartbeat_at < stale))).all()
         for rid, body in rows:
