@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import bindparam, delete, insert, select, text, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from branchwise.ids import new_node, now
-from branchwise.store.db import reader, writer
+from branchwise.store.db import Database, reader, writer
 from branchwise.store.tables import conversations, items, responses
 from branchwise.store.tables import events as event_log
 from branchwise.wire.items import NewItem
@@ -138,11 +138,31 @@ _CONV_HISTORY = {
 }
 
 
+def _joined(value: str | bytes | None) -> bytes:
+    """An aggregated path from the database (TEXT on SQLite, bytea on PostgreSQL) as bytes."""
+    if value is None:
+        return b""
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _item_rows(tree: str, placed: Sequence[Placed], created: int) -> list[dict]:
+    return [
+        {
+            "node": p.node, "parent": p.parent, "depth": p.depth, "tree": tree,
+            "item_id": p.item.item_id, "type": p.item.type, "role": p.item.role,
+            "status": p.item.status, "response_id": p.response_id, "created_at": created,
+            "data": p.item.data, "chat": p.item.chat,
+        }
+        for p in placed
+    ]
+
+
 class Store:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         self.writer = writer(engine)
         self.reader = reader(engine)
+        self.db = Database(engine)  # the hot path's queries
         self.dialect = engine.dialect.name
 
     # ------------------------------------------------------------------ reads
@@ -151,30 +171,24 @@ class Store:
         if conn is not None:
             row = (await conn.execute(_CONV, {"id": conv_id})).first()
         else:
-            async with self.reader.connect() as c:
-                row = (await c.execute(_CONV, {"id": conv_id})).first()
+            row = await self.db.read(lambda c: c.execute(_CONV, {"id": conv_id}).first())
         return None if row is None else Conversation(*row)
 
     async def conversation_with_history(self, conv_id: str) -> tuple[Conversation | None, bytes]:
         """The conversation and the comma-joined messages of its current path, in one query."""
-        async with self.reader.connect() as c:
-            row = (await c.execute(_CONV_HISTORY[self.dialect], {"id": conv_id})).first()
+        q = _CONV_HISTORY[self.dialect]
+        row = await self.db.read(lambda c: c.execute(q, {"id": conv_id}).first())
         if row is None:
             return None, b""
-        joined = row[-1]
-        history = b"" if joined is None else joined.encode() if isinstance(joined, str) else bytes(joined)
-        return Conversation(*row[:-1]), history
+        return Conversation(*row[:-1]), _joined(row[-1])
 
     async def path_chat(self, node: str | None) -> bytes:
         """The Chat Completions messages of the path root..node, in order, comma-joined
         (b"" for an empty path)."""
         if node is None:
             return b""
-        async with self.reader.connect() as c:
-            joined = (await c.execute(_PATH_CHAT[self.dialect], {"node": node})).scalar()
-        if joined is None:
-            return b""
-        return joined.encode() if isinstance(joined, str) else bytes(joined)
+        q = _PATH_CHAT[self.dialect]
+        return _joined(await self.db.read(lambda c: c.execute(q, {"node": node}).scalar()))
 
     async def walk(self, head: str, lo: int, hi: int, order: str = "asc",
                    conn: AsyncConnection | None = None) -> list[PathRow]:
@@ -235,8 +249,7 @@ class Store:
             responses.c.base_node, responses.c.input_node, responses.c.input_count,
             responses.c.last_node, responses.c.body,
         ).where(responses.c.id == resp_id)
-        async with self.reader.connect() as c:
-            row = (await c.execute(q)).first()
+        row = await self.db.read(lambda c: c.execute(q).first())
         return None if row is None else ResponseRow(*row)
 
     async def node_depth(self, node: str | None) -> int:
@@ -246,8 +259,8 @@ class Store:
         """(depth, item type) of a node; (-1, None) for no node."""
         if node is None:
             return -1, None
-        async with self.reader.connect() as c:
-            row = (await c.execute(select(items.c.depth, items.c.type).where(items.c.node == node))).first()
+        q = select(items.c.depth, items.c.type).where(items.c.node == node)
+        row = await self.db.read(lambda c: c.execute(q).first())
         return (-1, None) if row is None else (row[0], row[1])
 
     async def node_data(self, node: str) -> bytes | None:
@@ -288,20 +301,8 @@ class Store:
 
     @staticmethod
     async def _insert_items(conn: AsyncConnection, tree: str, placed: Sequence[Placed], created: int) -> None:
-        if not placed:
-            return
-        await conn.execute(
-            insert(items),
-            [
-                {
-                    "node": p.node, "parent": p.parent, "depth": p.depth, "tree": tree,
-                    "item_id": p.item.item_id, "type": p.item.type, "role": p.item.role,
-                    "status": p.item.status, "response_id": p.response_id, "created_at": created,
-                    "data": p.item.data, "chat": p.item.chat,
-                }
-                for p in placed
-            ],
-        )
+        if placed:
+            await conn.execute(insert(items), _item_rows(tree, placed, created))
 
     async def create_conversation(self, conv_id: str, tree: str, metadata: dict, chain: Sequence[NewItem],
                                   *, head: str | None = None, forked_from: tuple[str, str | None] | None = None,
@@ -415,13 +416,14 @@ class Store:
         the conversation head moved from `base` to `new_head` if it is still at `base`
         (compare-and-swap). Returns whether the head moved."""
         created = now()
-        moved = False
-        async with self.writer.begin() as conn:
-            await self._insert_items(conn, tree, placed, created)
+
+        def commit(conn: Connection) -> bool:
+            if placed:
+                conn.execute(insert(items), _item_rows(tree, placed, created))
             if events:
-                await conn.execute(insert(event_log), list(events))
+                conn.execute(insert(event_log), list(events))
             if update_existing:
-                await conn.execute(
+                conn.execute(
                     update(responses).where(responses.c.id == bindparam("_id")).values(
                         status=bindparam("status"), input_node=bindparam("input_node"),
                         input_count=bindparam("input_count"), last_node=bindparam("last_node"),
@@ -431,16 +433,18 @@ class Store:
                                                              "last_node", "body")}} for r in response_rows],
                 )
             elif response_rows:
-                await conn.execute(insert(responses), list(response_rows))
+                conn.execute(insert(responses), list(response_rows))
             if conversation_id is not None and new_head is not None:
-                r = await conn.execute(
+                r = conn.execute(
                     update(conversations)
                     .where(conversations.c.id == conversation_id,
                            conversations.c.head.is_not_distinct_from(base))
                     .values(head=new_head)
                 )
-                moved = r.rowcount > 0
-        return moved
+                return r.rowcount > 0
+            return False
+
+        return await self.db.write(commit)
 
     async def delete_response(self, resp_id: str) -> bool:
         async with self.writer.begin() as conn:
