@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
+import orjson
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -27,6 +28,51 @@ log = logging.getLogger("branchwise")
 
 _STATUS_TYPES = {401: "invalid_request_error", 403: "invalid_request_error", 404: "invalid_request_error",
                  405: "invalid_request_error", 429: "rate_limit_error"}
+
+
+_UNAUTHORIZED = orjson.dumps({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                        "param": None, "code": "invalid_api_key"}})
+
+
+class Gate:
+    """The first thing a request meets (a plain ASGI middleware, right inside Starlette's error
+    middleware): the API key check when one is configured, and the hot path — POST /v1/responses
+    goes straight to its handler, past FastAPI's routing and middleware stack, which cost about a
+    fifth of the server's CPU per stored response in the benchmark."""
+
+    def __init__(self, app, api_key: str | None = None):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if self.expected is not None and path.startswith("/v1/"):
+            auth = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+            if auth != self.expected:
+                await Response(_UNAUTHORIZED, 401, media_type="application/json")(scope, receive, send)
+                return
+        if path == "/v1/responses" and scope["method"] == "POST":
+            try:
+                response = await responses.create_response(Request(scope, receive))
+            except APIError as exc:
+                response = _error_response(exc)
+            except Exception:
+                log.exception("unhandled error")
+                response = json_response({"error": {"message": "The server had an error while processing your request.",
+                                                    "type": "server_error", "param": None, "code": None}}, 500)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _error_response(exc: APIError) -> Response:
+    resp = json_response(exc.body(), exc.status)
+    if exc.headers:
+        resp.headers.update(exc.headers)
+    return resp
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -57,10 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> Response:
-        resp = json_response(exc.body(), exc.status)
-        if exc.headers:
-            resp.headers.update(exc.headers)
-        return resp
+        return _error_response(exc)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_request: Request, exc: HTTPException) -> Response:
@@ -76,16 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                           "type": "server_error", "param": None, "code": None}}
         return json_response(body, 500)
 
-    if settings.api_key:
-        expected = f"Bearer {settings.api_key}"
-
-        @app.middleware("http")
-        async def _auth(request: Request, call_next):
-            if request.url.path.startswith("/v1/") and request.headers.get("authorization") != expected:
-                return json_response({"error": {
-                    "message": "Incorrect API key provided.", "type": "invalid_request_error",
-                    "param": None, "code": "invalid_api_key"}}, 401)
-            return await call_next(request)
+    app.add_middleware(Gate, api_key=settings.api_key)
 
     @app.get("/healthz")
     async def healthz() -> Response:

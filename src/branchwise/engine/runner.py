@@ -445,15 +445,9 @@ class Engine:
 
     async def start_stream(self, plan: Plan) -> Run:
         """A stored streaming response: it runs to the end whatever its client does, and its
-        events can be replayed (`GET /v1/responses/{id}?stream=true`)."""
+        events can be replayed (`GET /v1/responses/{id}?stream=true`). Its row is written while
+        the first events are already on their way (see `_produce`)."""
         plan.run = self.runs.new(plan.ids)
-        try:
-            await self.runs.store.insert_rows(self._running_rows(plan, "in_progress"))
-        except BaseException:
-            self.runs.forget(plan.run)
-            plan.run.finish()
-            await self._release(plan)
-            raise
         plan.run.task = asyncio.get_running_loop().create_task(self._produce(plan, background=False))
         return plan.run
 
@@ -503,7 +497,8 @@ class Engine:
                     async for frame in self._stream(plan, created=False):
                         run.append(frame)
             else:
-                async for frame in self._stream(plan):
+                rows = self._running_rows(plan, "in_progress")
+                async for frame in self._stream(plan, before_model=lambda: self.runs.store.insert_rows(rows)):
                     run.append(frame)
         except asyncio.CancelledError:
             status = "cancelled" if run.cancel_reason == "cancel" else "failed"
@@ -563,7 +558,8 @@ class Engine:
         state = await self.runs.store.state(response_id)
         return None if state is None else state[1]
 
-    async def _stream(self, plan: Plan, created: bool = True) -> AsyncIterator[bytes]:
+    async def _stream(self, plan: Plan, created: bool = True,
+                      before_model: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
         """OpenAI's SSE for the plan's response(s). With n > 1 every alternative's events are
         interleaved in one stream; each event names its `response_id` and carries `alternative`
         (its index). Layout in docs/branching.md."""
@@ -573,6 +569,8 @@ class Engine:
                 yield em.event("response.created", response=em.snapshot("in_progress"))
         for em in ems:
             yield em.event("response.in_progress", response=em.snapshot("in_progress"))
+        if before_model is not None:
+            await before_model()
         usage = Usage()
         finish: dict[int, str | None] = {}
         max_calls = plan.req.max_tool_calls
