@@ -10,6 +10,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -125,22 +126,27 @@ def free_port() -> int:
 class Server:
     """`branchwise serve` in a subprocess, over a real socket."""
 
-    def __init__(self, env: dict[str, str], port: int | None = None):
+    def __init__(self, env: dict[str, str], port: int | None = None, workers: int = 1):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("BRANCHWISE_")}
         full_env.update(env)
+        # the server's output goes to a file: a pipe nobody reads would fill and freeze the server
+        self.log = tempfile.NamedTemporaryFile(prefix="branchwise-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "branchwise", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=full_env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "branchwise", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", str(workers), "--log-level", os.environ.get("BRANCHWISE_TEST_SERVE_LOG", "warning")],
+            env=full_env, cwd=str(ROOT), stdout=self.log, stderr=subprocess.STDOUT,
         )
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 60) -> Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
-                raise RuntimeError(f"branchwise serve exited with {self.proc.returncode}:\n{out}")
+                raise RuntimeError(f"branchwise serve exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return self
@@ -157,14 +163,16 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
 
 
 @pytest.fixture
 def serve():
     servers: list[Server] = []
 
-    def start(env: dict[str, str]) -> Server:
-        s = Server(env)
+    def start(env: dict[str, str], workers: int = 1) -> Server:
+        s = Server(env, workers=workers)
         servers.append(s)
         return s.wait_ready()
 

@@ -160,6 +160,30 @@ async def test_two_processes_reject(two_servers, mock):
     assert len(mock.requests) == 1
 
 
+async def test_workers_share_one_line(serve, tmp_path, mock):
+    """`branchwise serve --workers 2` on SQLite: two processes behind one port, one database file.
+    (Two processes on one PostgreSQL database: the test_two_processes_* tests above.)"""
+    server = serve(_env(f"sqlite:///{tmp_path / 'w.db'}", mock), workers=2)
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    conv = await _new_conv(client)
+    results = await asyncio.gather(*(
+        client.responses.create(model="m", conversation=conv.id, input=f"[[delay=0.05]] t{i}",
+                                extra_body={"concurrency": "queue"})
+        for i in range(12)
+    ))
+    assert all(r.status == "completed" for r in results)
+    assert [len(r["messages"]) for r in mock.requests] == [2 + 2 * k for k in range(12)]
+    items = [it async for it in client.conversations.items.list(conv.id, order="asc", limit=100)]
+    assert len(items) == 25
+    mock.clear()
+    branches = await asyncio.gather(*(
+        client.responses.create(model="m", conversation=conv.id, input=f"[[delay=0.2]] b{i}")
+        for i in range(8)
+    ))
+    assert all(r.status == "completed" for r in branches)
+    assert {len(r["messages"]) for r in mock.requests} == {26}
+
+
 async def test_client_disconnect_leaves_the_queue(serve, db_url, mock):
     server = serve(_env(db_url, mock))
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
