@@ -56,7 +56,7 @@ async def create_response(request: Request) -> Response:
         return Response(status_code=499)
     if not req.stream:
         body = await engine.complete(plan)
-        return _timed(json_response(body), started, plan.upstream_s)
+        return _timed(json_response(plan.body or body), started, plan.upstream_s)
     if req.store is False:
         return _timed(_sse(engine.stream(plan)), started)
     return _timed(_sse((await engine.start_stream(plan)).follow()), started)

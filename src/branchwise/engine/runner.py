@@ -65,6 +65,7 @@ class Plan:
     seq: _Seq = field(default_factory=lambda: _Seq())  # sequence_number, shared by the alternatives
     terminal_frames: list[bytes] = field(default_factory=list)
     upstream_s: float = 0.0  # seconds spent waiting for the model (for Server-Timing)
+    body: bytes | None = None  # the stored Response (alternative 0) as serialised for its row
 
     @property
     def n(self) -> int:
@@ -400,6 +401,8 @@ class Engine:
                     "tree": plan.tree, "base_node": plan.base, "input_node": input_node,
                     "input_count": input_count, "last_node": last, "body": orjson.dumps(obj),
                 })
+        if rows:
+            plan.body = rows[0]["body"]  # the reply reuses it: the object is serialised once
         events: list[dict] = []
         if terminal is not None:
             frames = terminal(objs)
