@@ -160,11 +160,10 @@ async def test_two_processes_reject(two_servers, mock):
     assert len(mock.requests) == 1
 
 
-async def test_workers_share_one_line(serve, tmp_path, mock):
-    """`branchwise serve --workers 2` on SQLite: two processes behind one port, one database file.
-    (Two processes on one PostgreSQL database: the test_two_processes_* tests above.)"""
-    server = serve(_env(f"sqlite:///{tmp_path / 'w.db'}", mock), workers=2)
-    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+async def test_workers_share_one_line(serve, db_url, mock):
+    """`branchwise serve --workers 2`: two processes behind one port stay correct on both databases."""
+    server = serve(_env(db_url, mock), workers=2)
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
     conv = await _new_conv(client)
     results = await asyncio.gather(*(
         client.responses.create(model="m", conversation=conv.id, input=f"[[delay=0.05]] t{i}",
