@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, bindparam, delete, insert, select, text, update
+from sqlalchemy import Connection, String, bindparam, delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from branchwise.ids import new_node, now
@@ -138,6 +138,25 @@ _CONV_HISTORY = {
 }
 
 
+# Hot-path statements, built once: building a statement and its cache key on every call showed
+# in the profile.
+_INSERT_ITEMS = insert(items)
+_INSERT_EVENTS = insert(event_log)
+_INSERT_RESPONSES = insert(responses)
+_FINISH_RESPONSE = update(responses).where(responses.c.id == bindparam("_id")).values(
+    status=bindparam("status"), input_node=bindparam("input_node"), input_count=bindparam("input_count"),
+    last_node=bindparam("last_node"), body=bindparam("body"), owner=None)
+_MOVE_HEAD = (update(conversations)
+              .where(conversations.c.id == bindparam("_id"),
+                     conversations.c.head.is_not_distinct_from(bindparam("_base", type_=String)))
+              .values(head=bindparam("_head")))
+_RESPONSE = select(
+    responses.c.id, responses.c.status, responses.c.conversation_id, responses.c.tree, responses.c.base_node,
+    responses.c.input_node, responses.c.input_count, responses.c.last_node, responses.c.body,
+).where(responses.c.id == bindparam("_id"))
+_NODE_INFO = select(items.c.depth, items.c.type).where(items.c.node == bindparam("_node"))
+
+
 def _joined(value: str | bytes | None) -> bytes:
     """An aggregated path from the database (TEXT on SQLite, bytea on PostgreSQL) as bytes."""
     if value is None:
@@ -244,12 +263,7 @@ class Store:
         return rows[:limit], len(rows) > limit
 
     async def response(self, resp_id: str) -> ResponseRow | None:
-        q = select(
-            responses.c.id, responses.c.status, responses.c.conversation_id, responses.c.tree,
-            responses.c.base_node, responses.c.input_node, responses.c.input_count,
-            responses.c.last_node, responses.c.body,
-        ).where(responses.c.id == resp_id)
-        row = await self.db.read(lambda c: c.execute(q).first())
+        row = await self.db.read(lambda c: c.execute(_RESPONSE, {"_id": resp_id}).first())
         return None if row is None else ResponseRow(*row)
 
     async def node_depth(self, node: str | None) -> int:
@@ -259,8 +273,7 @@ class Store:
         """(depth, item type) of a node; (-1, None) for no node."""
         if node is None:
             return -1, None
-        q = select(items.c.depth, items.c.type).where(items.c.node == node)
-        row = await self.db.read(lambda c: c.execute(q).first())
+        row = await self.db.read(lambda c: c.execute(_NODE_INFO, {"_node": node}).first())
         return (-1, None) if row is None else (row[0], row[1])
 
     async def node_data(self, node: str) -> bytes | None:
@@ -302,7 +315,7 @@ class Store:
     @staticmethod
     async def _insert_items(conn: AsyncConnection, tree: str, placed: Sequence[Placed], created: int) -> None:
         if placed:
-            await conn.execute(insert(items), _item_rows(tree, placed, created))
+            await conn.execute(_INSERT_ITEMS, _item_rows(tree, placed, created))
 
     async def create_conversation(self, conv_id: str, tree: str, metadata: dict, chain: Sequence[NewItem],
                                   *, head: str | None = None, forked_from: tuple[str, str | None] | None = None,
@@ -419,28 +432,17 @@ class Store:
 
         def commit(conn: Connection) -> bool:
             if placed:
-                conn.execute(insert(items), _item_rows(tree, placed, created))
+                conn.execute(_INSERT_ITEMS, _item_rows(tree, placed, created))
             if events:
-                conn.execute(insert(event_log), list(events))
+                conn.execute(_INSERT_EVENTS, list(events))
             if update_existing:
-                conn.execute(
-                    update(responses).where(responses.c.id == bindparam("_id")).values(
-                        status=bindparam("status"), input_node=bindparam("input_node"),
-                        input_count=bindparam("input_count"), last_node=bindparam("last_node"),
-                        body=bindparam("body"), owner=None,
-                    ),
-                    [{"_id": r["id"], **{k: r[k] for k in ("status", "input_node", "input_count",
-                                                             "last_node", "body")}} for r in response_rows],
-                )
+                conn.execute(_FINISH_RESPONSE, [
+                    {"_id": r["id"], **{k: r[k] for k in ("status", "input_node", "input_count", "last_node", "body")}}
+                    for r in response_rows])
             elif response_rows:
-                conn.execute(insert(responses), list(response_rows))
+                conn.execute(_INSERT_RESPONSES, list(response_rows))
             if conversation_id is not None and new_head is not None:
-                r = conn.execute(
-                    update(conversations)
-                    .where(conversations.c.id == conversation_id,
-                           conversations.c.head.is_not_distinct_from(base))
-                    .values(head=new_head)
-                )
+                r = conn.execute(_MOVE_HEAD, {"_id": conversation_id, "_base": base, "_head": new_head})
                 return r.rowcount > 0
             return False
 
