@@ -25,6 +25,7 @@ import orjson
 
 from branchwise.settings import Settings
 from branchwise.store.runs import RunStore
+from branchwise.wire.objects import sse
 
 log = logging.getLogger("branchwise.runs")
 
@@ -215,7 +216,7 @@ class Runs:
                 if batch:
                     continue
                 obj = orjson.loads(body)
-                frames = synthesize(obj) if last == -1 else [terminal_frame(obj, last + 1)]
+                frames = synthesize(obj) if last == -1 else [terminalsse(obj, last + 1)]
                 for frame in frames[after + 1:] if last == -1 else frames:
                     yield frame
                 return
@@ -227,14 +228,10 @@ class Runs:
             await asyncio.sleep(self.settings.event_poll_interval)
 
 
-def _frame(event: dict) -> bytes:
-    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
-
-
-def terminal_frame(obj: dict, seq: int) -> bytes:
+def terminalsse(obj: dict, seq: int) -> bytes:
     kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
         obj["status"], "response.failed")
-    return _frame({"type": kind, "sequence_number": seq, "response": obj})
+    return sse({"type": kind, "sequence_number": seq, "response": obj})
 
 
 def synthesize(obj: dict) -> list[bytes]:
@@ -284,6 +281,6 @@ def synthesize(obj: dict) -> list[bytes]:
         events.append({"type": "response.output_item.done", "output_index": oi, "item": item})
     frames = []
     for seq, ev in enumerate(events):
-        frames.append(_frame({**ev, "sequence_number": seq}))
-    frames.append(terminal_frame(obj, len(events)))
+        frames.append(sse({**ev, "sequence_number": seq}))
+    frames.append(terminalsse(obj, len(events)))
     return frames

@@ -77,7 +77,3 @@ class Leases:
                 .order_by(leases.c.seq)
             )
             return [tuple(r) for r in rows.all()]
-
-    async def purge_expired(self) -> None:
-        async with self.writer.begin() as conn:
-            await conn.execute(delete(leases).where(leases.c.expires_at <= time.time()))

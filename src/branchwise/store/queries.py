@@ -80,25 +80,35 @@ def place(chain: Sequence[NewItem], parent: str | None, parent_depth: int,
     return out
 
 
-_CONV = text(
+_CONV_SELECT = (
     "SELECT c.id, c.tree, c.head, i.item_id, COALESCE(i.depth, -1), i.type, c.created_at, c.metadata, "
-    "c.forked_from_conversation, c.forked_from_item "
-    "FROM conversations c LEFT JOIN items i ON i.node = c.head WHERE c.id = :id"
-)  # keep in step with _CONV_COLUMNS below
-
-_PATH = (
-    "WITH RECURSIVE path(node, parent, depth, chat) AS ("
-    " SELECT node, parent, depth, chat FROM items WHERE node = :node"
-    " UNION ALL"
-    " SELECT i.node, i.parent, i.depth, i.chat FROM items i JOIN path p ON i.node = p.parent"
-    ") "
+    "c.forked_from_conversation, c.forked_from_item"
 )
-# The path's messages joined by commas in the database: one row back, whatever the length.
-_PATH_CHAT = {
-    "sqlite": text(_PATH + "SELECT group_concat(chat, ',') FROM "
-                           "(SELECT chat FROM path WHERE chat IS NOT NULL ORDER BY depth)"),
-    "postgresql": text(_PATH + "SELECT string_agg(chat, '\\x2c'::bytea ORDER BY depth) FROM path "
-                               "WHERE chat IS NOT NULL"),
+_CONV_FROM = " FROM conversations c LEFT JOIN items i ON i.node = c.head WHERE c.id = :id"
+_CONV = text(_CONV_SELECT + _CONV_FROM)
+
+
+def _path_from(seed: str) -> str:
+    """The path from the node `seed` selects up to the root, carrying each item's chat message."""
+    return (
+        "WITH RECURSIVE path(node, parent, depth, chat) AS ("
+        f" SELECT node, parent, depth, chat FROM items WHERE node = {seed}"
+        " UNION ALL"
+        " SELECT i.node, i.parent, i.depth, i.chat FROM items i JOIN path p ON i.node = p.parent"
+        ") "
+    )
+
+
+# The path's messages joined by commas in the database: one value back, whatever the length.
+_JOINED = {
+    "sqlite": "(SELECT group_concat(chat, ',') FROM (SELECT chat FROM path WHERE chat IS NOT NULL ORDER BY depth))",
+    "postgresql": "(SELECT string_agg(chat, '\\x2c'::bytea ORDER BY depth) FROM path WHERE chat IS NOT NULL)",
+}
+_PATH_CHAT = {d: text(_path_from(":node") + "SELECT " + agg) for d, agg in _JOINED.items()}
+# The conversation and its history's messages, in one round trip (the hot path).
+_CONV_HISTORY = {
+    d: text(_path_from("(SELECT head FROM conversations WHERE id = :id)") + f"{_CONV_SELECT}, {agg}{_CONV_FROM}")
+    for d, agg in _JOINED.items()
 }
 
 
@@ -114,28 +124,6 @@ def _path_walk(order: str) -> Any:
 
 
 _WALK = {"asc": _path_walk("ASC"), "desc": _path_walk("DESC")}
-
-
-_CONV_COLUMNS = (
-    "c.id, c.tree, c.head, i.item_id, COALESCE(i.depth, -1), i.type, c.created_at, c.metadata, "
-    "c.forked_from_conversation, c.forked_from_item"
-)
-_HEAD_PATH = (
-    "WITH RECURSIVE path(node, parent, depth, chat) AS ("
-    " SELECT node, parent, depth, chat FROM items WHERE node = (SELECT head FROM conversations WHERE id = :id)"
-    " UNION ALL"
-    " SELECT i.node, i.parent, i.depth, i.chat FROM items i JOIN path p ON i.node = p.parent"
-    ") "
-)
-# The conversation and its history's messages, in one round trip (the hot path).
-_CONV_HISTORY = {
-    "sqlite": text(_HEAD_PATH + f"SELECT {_CONV_COLUMNS}, (SELECT group_concat(chat, ',') FROM "
-                                "(SELECT chat FROM path WHERE chat IS NOT NULL ORDER BY depth)) "
-                                "FROM conversations c LEFT JOIN items i ON i.node = c.head WHERE c.id = :id"),
-    "postgresql": text(_HEAD_PATH + f"SELECT {_CONV_COLUMNS}, (SELECT string_agg(chat, '\\x2c'::bytea "
-                                    "ORDER BY depth) FROM path WHERE chat IS NOT NULL) "
-                                    "FROM conversations c LEFT JOIN items i ON i.node = c.head WHERE c.id = :id"),
-}
 
 
 # Hot-path statements, built once: building a statement and its cache key on every call showed
@@ -408,10 +396,6 @@ class Store:
                 new_head = parent
             await conn.execute(update(conversations).where(conversations.c.id == conv_id).values(head=new_head))
         return True
-
-    async def insert_response(self, row: dict) -> None:
-        async with self.writer.begin() as conn:
-            await conn.execute(insert(responses), row)
 
     async def commit_response(
         self,
