@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await runs.stop()
             await router.aclose()
-            store.db.close()
+            await store.db.close()
             await db.dispose()
 
     app = FastAPI(title="branchwise", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, String, bindparam, delete, insert, select, text, update
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from branchwise.ids import new_node, now
-from branchwise.store.db import Database, reader, writer
+from branchwise.store.db import SQL, Database, reader, writer
 from branchwise.store.tables import conversations, items, responses
-from branchwise.store.tables import events as event_log
 from branchwise.wire.items import NewItem
 
 
@@ -126,23 +125,51 @@ def _path_walk(order: str) -> Any:
 _WALK = {"asc": _path_walk("ASC"), "desc": _path_walk("DESC")}
 
 
-# Hot-path statements, built once: building a statement and its cache key on every call showed
-# in the profile.
-_INSERT_ITEMS = insert(items)
-_INSERT_EVENTS = insert(event_log)
-_INSERT_RESPONSES = insert(responses)
-_FINISH_RESPONSE = update(responses).where(responses.c.id == bindparam("_id")).values(
-    status=bindparam("status"), input_node=bindparam("input_node"), input_count=bindparam("input_count"),
-    last_node=bindparam("last_node"), body=bindparam("body"), owner=None)
-_MOVE_HEAD = (update(conversations)
-              .where(conversations.c.id == bindparam("_id"),
-                     conversations.c.head.is_not_distinct_from(bindparam("_base", type_=String)))
-              .values(head=bindparam("_head")))
-_RESPONSE = select(
-    responses.c.id, responses.c.status, responses.c.conversation_id, responses.c.tree, responses.c.base_node,
-    responses.c.input_node, responses.c.input_count, responses.c.last_node, responses.c.body,
-).where(responses.c.id == bindparam("_id"))
-_NODE_INFO = select(items.c.depth, items.c.type).where(items.c.node == bindparam("_node"))
+# The hot path's statements, for the raw drivers (see `Database`).
+_RAW_CONV = SQL(_CONV_SELECT + _CONV_FROM)
+_RAW_PATH_CHAT = {d: SQL(str(t)) for d, t in _PATH_CHAT.items()}
+_RAW_CONV_HISTORY = {d: SQL(str(t)) for d, t in _CONV_HISTORY.items()}
+_ITEM_COLUMNS = ("node", "parent", "depth", "tree", "item_id", "type", "role", "status", "response_id",
+                 "created_at", "data", "chat")
+_RESPONSE_COLUMNS = ("id", "status", "created_at", "conversation_id", "previous_response_id", "tree", "base_node",
+                     "input_node", "input_count", "last_node", "body")
+
+
+def _insert(table: str, columns: Sequence[str]) -> SQL:
+    return SQL(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)})")
+
+
+_INSERT_ITEMS = _insert("items", _ITEM_COLUMNS)
+_INSERT_EVENTS = _insert("events", ("response_id", "seq", "frame"))
+_INSERT_RESPONSES = _insert("responses", _RESPONSE_COLUMNS)
+_FINISH_RESPONSE = SQL("UPDATE responses SET status = :status, input_node = :input_node, input_count = :input_count,"
+                       " last_node = :last_node, body = :body, owner = NULL WHERE id = :id")
+# Compare-and-swap: the head moves only if it is still where the response started.
+_MOVE_HEAD = {
+    "sqlite": SQL("UPDATE conversations SET head = :head WHERE id = :id AND head IS :base"),
+    "postgresql": SQL("UPDATE conversations SET head = :head WHERE id = :id AND head IS NOT DISTINCT FROM :base"),
+}
+
+def _unnest(table: str, columns: Sequence[str], types: Sequence[str], prefix: str) -> str:
+    arrays = ", ".join(f":{prefix}{c}::{t}[]" for c, t in zip(columns, types, strict=True))
+    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays})"
+
+
+# PostgreSQL: a stored response (its items, its rows, the head's compare-and-swap) in one
+# statement, so one round trip and its own transaction; the row count is the UPDATE's.
+_PG_COMMIT = SQL(
+    "WITH new_items AS ("
+    + _unnest("items", _ITEM_COLUMNS, ("text", "text", "int", "text", "text", "text", "text", "text", "text", "bigint",
+                                       "bytea", "bytea"), "i_")
+    + "), new_responses AS ("
+    + _unnest("responses", _RESPONSE_COLUMNS, ("text", "text", "bigint", "text", "text", "text", "text", "text", "int",
+                                               "text", "bytea"), "r_")
+    + ") UPDATE conversations SET head = :head WHERE id = :id AND head IS NOT DISTINCT FROM :base"
+)
+_SET_HEAD = SQL("UPDATE conversations SET head = :head WHERE id = :id")
+_RESPONSE = SQL("SELECT id, status, conversation_id, tree, base_node, input_node, input_count, last_node, body"
+                " FROM responses WHERE id = :id")
+_NODE_INFO = SQL("SELECT depth, type FROM items WHERE node = :node")
 
 
 def _joined(value: str | bytes | None) -> bytes:
@@ -178,13 +205,12 @@ class Store:
         if conn is not None:
             row = (await conn.execute(_CONV, {"id": conv_id})).first()
         else:
-            row = await self.db.read(lambda c: c.execute(_CONV, {"id": conv_id}).first())
+            row = await self.db.one(_RAW_CONV, {"id": conv_id})
         return None if row is None else Conversation(*row)
 
     async def conversation_with_history(self, conv_id: str) -> tuple[Conversation | None, bytes]:
         """The conversation and the comma-joined messages of its current path, in one query."""
-        q = _CONV_HISTORY[self.dialect]
-        row = await self.db.read(lambda c: c.execute(q, {"id": conv_id}).first())
+        row = await self.db.one(_RAW_CONV_HISTORY[self.dialect], {"id": conv_id})
         if row is None:
             return None, b""
         return Conversation(*row[:-1]), _joined(row[-1])
@@ -194,8 +220,7 @@ class Store:
         (b"" for an empty path)."""
         if node is None:
             return b""
-        q = _PATH_CHAT[self.dialect]
-        return _joined(await self.db.read(lambda c: c.execute(q, {"node": node}).scalar()))
+        return _joined(await self.db.value(_RAW_PATH_CHAT[self.dialect], {"node": node}))
 
     async def walk(self, head: str, lo: int, hi: int, order: str = "asc",
                    conn: AsyncConnection | None = None) -> list[PathRow]:
@@ -251,7 +276,7 @@ class Store:
         return rows[:limit], len(rows) > limit
 
     async def response(self, resp_id: str) -> ResponseRow | None:
-        row = await self.db.read(lambda c: c.execute(_RESPONSE, {"_id": resp_id}).first())
+        row = await self.db.one(_RESPONSE, {"id": resp_id})
         return None if row is None else ResponseRow(*row)
 
     async def node_depth(self, node: str | None) -> int:
@@ -261,7 +286,7 @@ class Store:
         """(depth, item type) of a node; (-1, None) for no node."""
         if node is None:
             return -1, None
-        row = await self.db.read(lambda c: c.execute(_NODE_INFO, {"_node": node}).first())
+        row = await self.db.one(_NODE_INFO, {"node": node})
         return (-1, None) if row is None else (row[0], row[1])
 
     async def node_data(self, node: str) -> bytes | None:
@@ -303,7 +328,7 @@ class Store:
     @staticmethod
     async def _insert_items(conn: AsyncConnection, tree: str, placed: Sequence[Placed], created: int) -> None:
         if placed:
-            await conn.execute(_INSERT_ITEMS, _item_rows(tree, placed, created))
+            await conn.execute(insert(items), _item_rows(tree, placed, created))
 
     async def create_conversation(self, conv_id: str, tree: str, metadata: dict, chain: Sequence[NewItem],
                                   *, head: str | None = None, forked_from: tuple[str, str | None] | None = None,
@@ -356,8 +381,7 @@ class Store:
         return conv
 
     async def move_head(self, conv_id: str, node: str) -> None:
-        async with self.writer.begin() as conn:
-            await conn.execute(update(conversations).where(conversations.c.id == conv_id).values(head=node))
+        await self.db.write([(_SET_HEAD, {"id": conv_id, "head": node})])
 
     async def delete_from_path(self, conv_id: str, item_id: str) -> bool | None:
         """Take `item_id` out of the conversation's path without touching any shared node:
@@ -412,25 +436,28 @@ class Store:
         """Store a finished response in one short transaction: its items, its row(s), and
         the conversation head moved from `base` to `new_head` if it is still at `base`
         (compare-and-swap). Returns whether the head moved."""
-        created = now()
-
-        def commit(conn: Connection) -> bool:
-            if placed:
-                conn.execute(_INSERT_ITEMS, _item_rows(tree, placed, created))
-            if events:
-                conn.execute(_INSERT_EVENTS, list(events))
-            if update_existing:
-                conn.execute(_FINISH_RESPONSE, [
-                    {"_id": r["id"], **{k: r[k] for k in ("status", "input_node", "input_count", "last_node", "body")}}
-                    for r in response_rows])
-            elif response_rows:
-                conn.execute(_INSERT_RESPONSES, list(response_rows))
-            if conversation_id is not None and new_head is not None:
-                r = conn.execute(_MOVE_HEAD, {"_id": conversation_id, "_base": base, "_head": new_head})
-                return r.rowcount > 0
+        if self.dialect == "postgresql" and not events and not update_existing:
+            rows = _item_rows(tree, placed, now())
+            params: dict = {f"i_{c}": [r[c] for r in rows] for c in _ITEM_COLUMNS}
+            params.update({f"r_{c}": [r[c] for r in response_rows] for c in _RESPONSE_COLUMNS})
+            params.update(id=conversation_id if new_head is not None else None, base=base, head=new_head)
+            return await self.db.execute_pg(_PG_COMMIT, params) > 0
+        steps: list = []
+        if placed:
+            steps.append((_INSERT_ITEMS, _item_rows(tree, placed, now())))
+        if events:
+            steps.append((_INSERT_EVENTS, list(events)))
+        if update_existing:
+            steps.append((_FINISH_RESPONSE, list(response_rows)))
+        elif response_rows:
+            steps.append((_INSERT_RESPONSES, list(response_rows)))
+        move = conversation_id is not None and new_head is not None
+        if move:
+            steps.append((_MOVE_HEAD[self.dialect], {"id": conversation_id, "base": base, "head": new_head}))
+        if not steps:
             return False
-
-        return await self.db.write(commit)
+        moved = await self.db.write(steps)
+        return move and moved > 0
 
     async def delete_response(self, resp_id: str) -> bool:
         async with self.writer.begin() as conn:
