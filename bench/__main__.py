@@ -119,14 +119,16 @@ def md_sweep(runs: list[dict]) -> str:
     for run in runs:
         for c, r in run["load"]["sweep"].items():
             rows.append([run["db"], str(c), _f(r["rps"], 0), _f(r["p50_ms"]), _f(r["p90_ms"]), _f(r["p99_ms"]),
-                         "yes" if r["p99_ms"] < load.P99_LIMIT_MS else "no", str(r["errors"])])
+                         "yes" if r["p99_ms"] < load.P99_LIMIT_MS else "no", str(r["errors"]),
+                         _f(r.get("reset_p50_ms", math.nan))])
             cpu = r["cpu_ms_per_req"]
             cpu_rows.append([run["db"], str(c), _f(cpu["branchwise"]), _f(cpu["branchwise_main_thread"]),
                              _f(cpu["branchwise_other_threads"]), _f(cpu["mock"]), _f(cpu["postgres"]),
                              _f(cpu["client"]), _f(cpu["other"]), _f(r["machine_busy_pct"], 0),
                              _f(r["threads_in_busy_sleep"], 1)])
     out = [_table("(b) Throughput: stored responses per second (closed loop)",
-                  ["db", "concurrency", "responses/s", "p50 ms", "p90 ms", "p99 ms", "p99 < 50 ms", "errors"], rows)]
+                  ["db", "concurrency", "responses/s", "p50 ms", "p90 ms", "p99 ms", "p99 < 50 ms", "errors",
+                   "untimed head reset p50 ms"], rows)]
     rows = []
     for run in runs:
         best, c32 = run["best"], run["load"]["sweep"][32]

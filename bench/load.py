@@ -105,12 +105,15 @@ class _BranchwiseWorker:
     def __init__(self, conv: tuple[str, str]):
         self.conv = conv
         self.k = 0
+        self.resets: list[tuple[float, float]] = []  # (sent, done) of each untimed head reset
         self.bodies = [dumps({"model": "mock", "conversation": conv[0], "input": turn_text(k)})
                        for k in range(RESET_EVERY)]
 
     async def step(self, conn: Conn):
         if self.k == RESET_EVERY:
+            t = perf()
             await reset_head(conn, self.conv)
+            self.resets.append((t, perf()))
             self.k = 0
         r = await conn.request("POST", "/v1/responses", self.bodies[self.k])
         self.k += 1
@@ -203,10 +206,12 @@ async def closed_loop(port: int, workers: list, warmup: float, duration: float, 
             t.cancel()
         close_all(conns)
     n = len(lat)
+    resets = [(d - s) * 1000 for w in workers for s, d in getattr(w, "resets", ()) if s >= t_measure and d <= t_end]
     res = {
         "concurrency": len(workers), "requests": n, "errors": errors, "duration_s": duration,
         "rps": n / duration, "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99),
         "max_ms": max(lat) if lat else math.nan,
+        "resets": len(resets), "reset_p50_ms": pct(resets, 50) if resets else math.nan,
         "cpu_s": {k: v for k, v in cpu.items() if k != "machine_total"},
     }
     per = {k: (1000 * v / n if n else math.nan) for k, v in cpu.items()

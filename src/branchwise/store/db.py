@@ -192,6 +192,12 @@ class Database:
         row = await pool.fetchrow(sql.pg, *sql.args(params))
         return None if row is None else tuple(row)
 
+    async def all(self, sql: SQL, params: dict) -> list[tuple]:
+        if self.sqlite:
+            return self._loop_conn.execute(sql.text, params).fetchall()
+        pool = self._pool or await self._open_pool()
+        return [tuple(r) for r in await pool.fetch(sql.pg, *sql.args(params))]
+
     async def value(self, sql: SQL, params: dict) -> Any:
         row = await self.one(sql, params)
         return None if row is None else row[0]

@@ -123,6 +123,17 @@ def _path_walk(order: str) -> Any:
 
 
 _WALK = {"asc": _path_walk("ASC"), "desc": _path_walk("DESC")}
+_RAW_WALK = {k: SQL(str(v)) for k, v in _WALK.items()}
+_CANDIDATES_TEXT = "SELECT node, depth FROM items WHERE tree = :tree AND item_id = :item_id ORDER BY seq DESC"
+_CANDIDATES = text(_CANDIDATES_TEXT)
+_RAW_CANDIDATES = SQL(_CANDIDATES_TEXT)
+_NODE_DATA = SQL("SELECT data FROM items WHERE node = :node")
+_TREE_AFTER = SQL("SELECT seq FROM items WHERE tree = :tree AND item_id = :item_id ORDER BY seq DESC LIMIT 1")
+_TREE_PAGE = SQL(
+    "SELECT i.item_id, p.item_id, i.type, i.role, i.response_id, i.status, i.created_at"
+    " FROM items i LEFT JOIN items p ON p.node = i.parent"
+    " WHERE i.tree = :tree AND i.seq > :after ORDER BY i.seq LIMIT :limit"
+)
 
 
 # The hot path's statements, for the raw drivers (see `Database`).
@@ -229,18 +240,15 @@ class Store:
         if conn is not None:
             rows = (await conn.execute(_WALK[order], params)).all()
         else:
-            async with self.reader.connect() as c:
-                rows = (await c.execute(_WALK[order], params)).all()
+            rows = await self.db.all(_RAW_WALK[order], params)
         return [PathRow(*r) for r in rows]
 
     async def candidates(self, tree: str, item_id: str, conn: AsyncConnection | None = None) -> list[tuple[str, int]]:
         """Nodes holding `item_id` in `tree`: (node, depth), newest first."""
-        q = select(items.c.node, items.c.depth).where(items.c.tree == tree, items.c.item_id == item_id)
-        q = q.order_by(items.c.seq.desc())
+        params = {"tree": tree, "item_id": item_id}
         if conn is not None:
-            return [tuple(r) for r in (await conn.execute(q)).all()]
-        async with self.reader.connect() as c:
-            return [tuple(r) for r in (await c.execute(q)).all()]
+            return [tuple(r) for r in (await conn.execute(_CANDIDATES, params)).all()]
+        return [tuple(r) for r in await self.db.all(_RAW_CANDIDATES, params)]
 
     async def find_on_path(self, conv: Conversation, item_id: str,
                            conn: AsyncConnection | None = None) -> PathRow | None:
@@ -290,37 +298,24 @@ class Store:
         return (-1, None) if row is None else (row[0], row[1])
 
     async def node_data(self, node: str) -> bytes | None:
-        async with self.reader.connect() as c:
-            return (await c.execute(select(items.c.data).where(items.c.node == node))).scalar()
+        return await self.db.value(_NODE_DATA, {"node": node})
 
     async def items_by_id(self, ids: Sequence[str]) -> dict[str, tuple]:
         """Content of existing items, for `item_reference` inputs."""
-        q = select(items.c.item_id, items.c.type, items.c.role, items.c.status, items.c.data, items.c.chat)
-        q = q.where(items.c.item_id.in_(list(ids)))
-        async with self.reader.connect() as c:
-            return {r[0]: tuple(r) for r in (await c.execute(q)).all()}
+        ids = list(dict.fromkeys(ids))
+        names = [f"i{k}" for k in range(len(ids))]
+        q = SQL("SELECT item_id, type, role, status, data, chat FROM items WHERE item_id IN ("
+                + ", ".join(":" + n for n in names) + ")")
+        return {r[0]: tuple(r) for r in await self.db.all(q, dict(zip(names, ids, strict=True)))}
 
     async def tree_page(self, tree: str, *, limit: int, after: str | None) -> tuple[list[tuple], bool]:
         after_seq = 0
-        async with self.reader.connect() as c:
-            if after is not None:
-                s = (await c.execute(
-                    select(items.c.seq).where(items.c.tree == tree, items.c.item_id == after)
-                    .order_by(items.c.seq.desc()).limit(1)
-                )).scalar()
-                if s is None:
-                    return [], False  # caller turns this into a 404 when it must
-                after_seq = s
-            parent = items.alias("p")
-            q = (
-                select(items.c.item_id, parent.c.item_id, items.c.type, items.c.role, items.c.response_id,
-                       items.c.status, items.c.created_at)
-                .select_from(items.outerjoin(parent, parent.c.node == items.c.parent))
-                .where(items.c.tree == tree, items.c.seq > after_seq)
-                .order_by(items.c.seq)
-                .limit(limit + 1)
-            )
-            rows = (await c.execute(q)).all()
+        if after is not None:
+            s = await self.db.value(_TREE_AFTER, {"tree": tree, "item_id": after})
+            if s is None:
+                return [], False  # caller turns this into a 404 when it must
+            after_seq = s
+        rows = await self.db.all(_TREE_PAGE, {"tree": tree, "after": after_seq, "limit": limit + 1})
         return [tuple(r) for r in rows[:limit]], len(rows) > limit
 
     # ------------------------------------------------------------------ writes
