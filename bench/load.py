@@ -43,6 +43,8 @@ HOST = "127.0.0.1"
 SEED_ITEMS = 20
 RESET_EVERY = 4
 SWEEP = (1, 2, 4, 8, 16, 32, 64)
+RATES = (400, 600, 800, 1000, 1200)  # offered responses/s in the fixed-rate phases
+RATE_CONNECTIONS = 32
 DIRECT = (1, 16, 32, 64)
 ADDED_AT = (1, 16, 64)
 P99_LIMIT_MS = 50.0
@@ -229,6 +231,74 @@ async def closed_loop(port: int, workers: list, warmup: float, duration: float, 
     return res
 
 
+async def fixed_rate(port: int, workers: list, rate: float, warmup: float, duration: float,
+                     meter: CpuMeter) -> dict:
+    """Open loop: a request falls due every 1/rate s, whatever the server is doing, and goes out
+    on the next free one of len(workers) connections. Its latency runs from when it fell due (so
+    the wait for a free connection counts: no coordinated omission). A worker's untimed head
+    reset happens on its connection after every RESET_EVERY turns, so it holds a connection
+    too. Requests due after the warm-up and done before the end (plus grace) count."""
+    conns = await open_conns(HOST, port, len(workers))
+    free: asyncio.Queue = asyncio.Queue()
+    for pair in zip(workers, conns, strict=True):
+        free.put_nowait(pair)
+    t0 = perf()
+    t_measure, t_end = t0 + warmup, t0 + warmup + duration
+    lat: list[float] = []
+    errors = late = 0
+    tasks: set[asyncio.Task] = set()
+
+    async def one(due: float, w, conn: Conn) -> None:
+        nonlocal errors
+        try:
+            r, ok = await w.step(conn)
+        except (ConnectionError, OSError):
+            errors += due >= t_measure
+            conn.close()
+            conn = await Conn.open(HOST, port)
+        else:
+            if due >= t_measure:
+                if ok:
+                    lat.append((r.t_done - due) * 1000)
+                else:
+                    errors += 1
+        free.put_nowait((w, conn))
+
+    try:
+        k = 0
+        started_meter = False
+        while (due := t0 + k / rate) < t_end:
+            if not started_meter and due >= t_measure:
+                meter.start()
+                started_meter = True
+            delay = due - perf()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            w, conn = await free.get()
+            task = asyncio.ensure_future(one(due, w, conn))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            k += 1
+        _, pending = await asyncio.wait(tasks, timeout=REQUEST_GRACE_S) if tasks else (set(), set())
+        late = len(pending)
+        cpu = meter.stop()
+    finally:
+        for t in list(tasks):
+            t.cancel()
+        close_all(conns)
+        while not free.empty():
+            free.get_nowait()[1].close()
+    n = len(lat)
+    wall = cpu["wall"]
+    return {
+        "offered_rps": rate, "connections": len(workers), "requests": n, "errors": errors + late,
+        "rps": n / duration, "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99),
+        "max_ms": max(lat) if lat else math.nan,
+        "branchwise_cpu_pct": 100 * cpu["branchwise"] / wall, "machine_busy_pct":
+            100 * cpu["machine_busy"] / cpu["machine_total"],
+    }
+
+
 # --------------------------------------------------------------------------- streaming
 
 
@@ -388,6 +458,13 @@ async def branchwise_load(bw: Server, mock: Server, warmup: float, duration: flo
         sweep[c] = await closed_loop(bw.port, [_BranchwiseWorker(conv) for conv in convs[:c]], warmup, duration,
                                      meter, server_pids=bw.pids)
     out["sweep"] = sweep
+    rates = {}
+    for rate in RATES:
+        rates[rate] = r = await fixed_rate(bw.port, [_BranchwiseWorker(conv) for conv in convs[:RATE_CONNECTIONS]],
+                                           rate, warmup, duration, meter)
+        if r["p99_ms"] > 4 * P99_LIMIT_MS or r["errors"]:
+            break  # far past what it sustains: higher rates only pile up a backlog
+    out["rate"] = rates
     if profile is not None:
         out["profile"] = await _profile(bw, convs, warmup, duration, meter, profile)
     out["streaming"] = await streams(bw.port, n_streams, stream_convs)
