@@ -245,6 +245,7 @@ async def fixed_rate(port: int, workers: list, rate: float, warmup: float, durat
     t0 = perf()
     t_measure, t_end = t0 + warmup, t0 + warmup + duration
     lat: list[float] = []
+    sent_late: list[float] = []  # how long after falling due each request went out
     errors = late = 0
     tasks: set[asyncio.Task] = set()
 
@@ -260,6 +261,7 @@ async def fixed_rate(port: int, workers: list, rate: float, warmup: float, durat
             if due >= t_measure:
                 if ok:
                     lat.append((r.t_done - due) * 1000)
+                    sent_late.append((r.t_sent - due) * 1000)
                 else:
                     errors += 1
         free.put_nowait((w, conn))
@@ -294,6 +296,7 @@ async def fixed_rate(port: int, workers: list, rate: float, warmup: float, durat
         "offered_rps": rate, "connections": len(workers), "requests": n, "errors": errors + late,
         "rps": n / duration, "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99),
         "max_ms": max(lat) if lat else math.nan,
+        "sent_late_p50_ms": pct(sent_late, 50), "sent_late_p99_ms": pct(sent_late, 99),
         "branchwise_cpu_pct": 100 * cpu["branchwise"] / wall, "machine_busy_pct":
             100 * cpu["machine_busy"] / cpu["machine_total"],
     }

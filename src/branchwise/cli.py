@@ -30,7 +30,9 @@ def serve(
     settings = Settings()
     host = host or settings.host
     port = port or settings.port
-    kwargs = dict(host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
+    # No proxy-header rewriting: branchwise never reads the client's address, and the layer costs
+    # CPU on every request.
+    kwargs = dict(host=host, port=port, log_level=log_level, access_log=False, lifespan="on", proxy_headers=False)
     try:
         import uvloop  # noqa: F401
 
