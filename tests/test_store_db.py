@@ -1,0 +1,150 @@
+"""The hot path's raw-driver layer (`store.db.Database`): statements written once for both
+drivers, and writes from several processes on one database. Each "process" here is a Store on
+an engine of its own: on SQLite it has its own connections, write lock and flock descriptor,
+which is what another process would have."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+
+from sqlalchemy import text
+
+from branchwise.ids import new_id
+from branchwise.store import db as dbmod
+from branchwise.store.db import SQL, create_engine, migrate
+from branchwise.store.queries import Store, place
+from branchwise.wire import items as witems
+from branchwise.wire import models as m
+
+
+def test_sql_numbers_parameters_for_asyncpg_and_leaves_casts_alone():
+    q = SQL("SELECT :a, x::text, :b, string_agg(c, '\\x2c'::bytea), :a WHERE y = :b_2")
+    assert q.text.startswith("SELECT :a, x::text, :b")
+    assert q.pg == "SELECT $1, x::text, $2, string_agg(c, '\\x2c'::bytea), $1 WHERE y = $3"
+    assert q.names == ("a", "b", "b_2")
+    assert q.args({"b_2": 3, "a": 1, "b": 2, "unused": 9}) == (1, 2, 3)
+
+
+def _message(role: str, text_: str) -> witems.NewItem:
+    return witems.from_input(m.Message(role=role, content=text_))
+
+
+async def _stores(url: str, n: int) -> list[Store]:
+    engines = [create_engine(url) for _ in range(n)]
+    await migrate(engines[0])
+    return [Store(e) for e in engines]
+
+
+async def _close(stores: list[Store]) -> None:
+    for s in stores:
+        await s.db.close()
+        await s.engine.dispose()
+
+
+async def _commit(store: Store, conv_id: str, tree: str, base: str, base_depth: int, k: int) -> tuple[str, bool]:
+    rid = new_id("resp")
+    placed = place([_message("user", f"q{k}"), _message("assistant", f"a{k}")], base, base_depth, rid)
+    row = {"id": rid, "status": "completed", "created_at": 1, "conversation_id": conv_id,
+           "previous_response_id": None, "tree": tree, "base_node": base, "input_node": placed[0].node,
+           "input_count": 1, "last_node": placed[-1].node, "body": b"{}"}
+    moved = await store.commit_response(tree=tree, placed=placed, response_rows=[row], conversation_id=conv_id,
+                                        base=base, new_head=placed[-1].node)
+    return rid, moved
+
+
+async def test_writers_in_two_processes_all_land_and_one_head_moves(db_url):
+    """60 responses from two processes, all branching from the same head at once: every one is
+    stored with its items, and the compare-and-swap lets exactly one of them move the head.
+    (On SQLite the writes interleave on this one loop, each synchronous; separate server
+    processes writing at the same time are test_e2e's `--workers 2` tests.)"""
+    a, b = stores = await _stores(db_url, 2)
+    try:
+        conv_id = new_id("conv")
+        await a.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
+        conv = await a.conversation(conv_id)
+        results = await asyncio.gather(*(
+            _commit(s, conv_id, conv.tree, conv.head, conv.head_depth, k)
+            for k in range(30) for s in (a, b)
+        ))
+        assert sum(moved for _, moved in results) == 1
+        winner = next(rid for rid, moved in results if moved)
+        for s in stores:  # both processes see the same tree
+            after = await s.conversation(conv_id)
+            assert after.head_depth == conv.head_depth + 2
+            row = await s.response(winner)
+            assert after.head == row.last_node
+            for rid, _ in results:
+                assert (await s.response(rid)).status == "completed"
+        async with a.engine.connect() as c:
+            n_items = (await c.execute(text("SELECT count(*) FROM items WHERE tree = :t"), {"t": conv.tree})).scalar()
+        assert n_items == 1 + 2 * 60
+    finally:
+        await _close(stores)
+
+
+async def test_hot_write_polls_while_another_process_holds_the_flock(tmp_path, monkeypatch):
+    """Another process in a hot-path write holds the flock: this one retries from the loop
+    (no thread) and lands once the flock is free."""
+    tries = 0
+    real = dbmod.Database._write_inline
+
+    def counting(self, steps):
+        nonlocal tries
+        tries += 1
+        return real(self, steps)
+
+    monkeypatch.setattr(dbmod.Database, "_write_inline", counting)
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    (a,) = stores = await _stores(url, 1)
+    other = os.open(str(tmp_path / "f.db") + ".branchwise-lock", os.O_RDWR)  # another process's descriptor
+    try:
+        conv_id = new_id("conv")
+        await a.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
+        conv = await a.conversation(conv_id)
+        fcntl.flock(other, fcntl.LOCK_EX)
+        task = asyncio.ensure_future(_commit(a, conv_id, conv.tree, conv.head, conv.head_depth, 0))
+        await asyncio.sleep(0.03)
+        assert not task.done() and tries >= 3  # 0.5 + 1 + 2 + 4 ... ms apart
+        fcntl.flock(other, fcntl.LOCK_UN)
+        rid, moved = await asyncio.wait_for(task, 5)
+        assert moved and (await a.response(rid)).status == "completed"
+        assert a.db._thread_conn is None  # it never needed the writer thread
+    finally:
+        os.close(other)
+        await _close(stores)
+
+
+async def test_hot_write_waits_for_a_writer_outside_the_flock(tmp_path):
+    """A transaction that does not queue on the flock (a `Writer` one, as the conversation routes
+    use) holds SQLite's write lock: a hot-path write from another process waits for it to end,
+    then lands, and the open transaction's own write is not lost."""
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    a, b = stores = await _stores(url, 2)
+    try:
+        conv_id = new_id("conv")
+        await a.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
+        conv = await a.conversation(conv_id)
+        order: list[str] = []
+        started = asyncio.Event()
+
+        async def outside() -> None:
+            async with b.writer.begin() as conn:
+                await conn.execute(text("UPDATE conversations SET metadata = '{\"k\": 1}' WHERE id = :id"),
+                                   {"id": conv_id})
+                started.set()
+                await asyncio.sleep(0.3)
+                order.append("outside")
+
+        async def hot() -> None:
+            await started.wait()
+            await _commit(a, conv_id, conv.tree, conv.head, conv.head_depth, 0)
+            order.append("hot")
+
+        await asyncio.gather(outside(), hot())
+        assert order == ["outside", "hot"]
+        after = await a.conversation(conv_id)
+        assert after.metadata == '{"k": 1}' and after.head_depth == conv.head_depth + 2
+    finally:
+        await _close(stores)
