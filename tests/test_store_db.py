@@ -148,3 +148,30 @@ async def test_hot_write_waits_for_a_writer_outside_the_flock(tmp_path):
         assert after.metadata == '{"k": 1}' and after.head_depth == conv.head_depth + 2
     finally:
         await _close(stores)
+
+
+async def test_sqlite_wal_starts_over_under_steady_writes(tmp_path, monkeypatch):
+    """The loop's writes never checkpoint themselves; the periodic checkpoint must let the WAL
+    start over, or the file grows by every page of every write (it did: 500 MB in 8 s)."""
+    monkeypatch.setattr(dbmod.Database, "CHECKPOINT_EVERY", 20)
+    url = f"sqlite:///{tmp_path / 'wal.db'}"
+    wal = tmp_path / "wal.db-wal"
+    (a,) = stores = await _stores(url, 1)
+    try:
+        conv_id = new_id("conv")
+        await a.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
+        conv = await a.conversation(conv_id)
+        a.db._next_checkpoint = a.db._commits + 20
+        size_before = wal.stat().st_size
+        for k in range(10):
+            await _commit(a, conv_id, conv.tree, conv.head, conv.head_depth, k)
+        ten = wal.stat().st_size - size_before  # what ten writes add to a WAL that does not restart
+        assert ten > 0
+        for k in range(10, 300):
+            await _commit(a, conv_id, conv.tree, conv.head, conv.head_depth, k)
+            if k % 10 == 0:
+                await asyncio.sleep(0.01)  # a server yields all the time; let the checkpoint run
+        assert wal.stat().st_size < size_before + 8 * ten  # 300 writes would need 30x
+        assert len(await a.candidates(conv.tree, (await a.conversation(conv_id)).head_item)) == 1
+    finally:
+        await _close(stores)
