@@ -154,7 +154,7 @@ def md_sweep(runs: list[dict]) -> str:
         ["db", "concurrency", "branchwise", "its event-loop thread", "its other threads", "mock", "postgres", "client",
          "other", "machine busy %", "server threads in SQLite busy sleep"], cpu_rows,
         "user+system CPU of each process over the measured window, per counted response (the head resets "
-        "are in it). Other threads: aiosqlite's connection threads. Other: the machine's busy time outside "
+        "are in it). Other threads: the SQLite writer thread (checkpoints, contended writes). Other: the machine's busy time outside "
         "these processes (kernel, anything else running). Busy sleep: average number of server threads "
         "inside clock_nanosleep, i.e. SQLite's busy handler waiting for the write lock (sampled every 20 ms)."))
     return "\n\n".join(out)
