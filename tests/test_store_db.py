@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import sqlite3
 
 from sqlalchemy import text
 
@@ -173,5 +174,33 @@ async def test_sqlite_wal_starts_over_under_steady_writes(tmp_path, monkeypatch)
                 await asyncio.sleep(0.01)  # a server yields all the time; let the checkpoint run
         assert wal.stat().st_size < size_before + 8 * ten  # 300 writes would need 30x
         assert len(await a.candidates(conv.tree, (await a.conversation(conv_id)).head_item)) == 1
+    finally:
+        await _close(stores)
+
+
+async def test_sqlite_read_refused_on_the_loop_retries_then_uses_the_writer_thread(tmp_path):
+    """The loop's connection never waits for a lock; a read it is refused (a rare WAL-index
+    moment) is tried again, then served by the writer thread's connection."""
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    (a,) = stores = await _stores(url, 1)
+    try:
+        conv_id = new_id("conv")
+        await a.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
+        real = a.db._loop_conn
+        refused = 0
+
+        class Refusing:
+            def execute(self, *args):
+                nonlocal refused
+                refused += 1
+                raise sqlite3.OperationalError("database is locked")
+
+        a.db._loop_conn = Refusing()
+        try:
+            conv = await a.conversation(conv_id)
+        finally:
+            a.db._loop_conn = real
+        assert conv is not None and conv.id == conv_id and conv.head_depth == 0
+        assert refused == 3 and a.db._thread_conn is not None
     finally:
         await _close(stores)

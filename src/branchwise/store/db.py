@@ -197,16 +197,38 @@ class Database:
 
     # ------------------------------------------------------------------ reads
 
+    async def _sqlite_read(self, sql: SQL, params: dict, many: bool):
+        """A read on the loop's connection (busy timeout 0: it must never block the loop). A
+        WAL reader is refused only in rare moments (another connection recovering or resetting
+        the WAL index): try again shortly, then wait on the writer thread's connection."""
+        for delay in (0.001, 0.004, 0.016):
+            try:
+                cur = self._loop_conn.execute(sql.text, params)
+                return cur.fetchall() if many else cur.fetchone()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+            await asyncio.sleep(delay)
+        async with self._writer.lock():
+            return await asyncio.get_running_loop().run_in_executor(
+                self._writes, self._read_waiting, sql, params, many)
+
+    def _read_waiting(self, sql: SQL, params: dict, many: bool):
+        if self._thread_conn is None:
+            self._thread_conn = self._connect(busy_ms=30000)
+        cur = self._thread_conn.execute(sql.text, params)
+        return cur.fetchall() if many else cur.fetchone()
+
     async def one(self, sql: SQL, params: dict) -> tuple | None:
         if self.sqlite:
-            return self._loop_conn.execute(sql.text, params).fetchone()
+            return await self._sqlite_read(sql, params, False)
         pool = self._pool or await self._open_pool()
         row = await pool.fetchrow(sql.pg, *sql.args(params))
         return None if row is None else tuple(row)
 
     async def all(self, sql: SQL, params: dict) -> list[tuple]:
         if self.sqlite:
-            return self._loop_conn.execute(sql.text, params).fetchall()
+            return await self._sqlite_read(sql, params, True)
         pool = self._pool or await self._open_pool()
         return [tuple(r) for r in await pool.fetch(sql.pg, *sql.args(params))]
 

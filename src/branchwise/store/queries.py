@@ -16,7 +16,7 @@ from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from branchwise.ids import new_node, now
-from branchwise.store.db import SQL, Database, reader, writer
+from branchwise.store.db import SQL, Database, writer
 from branchwise.store.tables import conversations, items, responses
 from branchwise.wire.items import NewItem
 
@@ -206,7 +206,6 @@ class Store:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         self.writer = writer(engine)
-        self.reader = reader(engine)
         self.db = Database(engine)  # the hot path's queries
         self.dialect = engine.dialect.name
 
