@@ -262,7 +262,15 @@ class Database:
             self._checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint_soon())
         lock = self._writer.lock()
         delay, waited = self.POLL_S, 0.0
-        while not lock.locked():
+        while True:
+            if lock.locked():
+                # This process's checkpoint or a `Writer` transaction: wait for it, then write on
+                # the loop as usual. (Sending the waiters to the writer thread instead made each
+                # of them wait for the GIL in turn: under load the queue grew faster than it
+                # drained.)
+                async with lock:
+                    pass
+                continue
             try:
                 return self._write_inline(steps)
             except _Held:  # another process is in a write (a fraction of a millisecond, as a rule)

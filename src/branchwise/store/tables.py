@@ -49,7 +49,6 @@ items = Table(
     Column("chat", LargeBinary, nullable=True),  # the item as a Chat Completions message (JSON), or NULL
     Index("ix_items_item_id", "item_id"),
     Index("ix_items_tree_seq", "tree", "seq"),
-    Index("ix_items_parent", "parent"),
 )
 
 conversations = Table(
@@ -84,7 +83,6 @@ responses = Table(
     Column("owner", String(64), nullable=True),
     Column("heartbeat_at", Float, nullable=True),
     Column("cancel_requested", Boolean, nullable=False, default=False),
-    Index("ix_responses_conversation", "conversation_id"),
     Index("ix_responses_owner_status", "status", "owner"),
 )
 
