@@ -44,24 +44,30 @@ async def _seed(store, conv_id: str, n: int) -> None:
         await conn.execute(update(conversations).where(conversations.c.id == conv_id).values(head=placed[-1].node))
 
 
-async def _timeit(fn, repeat: int) -> list[float]:
-    for _ in range(3):
-        await fn()
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        await fn()
-        out.append((time.perf_counter() - t) * 1000)
+async def _interleaved(fns: dict[int, object], repeat: dict[int, int]) -> dict[int, list[float]]:
+    """Time one operation at every size in turn, round after round, so that whatever else the
+    machine does meanwhile (a checkpoint, writeback after a seed) falls on all sizes alike."""
+    for fn in fns.values():
+        for _ in range(3):
+            await fn()
+    out: dict[int, list[float]] = {n: [] for n in fns}
+    for r in range(max(repeat.values())):
+        for n, fn in fns.items():
+            if r < repeat[n]:
+                t = time.perf_counter()
+                await fn()
+                out[n].append((time.perf_counter() - t) * 1000)
     return out
 
 
 async def run(db_url: str, repeat: int = 30) -> dict:
     app = create_app(Settings(database_url=db_url, upstream_base_url="http://127.0.0.1:9/v1"))
-    results: dict = {"db": db_url.split(":")[0], "sizes": {}}
+    results: dict = {"db": db_url.split(":")[0], "sizes": {n: {} for n in SIZES}}
     async with app.router.lifespan_context(app):
         store, engine = app.state.store, app.state.engine
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://b") as http:
+            ops: dict[str, dict[int, object]] = {"fork": {}, "context": {}, "list_desc_100": {}, "list_asc_100": {}}
             for n in SIZES:
                 conv_id = f"conv_bench_{n}_{time.time_ns()}"
                 await _seed(store, conv_id, n)
@@ -84,12 +90,14 @@ async def run(db_url: str, repeat: int = 30) -> dict:
                     r = await http.get(f"/v1/conversations/{conv_id}/items", params={"limit": 100, "order": "asc"})
                     assert r.status_code == 200
 
-                row = {}
                 for name, fn in (("fork", fork), ("context", context), ("list_desc_100", list_desc),
                                  ("list_asc_100", list_asc)):
-                    ms = await _timeit(fn, repeat if n < 10000 or name == "fork" else max(10, repeat // 3))
-                    row[name] = {"p50_ms": statistics.median(ms), "min_ms": min(ms)}
-                results["sizes"][n] = row
+                    ops[name][n] = fn
+            for name, fns in ops.items():
+                times = await _interleaved(fns, {n: repeat if n < 10000 or name == "fork" else max(10, repeat // 3)
+                                                 for n in fns})
+                for n, ms in times.items():
+                    results["sizes"][n][name] = {"p50_ms": statistics.median(ms), "min_ms": min(ms)}
         del engine
     return results
 
