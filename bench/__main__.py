@@ -263,6 +263,7 @@ def _run_db(kind: str, args, out: dict, runs: list, servers: list, logs: Path, m
         print(f"[{kind}] tree operations ...", file=sys.stderr)
         out["tree_ops"].append(asyncio.run(tree_ops.run(_fresh(kind, "branchwise_bench"), repeat)))
     url = _fresh(kind, "branchwise_bench_load")
+    _settle()
     port = loadgen.free_port()
     venv_bin = Path(sys.executable).parent
     exe = [str(venv_bin / "branchwise")] if (venv_bin / "branchwise").exists() else [sys.executable, "-m", "branchwise"]
@@ -290,6 +291,14 @@ def _run_db(kind: str, args, out: dict, runs: list, servers: list, logs: Path, m
                             "gap_p99_ms": s["gap_p99_ms"] - d["gap_p99_ms"]}}
     runs.append(run)
     out["load"].append(run)
+
+
+def _settle(seconds: float = 2.0) -> None:
+    """Flush the page cache's dirty pages and pause: the previous section's writes (hundreds of
+    MB) otherwise reach the disk during the next one and slow its fsyncs (PostgreSQL's commits,
+    SQLite's checkpoints)."""
+    os.sync()
+    time.sleep(seconds)
 
 
 def _sigterm(*_):
