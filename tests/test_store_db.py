@@ -154,7 +154,8 @@ async def test_hot_write_waits_for_a_writer_outside_the_flock(tmp_path):
 async def test_sqlite_wal_starts_over_under_steady_writes(tmp_path, monkeypatch):
     """The loop's writes never checkpoint themselves; the periodic checkpoint must let the WAL
     start over, or the file grows by every page of every write (it did: 500 MB in 8 s)."""
-    monkeypatch.setattr(dbmod.Database, "CHECKPOINT_EVERY", 20)
+    monkeypatch.setattr(dbmod.Database, "CHECKPOINT_EVERY", 10)
+    monkeypatch.setattr(dbmod.Database, "RESTART_EVERY", 30)
     url = f"sqlite:///{tmp_path / 'wal.db'}"
     wal = tmp_path / "wal.db-wal"
     (a,) = stores = await _stores(url, 1)
@@ -162,7 +163,8 @@ async def test_sqlite_wal_starts_over_under_steady_writes(tmp_path, monkeypatch)
         conv_id = new_id("conv")
         await a.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
         conv = await a.conversation(conv_id)
-        a.db._next_checkpoint = a.db._commits + 20
+        a.db._next_checkpoint = a.db._commits + 10
+        a.db._next_restart = a.db._commits + 30
         size_before = wal.stat().st_size
         for k in range(10):
             await _commit(a, conv_id, conv.tree, conv.head, conv.head_depth, k)
