@@ -175,7 +175,7 @@ _PG_COMMIT = SQL(
     + "), new_responses AS ("
     + _unnest("responses", _RESPONSE_COLUMNS, ("text", "text", "bigint", "text", "text", "text", "text", "text", "int",
                                                "text", "bytea"), "r_")
-    + ") UPDATE conversations SET head = :head WHERE id = :id AND head IS NOT DISTINCT FROM :base"
+    + ") " + _MOVE_HEAD["postgresql"].text
 )
 _SET_HEAD = SQL("UPDATE conversations SET head = :head WHERE id = :id")
 _RESPONSE = SQL("SELECT id, status, conversation_id, tree, base_node, input_node, input_count, last_node, body"
