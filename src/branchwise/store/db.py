@@ -372,6 +372,11 @@ class Database:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA busy_timeout={busy_ms}")
         conn.execute("PRAGMA wal_autocheckpoint=0")
+        # 16 MB of page cache instead of SQLite's 2 MB: a conversation's history lies on pages
+        # written over its whole life, and with 2 MB they were read back from the OS more and
+        # more often as the database grew (CPU per response 0.79 -> 1.08 ms over 24,000
+        # responses; flat at ~0.85 ms with 16 MB). 64 MB cost more CPU than it saved.
+        conn.execute("PRAGMA cache_size=-16384")
         return conn
 
     async def _open_pool(self):

@@ -47,7 +47,7 @@ items = Table(
     Column("created_at", Integer, nullable=False),
     Column("data", LargeBinary, nullable=False),  # the item as it goes on the wire (JSON)
     Column("chat", LargeBinary, nullable=True),  # the item as a Chat Completions message (JSON), or NULL
-    Index("ix_items_item_id", "item_id"),
+    Index("ix_items_item_tree_seq", "item_id", "tree", "seq"),
     Index("ix_items_tree_seq", "tree", "seq"),
 )
 
