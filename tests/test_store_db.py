@@ -206,3 +206,18 @@ async def test_sqlite_read_refused_on_the_loop_retries_then_uses_the_writer_thre
         assert refused == 3 and a.db._thread_conn is not None
     finally:
         await _close(stores)
+
+
+async def test_finding_an_item_in_a_tree_is_an_index_search_not_a_tree_scan(tmp_path):
+    """Head moves and forks at an item look the item up in its tree. SQLite once answered that
+    from the (tree, seq) index, reading the whole tree, so they slowed as a conversation grew."""
+    from branchwise.store.queries import _RAW_CANDIDATES, _TREE_AFTER
+
+    (a,) = stores = await _stores(f"sqlite:///{tmp_path / 'p.db'}", 1)
+    try:
+        for q in (_RAW_CANDIDATES, _TREE_AFTER):
+            plan = " ".join(r[-1] for r in a.db._loop_conn.execute(
+                "EXPLAIN QUERY PLAN " + q.text, {"tree": "t", "item_id": "i"}).fetchall())
+            assert "ix_items_item_tree_seq (item_id=? AND tree=?)" in plan, plan
+    finally:
+        await _close(stores)
