@@ -8,6 +8,7 @@ import fcntl
 import os
 import re
 import sqlite3
+import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -175,6 +176,7 @@ class Database:
 
     CHECKPOINT_EVERY = 200  # commits between two checkpoints that run beside the writes
     RESTART_EVERY = 1000  # commits between two that hold the writes back, so the WAL starts over
+    SLOW_CHECKPOINT_S = 0.05
     POLL_S = 0.0005  # first wait when another process holds the flock, doubled up to 4 ms
     POLL_FOR_S = 0.05  # then the writer thread waits for it instead
 
@@ -195,6 +197,7 @@ class Database:
             self._commits = 0
             self._next_checkpoint = self.CHECKPOINT_EVERY
             self._next_restart = self.RESTART_EVERY
+            self._restarted = 0
             self._checkpoint_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ reads
@@ -350,10 +353,17 @@ class Database:
         busy): rare enough to stay out of the 99th percentile at hundreds of writes a second.
         (Holding the lock for the whole copy stalled them ~150 ms.)"""
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         await loop.run_in_executor(self._writes, self._checkpoint, False)
-        if restart:
+        slow = time.perf_counter() - started > self.SLOW_CHECKPOINT_S
+        if restart and (not slow or self._commits - self._restarted >= 5 * self.RESTART_EVERY):
+            # (A slow first pass means a busy disk, and the second pass's fsyncs would hold
+            # the writes back as long: wait for a better moment, up to five times as long.)
             async with self._writer.lock():
                 await loop.run_in_executor(self._writes, self._checkpoint, True)
+            self._restarted = self._commits
+        elif restart:
+            self._next_restart = self._commits + self.CHECKPOINT_EVERY  # try again soon
 
     def _checkpoint(self, locked: bool) -> None:
         if self._thread_conn is None:
