@@ -140,6 +140,10 @@ class SQL:
 Step = tuple[SQL, dict | list[dict]]
 
 
+def _is_busy(e: sqlite3.OperationalError) -> bool:
+    return "locked" in str(e) or "busy" in str(e)
+
+
 class _Busy(Exception):
     """The write lock is held by a writer that does not queue on the flock."""
 
@@ -160,16 +164,17 @@ class Database:
     more CPU per stored response than the rest of the request together (measured: a history read
     took 470 us through it and a thread hop, 37 us as plain sqlite3).
 
-    - SQLite: reads run on the event loop's own connection (a point lookup and one recursive
-      walk: tens of microseconds, less than a thread hop). A write runs there too when nothing
-      else in this process is writing. Processes sharing the file take an `flock` around each
-      hot-path write (held a fraction of a millisecond); one that finds it taken tries again
-      after 0.5, 1, 2, 4 ms ... without leaving the loop (a thread hop costs more CPU than the
-      write, and the woken thread waits for the GIL while it holds the lock). After 50 ms, or
-      when a writer outside this scheme holds SQLite's lock (migrations, the `Writer`
-      transactions), the write waits its turn on a writer thread: a blocking `flock`, then
-      SQLite's busy timeout. The loop's connection never checkpoints
-      (a checkpoint syncs the file); the writer thread does (see `_checkpoint_soon`).
+    - SQLite: reads and writes run on the event loop's own connection (a point lookup, one
+      recursive walk, a few inserts: tens to a couple of hundred microseconds, less than a
+      thread hop). Processes sharing the file take an `flock` around each hot-path write (held
+      a fraction of a millisecond); one that finds it taken tries again after 0.5, 1, 2, 4 ms
+      ... without leaving the loop (a thread hop costs more CPU than the write, and the woken
+      thread waits for the GIL while it holds the lock). While this process's write lock is
+      held (a checkpoint pass, a `Writer` transaction), writes poll until it is free. After
+      50 ms of flock waits, or when a writer outside this scheme holds SQLite's lock (another
+      process's `Writer`, migrations), the write waits its turn on a writer thread: a blocking
+      `flock`, then SQLite's busy timeout. The loop's connection never checkpoints (a
+      checkpoint syncs the file); the writer thread does (see `_checkpoint_soon`).
     - PostgreSQL: an asyncpg pool of its own (32 connections); asyncpg prepares and caches each
       statement.
     """
@@ -211,12 +216,10 @@ class Database:
                 cur = self._loop_conn.execute(sql.text, params)
                 return cur.fetchall() if many else cur.fetchone()
             except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e):
+                if not _is_busy(e):
                     raise
             await asyncio.sleep(delay)
-        async with self._writer.lock():
-            return await asyncio.get_running_loop().run_in_executor(
-                self._writes, self._read_waiting, sql, params, many)
+        return await asyncio.get_running_loop().run_in_executor(self._writes, self._read_waiting, sql, params, many)
 
     def _read_waiting(self, sql: SQL, params: dict, many: bool):
         if self._thread_conn is None:
@@ -227,14 +230,14 @@ class Database:
     async def one(self, sql: SQL, params: dict) -> tuple | None:
         if self.sqlite:
             return await self._sqlite_read(sql, params, False)
-        pool = self._pool or await self._open_pool()
+        pool = await self._pg()
         row = await pool.fetchrow(sql.pg, *sql.args(params))
         return None if row is None else tuple(row)
 
     async def all(self, sql: SQL, params: dict) -> list[tuple]:
         if self.sqlite:
             return await self._sqlite_read(sql, params, True)
-        pool = self._pool or await self._open_pool()
+        pool = await self._pg()
         return [tuple(r) for r in await pool.fetch(sql.pg, *sql.args(params))]
 
     async def value(self, sql: SQL, params: dict) -> Any:
@@ -245,23 +248,23 @@ class Database:
 
     async def execute_pg(self, sql: SQL, params: dict) -> int:
         """PostgreSQL: one statement, its own transaction, one round trip; its row count."""
-        pool = self._pool or await self._open_pool()
+        pool = await self._pg()
         status = await pool.execute(sql.pg, *sql.args(params))
         return int(status.rsplit(" ", 1)[-1])
 
     async def write(self, steps: Sequence[Step]) -> int:
         """`steps` in one transaction; returns the row count of the last one."""
         if not self.sqlite:
-            pool = self._pool or await self._open_pool()
+            pool = await self._pg()
             async with pool.acquire() as conn, conn.transaction():
-                status = ""
+                count = 0
                 for sql, params in steps:
                     if isinstance(params, list):
                         await conn.executemany(sql.pg, [sql.args(p) for p in params])
-                        status = f"X {len(params)}"
+                        count = len(params)
                     else:
-                        status = await conn.execute(sql.pg, *sql.args(params))
-                return int(status.rsplit(" ", 1)[-1]) if status else 0
+                        count = int((await conn.execute(sql.pg, *sql.args(params))).rsplit(" ", 1)[-1])
+                return count
         if self._commits >= self._next_checkpoint and (self._checkpoint_task is None or self._checkpoint_task.done()):
             self._next_checkpoint = self._commits + self.CHECKPOINT_EVERY
             restart = self._commits >= self._next_restart
@@ -318,13 +321,13 @@ class Database:
             try:
                 self._loop_conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as e:  # a writer that does not take the flock
-                if "locked" in str(e) or "busy" in str(e):
+                if _is_busy(e):
                     raise _Busy from None
                 raise
             count = self._run(self._loop_conn, steps, begun=True)
         finally:
             fcntl.flock(self._lockfile, fcntl.LOCK_UN)
-        self._committed()
+        self._commits += 1
         return count
 
     def _write_waiting(self, steps: Sequence[Step]) -> int:
@@ -336,11 +339,8 @@ class Database:
             count = self._run(self._thread_conn, steps)
         finally:
             fcntl.flock(self._lockfile, fcntl.LOCK_UN)
-        self._committed()
-        return count
-
-    def _committed(self) -> None:
         self._commits += 1
+        return count
 
     async def _checkpoint_soon(self, restart: bool) -> None:
         """Every `CHECKPOINT_EVERY` commits: copy the WAL back into the database file, on the
@@ -389,6 +389,9 @@ class Database:
         # responses; flat at ~0.85 ms with 16 MB). 64 MB cost more CPU than it saved.
         conn.execute("PRAGMA cache_size=-16384")
         return conn
+
+    async def _pg(self):
+        return self._pool or await self._open_pool()
 
     async def _open_pool(self):
         async with self._pool_lock:
