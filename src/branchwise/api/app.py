@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 from contextlib import asynccontextmanager
 
 import orjson
@@ -35,13 +36,17 @@ _UNAUTHORIZED = orjson.dumps({"error": {"message": "Incorrect API key provided."
                                         "param": None, "code": "invalid_api_key"}})
 
 
+_HEAD_PATH = re.compile(r"/v1/conversations/([^/]+)/head")
+
+
 class Gate:
     """The ASGI application uvicorn runs, around the FastAPI one: the API key check when one is
-    configured, and the hot path — POST /v1/responses goes straight to its handler, past
-    FastAPI's middleware stack (error, telemetry and body-limit layers, each wrapping every
-    `send`) and routing, which together cost about a fifth of the server's CPU per stored
-    response in the benchmark. Everything else, lifespan included, is the FastAPI app's; its
-    attributes (`state`, `router` ...) are reachable through this object."""
+    configured, and the hot paths — POST /v1/responses and POST /v1/conversations/{id}/head (a
+    client picking an alternative or going back) go straight to their handlers, past FastAPI's
+    middleware stack (error, telemetry and body-limit layers, each wrapping every `send`) and
+    routing, which together cost about a fifth of the server's CPU per stored response in the
+    benchmark, and most of a head move's. Everything else, lifespan included, is the FastAPI
+    app's; its attributes (`state`, `router` ...) are reachable through this object."""
 
     def __init__(self, app: FastAPI, api_key: str | None = None):
         self.app = app
@@ -61,9 +66,16 @@ class Gate:
             if auth != self.expected:
                 await Response(_UNAUTHORIZED, 401, media_type="application/json")(scope, receive, send)
                 return
-        if path == "/v1/responses" and scope["method"] == "POST":
+        if scope["method"] == "POST":
+            if path == "/v1/responses":
+                handler = responses.create_response(Request(scope, receive))
+            elif (m := _HEAD_PATH.fullmatch(path)) is not None:
+                handler = conversations.move_head(Request(scope, receive), m[1])
+            else:
+                await self.app(scope, receive, send)
+                return
             try:
-                response = await responses.create_response(Request(scope, receive))
+                response = await handler
             except APIError as exc:
                 response = _error_response(exc)
             except Exception:

@@ -158,7 +158,8 @@ async def move_head(request: Request, conversation_id: str) -> Response:
         raise InvalidRequest(f"Item '{body.item_id}' is not in the tree of conversation '{conversation_id}'.",
                              param="item_id", code="item_not_found")
     await store.move_head(conversation_id, cands[0][0])
-    return json_response(_obj(await _get(store, conversation_id)))
+    return json_response(conversation_object(conv.id, conv.created_at, conv.metadata, body.item_id,
+                                             conv.forked_from_conversation, conv.forked_from_item))
 
 
 @router.get("/conversations/{conversation_id}/tree")

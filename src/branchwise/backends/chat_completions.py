@@ -140,16 +140,19 @@ class ChatCompletionsBackend:
                                 code="upstream_stream_cut")
         return BackendError(f"The upstream request failed: {e}", code="upstream_error")
 
-    async def _send(self, body: bytes, deadline: float) -> aiohttp.ClientResponse:
-        """POST, by `deadline`; returns once the status and headers are in. Retries only
-        connection errors (nothing reached the upstream), `CONNECT_RETRIES` times with exponential
-        backoff; never once the request was sent."""
+    async def _send(self, body: bytes, deadline: float, read: bool = False) -> tuple[aiohttp.ClientResponse, bytes]:
+        """POST, by `deadline`; returns once the status and headers are in, and with `read` the
+        whole body too (under the same timeout). Retries only connection errors (nothing reached
+        the upstream), `CONNECT_RETRIES` times with exponential backoff; never once the request
+        was sent."""
         loop = asyncio.get_running_loop()
         session = self._client()
         for attempt in range(CONNECT_RETRIES + 1):
+            resp = None
             try:
                 async with asyncio.timeout_at(deadline):
-                    return await session.post(self._url, data=body)
+                    resp = await session.post(self._url, data=body)
+                    return resp, (await resp.read() if read else b"")
             except aiohttp.ClientConnectorError as e:
                 pause = RETRY_BACKOFF * (2**attempt)
                 if attempt == CONNECT_RETRIES or loop.time() + pause >= deadline:
@@ -158,27 +161,22 @@ class ChatCompletionsBackend:
                         f"({attempt + 1} attempts): {e}", code="upstream_unavailable") from e
                 await asyncio.sleep(pause)
             except TimeoutError as e:  # aiohttp's timeouts are TimeoutErrors too
+                if resp is not None:
+                    resp.close()
                 raise self._timed_out(e) from e
             except aiohttp.ClientError as e:
+                if resp is not None:
+                    resp.close()
                 raise self._broken(e) from e
+            finally:
+                if read and resp is not None:
+                    resp.release()
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ calls
 
     async def complete(self, request: ChatRequest) -> ChatResult:
-        deadline = self._deadline()
-        resp = await self._send(self._body(request, False), deadline)
-        try:
-            async with asyncio.timeout_at(deadline):
-                raw = await resp.read()
-        except TimeoutError as e:
-            resp.close()
-            raise self._timed_out(e) from e
-        except aiohttp.ClientError as e:
-            resp.close()
-            raise self._broken(e) from e
-        finally:
-            resp.release()
+        resp, raw = await self._send(self._body(request, False), self._deadline(), read=True)
         if resp.status >= 300:
             raise _status_error(resp.status, resp.reason, raw)
         try:
@@ -206,7 +204,7 @@ class ChatCompletionsBackend:
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
         deadline = self._deadline()
-        resp = await self._send(self._body(request, True), deadline)
+        resp, _ = await self._send(self._body(request, True), deadline)
         done = False
         try:
             if resp.status >= 300:
