@@ -102,7 +102,7 @@ def create_app(settings: Settings | None = None) -> Gate:
         db = create_engine(settings.database_url)
         await migrate(db)
         router = Router(settings)
-        store = Store(db)
+        store = Store(db, settings.path_cache_mb << 20)
         app.state.settings = settings
         app.state.store = store
         app.state.router = router

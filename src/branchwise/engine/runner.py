@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from branchwise.engine.policy import Lease, Policies
 from branchwise.engine.runs import TERMINAL, Run, Runs
 from branchwise.ids import new_id, now
 from branchwise.settings import Settings
+from branchwise.store.paths import extend as extend_path
 from branchwise.store.queries import Conversation, Placed, Store, place
 from branchwise.wire import items as witems
 from branchwise.wire import models as m
@@ -222,6 +223,7 @@ class Engine:
                 plan.base, plan.base_depth = conv.head, conv.head_depth
                 plan.history = None
             history = plan.history if plan.history is not None else await self.store.path_chat(plan.base)
+            plan.history = history
         except BaseException:
             await self._release(plan)
             raise
@@ -370,10 +372,17 @@ class Engine:
         objs: list[dict[str, Any]] = []
         lasts: list[str | None] = []
         usages = self._usages(plan, usage)
+        # the new branches' histories, for the path cache once they are stored
+        with_inputs = None
+        if self.store.paths is not None and plan.history is not None:
+            with_inputs = extend_path(plan.history, [p.item.chat for p in placed_inputs])
+        paths: list[tuple[str, bytes]] = []
         for i, (choice, out) in enumerate(zip(choices, outputs, strict=True)):
             chain = place(out, input_node, input_depth, plan.ids[i])
             placed.extend(chain)
             lasts.append(chain[-1].node if chain else input_node)
+            if with_inputs is not None and lasts[-1] is not None:
+                paths.append((lasts[-1], extend_path(with_inputs, [p.item.chat for p in chain])))
             reason = INCOMPLETE.get(choice.finish_reason or "")
             objs.append(response_object(
                 req, id=plan.ids[i], created_at=plan.created_at,
@@ -381,11 +390,12 @@ class Engine:
                 output=[it.wire for it in out], usage=usages[i],
                 incomplete_reason=reason, completed_at=completed,
             ))
-        return await self._store(plan, objs, placed, input_node, len(placed_inputs), lasts, terminal)
+        return await self._store(plan, objs, placed, input_node, len(placed_inputs), lasts, terminal, paths)
 
     async def _store(self, plan: Plan, objs: list[dict[str, Any]], placed: list[Placed],
                      input_node: str | None, input_count: int, lasts: list[str | None],
-                     terminal: Terminal | None = None) -> list[dict[str, Any]]:
+                     terminal: Terminal | None = None,
+                     paths: Sequence[tuple[str, bytes]] = ()) -> list[dict[str, Any]]:
         """One transaction: items, response rows, the run's last events and terminal events,
         and the head's compare-and-swap."""
         req = plan.req
@@ -418,6 +428,10 @@ class Engine:
                 base=plan.base, new_head=lasts[0] if move else None,
                 update_existing=plan.run is not None, events=events,
             )
+            if keep_items and placed and self.store.paths is not None:
+                for node, history in paths:
+                    if history:
+                        self.store.paths.put(node, history)
         return objs
 
     async def _fail(self, plan: Plan, code: str, message: str | None, status: str = "failed",

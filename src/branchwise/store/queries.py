@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from branchwise.ids import new_node, now
 from branchwise.store.db import SQL, Database, writer
+from branchwise.store.paths import PathCache
 from branchwise.store.tables import conversations, items, responses
 from branchwise.wire.items import NewItem
 
@@ -203,11 +204,13 @@ def _item_rows(tree: str, placed: Sequence[Placed], created: int) -> list[dict]:
 
 
 class Store:
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: AsyncEngine, path_cache_bytes: int = 64 << 20):
         self.engine = engine
         self.writer = writer(engine)
         self.db = Database(engine)  # the hot path's queries
         self.dialect = engine.dialect.name
+        # node -> its path's messages (see `store.paths`); None when switched off
+        self.paths = PathCache(path_cache_bytes) if path_cache_bytes > 0 else None
 
     # ------------------------------------------------------------------ reads
 
@@ -219,18 +222,34 @@ class Store:
         return None if row is None else Conversation(*row)
 
     async def conversation_with_history(self, conv_id: str) -> tuple[Conversation | None, bytes]:
-        """The conversation and the comma-joined messages of its current path, in one query."""
+        """The conversation and the comma-joined messages of its current path: the conversation
+        row alone when the path of its head is cached, else both in one query."""
+        if self.paths is not None and len(self.paths):
+            conv = await self.conversation(conv_id)
+            if conv is None:
+                return None, b""
+            return conv, await self.path_chat(conv.head)
         row = await self.db.one(_RAW_CONV_HISTORY[self.dialect], {"id": conv_id})
         if row is None:
             return None, b""
-        return Conversation(*row[:-1]), _joined(row[-1])
+        conv, history = Conversation(*row[:-1]), _joined(row[-1])
+        if self.paths is not None and conv.head is not None and history:
+            self.paths.put(conv.head, history)
+        return conv, history
 
     async def path_chat(self, node: str | None) -> bytes:
         """The Chat Completions messages of the path root..node, in order, comma-joined
         (b"" for an empty path)."""
         if node is None:
             return b""
-        return _joined(await self.db.value(_RAW_PATH_CHAT[self.dialect], {"node": node}))
+        if self.paths is not None:
+            hit = self.paths.get(node)
+            if hit is not None:
+                return hit
+        history = _joined(await self.db.value(_RAW_PATH_CHAT[self.dialect], {"node": node}))
+        if self.paths is not None and history:  # (empty: perhaps a node not written yet)
+            self.paths.put(node, history)
+        return history
 
     async def walk(self, head: str, lo: int, hi: int, order: str = "asc",
                    conn: AsyncConnection | None = None) -> list[PathRow]:
