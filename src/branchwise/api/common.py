@@ -14,9 +14,25 @@ from branchwise.wire.errors import InvalidRequest, from_validation
 M = TypeVar("M", bound=BaseModel)
 
 
+class JSONReply(Response):
+    """A JSON body that is already bytes: Starlette's `Response` without its header building
+    (`raw_headers` is made directly; `headers` still works on it), sent as two ASGI messages."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, status_code: int = 200):
+        self.body = body
+        self.status_code = status_code
+        self.background = None
+        self.raw_headers = [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")]
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
 def json_response(obj: Any, status: int = 200) -> Response:
-    body = obj if isinstance(obj, bytes) else orjson.dumps(obj)
-    return Response(body, status_code=status, media_type="application/json")
+    return JSONReply(obj if isinstance(obj, bytes) else orjson.dumps(obj), status)
 
 
 async def parse_body(request: Request, model: type[M]) -> M:

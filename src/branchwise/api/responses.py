@@ -36,7 +36,7 @@ def _timed(response: Response, started: float, upstream_s: float = 0.0) -> Respo
     value = f"branchwise;dur={own:.2f}"
     if upstream_s:
         value += f", upstream;dur={upstream_s * 1000:.2f}"
-    response.headers["server-timing"] = value
+    response.raw_headers.append((b"server-timing", value.encode()))
     return response
 
 

@@ -25,6 +25,7 @@ class Router:
             for cfg in settings.routes()
         ]
         self._local: Backend | None = None
+        self._matched: dict[str, tuple[UpstreamConfig, ChatCompletionsBackend] | None] = {}
 
     @property
     def embedded(self) -> bool:
@@ -39,23 +40,32 @@ class Router:
                                        repeat_penalty=s.local_repeat_penalty)
         return self._local
 
+    def _route(self, model: str):
+        """The first (config, backend) whose patterns match `model`, or None; remembered per
+        name (the routes never change), for a bounded number of names."""
+        try:
+            return self._matched[model]
+        except KeyError:
+            pass
+        route = next((r for r in self.routes if any(fnmatchcase(model, p) for p in r[0].models)), None)
+        if len(self._matched) >= 1024:
+            self._matched.clear()
+        self._matched[model] = route
+        return route
+
     def backend(self, model: str) -> Backend | None:
         """The backend for `model`, or None when no route matches."""
         if self.embedded:
             return self.local()
-        for cfg, backend in self.routes:
-            if any(fnmatchcase(model, pattern) for pattern in cfg.models):
-                return backend
-        return None
+        route = self._route(model)
+        return None if route is None else route[1]
 
     def context_window(self, model: str) -> int | None:
         """The context window of `model`, when known (always, for the embedded model)."""
         if self.embedded:
             return self.settings.local_n_ctx
-        for cfg, _ in self.routes:
-            if any(fnmatchcase(model, pattern) for pattern in cfg.models):
-                return cfg.context_window
-        return None
+        route = self._route(model)
+        return None if route is None else route[0].context_window
 
     def model_ids(self) -> list[str]:
         if self.embedded:
