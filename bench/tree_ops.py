@@ -2,7 +2,8 @@
 
 Fork and listing go through the HTTP API in-process (ASGI, no socket), so they include routing,
 validation, queries and encoding. Context build is the engine's own step: the recursive path
-query plus the byte splice of stored Chat Completions messages.
+query plus the byte splice of stored Chat Completions messages, with the history cache off (a
+turn on a branch the process already knows skips the walk).
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ async def _interleaved(fns: dict[int, object], repeat: dict[int, int]) -> dict[i
 
 
 async def run(db_url: str, repeat: int = 30) -> dict:
-    app = create_app(Settings(database_url=db_url, upstream_base_url="http://127.0.0.1:9/v1"))
+    # The history cache off: "context build" is the walk up the tree in the database, what a
+    # path not yet in memory costs (a process's first turn on a branch it has not seen).
+    app = create_app(Settings(database_url=db_url, upstream_base_url="http://127.0.0.1:9/v1", path_cache_mb=0))
     results: dict = {"db": db_url.split(":")[0], "sizes": {n: {} for n in SIZES}}
     async with app.router.lifespan_context(app):
         store, engine = app.state.store, app.state.engine
