@@ -10,6 +10,7 @@ import fcntl
 import os
 import sqlite3
 
+import orjson
 from sqlalchemy import text
 
 from branchwise.ids import new_id
@@ -221,3 +222,44 @@ async def test_finding_an_item_in_a_tree_is_an_index_search_not_a_tree_scan(tmp_
             assert "ix_items_item_tree_seq (item_id=? AND tree=?)" in plan, plan
     finally:
         await _close(stores)
+
+
+async def test_commits_of_every_shape_store_everything(db_url):
+    """The commit as one statement takes two forms on PostgreSQL: VALUES rows for up to 8 items
+    and 8 response rows, unnest'ed arrays past that. Each shape stores every item and row and
+    moves the head by compare-and-swap (SQLite runs the same calls through its own path)."""
+    engine = create_engine(db_url)
+    await migrate(engine)
+    store = Store(engine, 0)  # no history cache: every path below is read from the database
+    try:
+        conv_id = new_id("conv")
+        await store.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
+        expected = ["seed"]
+        for n_items, n_rows in ((2, 1), (1, 0), (9, 1), (3, 9), (8, 8), (0, 2)):
+            conv = await store.conversation(conv_id)
+            texts = [f"{n_items}x{n_rows}-{k}" for k in range(n_items)]
+            ids = [new_id("resp") for _ in range(n_rows)]
+            placed = place([_message("user", t) for t in texts], conv.head, conv.head_depth, ids[0] if ids else None)
+            last = placed[-1].node if placed else conv.head
+            rows = [{"id": rid, "status": "completed", "created_at": 1, "conversation_id": conv_id,
+                     "previous_response_id": None, "tree": conv.tree, "base_node": conv.head,
+                     "input_node": last, "input_count": n_items, "last_node": last, "body": b"{}"} for rid in ids]
+            moved = await store.commit_response(tree=conv.tree, placed=placed, response_rows=rows,
+                                                conversation_id=conv_id, base=conv.head, new_head=last)
+            assert moved is (last is not None)
+            # a second commit from the same base, now stale, stores its items and moves nothing
+            stale = place([_message("user", "stale")], conv.head, conv.head_depth, None)
+            assert not n_items or await store.commit_response(tree=conv.tree, placed=stale, response_rows=[],
+                                               conversation_id=conv_id, base=conv.head,
+                                               new_head=stale[-1].node) is False
+            expected += texts
+            after = await store.conversation(conv_id)
+            assert after.head == last and after.head_depth == conv.head_depth + n_items
+            history = [msg["content"] for msg in orjson.loads(b"[" + await store.path_chat(after.head) + b"]")]
+            assert history == expected
+            for rid in ids:
+                row = await store.response(rid)
+                assert row is not None and row.last_node == last and row.input_count == n_items
+    finally:
+        await store.db.close()
+        await engine.dispose()

@@ -254,8 +254,12 @@ class Database:
 
     async def execute_pg(self, sql: SQL, params: dict) -> int:
         """PostgreSQL: one statement, its own transaction, one round trip; its row count."""
+        return await self.execute_pg_positional(sql.pg, sql.args(params))
+
+    async def execute_pg_positional(self, pg_text: str, args: Sequence[Any]) -> int:
+        """`execute_pg` for a statement already numbered `$1 ..`, with its values in order."""
         pool = await self._pg()
-        status = await pool.execute(sql.pg, *sql.args(params))
+        status = await pool.execute(pg_text, *args)
         return int(status.rsplit(" ", 1)[-1])
 
     async def write(self, steps: Sequence[Step]) -> int:

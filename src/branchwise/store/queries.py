@@ -178,6 +178,39 @@ _PG_COMMIT = SQL(
                                                "text", "bytea"), "r_")
     + ") " + _MOVE_HEAD["postgresql"].text
 )
+# The same commit with a VALUES row per item and response row, for the usual small ones:
+# asyncpg encodes scalars for ~60% of the client CPU of arrays (micro-benchmark: 250 -> 160 us
+# per commit, and less time in PostgreSQL). One text per (items, rows) shape; PostgreSQL's
+# limit of 32,767 parameters, and the prepared-statement cache, are why large ones keep unnest.
+_PG_VALUES_MAX = 8
+_PG_COMMIT_SHAPES: dict[tuple[int, int], str] = {}
+
+
+def _pg_commit_values(n_items: int, n_rows: int) -> str:
+    text = _PG_COMMIT_SHAPES.get((n_items, n_rows))
+    if text is not None:
+        return text
+    k = 0
+
+    def values(table: str, columns: Sequence[str], n: int) -> str:
+        nonlocal k
+        rows = []
+        for _ in range(n):
+            rows.append("(" + ", ".join(f"${k + j + 1}" for j in range(len(columns))) + ")")
+            k += len(columns)
+        return f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join(rows)}"
+
+    ctes = []
+    if n_items:
+        ctes.append(f"new_items AS ({values('items', _ITEM_COLUMNS, n_items)})")
+    if n_rows:
+        ctes.append(f"new_responses AS ({values('responses', _RESPONSE_COLUMNS, n_rows)})")
+    text = (f"WITH {', '.join(ctes)} " if ctes else "") + (
+        f"UPDATE conversations SET head = ${k + 1} WHERE id = ${k + 2} AND head IS NOT DISTINCT FROM ${k + 3}")
+    _PG_COMMIT_SHAPES[(n_items, n_rows)] = text
+    return text
+
+
 _SET_HEAD = SQL("UPDATE conversations SET head = :head WHERE id = :id")
 _RESPONSE = SQL("SELECT id, status, conversation_id, tree, base_node, input_node, input_count, last_node, body"
                 " FROM responses WHERE id = :id")
@@ -451,9 +484,15 @@ class Store:
         (compare-and-swap). Returns whether the head moved."""
         if self.dialect == "postgresql" and not events and not update_existing:
             rows = _item_rows(tree, placed, now())
+            conv = conversation_id if new_head is not None else None
+            if len(rows) <= _PG_VALUES_MAX and len(response_rows) <= _PG_VALUES_MAX:
+                args = [r[c] for r in rows for c in _ITEM_COLUMNS]
+                args += [r[c] for r in response_rows for c in _RESPONSE_COLUMNS]
+                args += (new_head, conv, base)
+                return await self.db.execute_pg_positional(_pg_commit_values(len(rows), len(response_rows)), args) > 0
             params: dict = {f"i_{c}": [r[c] for r in rows] for c in _ITEM_COLUMNS}
             params.update({f"r_{c}": [r[c] for r in response_rows] for c in _RESPONSE_COLUMNS})
-            params.update(id=conversation_id if new_head is not None else None, base=base, head=new_head)
+            params.update(id=conv, base=base, head=new_head)
             return await self.db.execute_pg(_PG_COMMIT, params) > 0
         steps: list = []
         if placed:
