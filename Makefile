@@ -1,4 +1,4 @@
-# branchwise: make install | make run | make test | make bench
+# branchwise: make install | make run | make test | make bench | make bench-instructions
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.install-stamp
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install run test bench lint
+.PHONY: install run test bench bench-instructions lint
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ test: install
 
 bench: install
 	$(PY) -m bench
+
+# Instructions per stored response under valgrind: the number that does not move with the
+# machine's load (see docs/performance.md).
+bench-instructions: install
+	$(PY) -m bench.instructions
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench
