@@ -9,21 +9,22 @@ import openai
 
 from branchwise.api.app import create_app
 from branchwise.settings import Settings
-from branchwise.store.paths import PathCache, extend
+from branchwise.store.paths import ENTRY_OVERHEAD, PathCache, extend
 
 
 def test_cache_is_bounded_by_bytes_least_recently_used_first():
-    c = PathCache(800)  # entries of up to 100 bytes
+    entry = 100 + ENTRY_OVERHEAD  # what one 100-byte history counts for
+    c = PathCache(8 * entry)  # entries of up to `entry` bytes
     for k in "abcdefgh":
         c.put(k, k.encode() * 100)
-    assert c.size_bytes == 800 and len(c) == 8
+    assert c.size_bytes == 8 * entry and len(c) == 8
     assert c.get("a") == b"a" * 100  # a is now the most recently used
-    c.put("i", b"i" * 100)  # 900 bytes > 800: the least recently used (b) goes
+    c.put("i", b"i" * 100)  # one entry over: the least recently used (b) goes
     assert c.get("b") is None and c.get("a") is not None and c.get("i") is not None
-    assert c.size_bytes == 800 and len(c) == 8
+    assert c.size_bytes == 8 * entry and len(c) == 8
     c.put("a", b"w" * 10)  # replacing an entry counts its new size only
-    assert c.size_bytes == 710
-    c.put("huge", b"h" * 101)  # over max_bytes / 8: not kept, nothing pushed out
+    assert c.size_bytes == 8 * entry - 90
+    c.put("huge", b"h" * entry)  # over max_bytes / 8 with its overhead: not kept, nothing pushed out
     assert c.get("huge") is None and len(c) == 8
 
 

@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     api_key: str | None = None
     """When set, clients must send `Authorization: Bearer <api_key>`."""
 
-    path_cache_mb: int = Field(64, ge=0)
+    path_cache_mb: int = Field(16, ge=0)
     """Memory (MiB, per process) for histories already read or written, so that the next turn
     on a branch skips the walk up the tree; 0 switches it off. Nodes never change, so it needs
     no invalidation, across processes too."""

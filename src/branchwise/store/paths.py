@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+ENTRY_OVERHEAD = 200  # bytes per entry beyond the value: the key, the bytes object, the dict's node
+
 
 class PathCache:
     def __init__(self, max_bytes: int):
@@ -34,16 +36,16 @@ class PathCache:
         return value
 
     def put(self, node: str, value: bytes) -> None:
-        if len(value) > self.max_entry:
+        if len(value) + ENTRY_OVERHEAD > self.max_entry:
             return
         old = self._data.pop(node, None)
         if old is not None:
-            self._bytes -= len(old)
+            self._bytes -= len(old) + ENTRY_OVERHEAD
         self._data[node] = value
-        self._bytes += len(value)
+        self._bytes += len(value) + ENTRY_OVERHEAD
         while self._bytes > self.max_bytes:
             _, dropped = self._data.popitem(last=False)
-            self._bytes -= len(dropped)
+            self._bytes -= len(dropped) + ENTRY_OVERHEAD
 
 
 def extend(history: bytes, chats: list[bytes | None]) -> bytes:

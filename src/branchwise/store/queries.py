@@ -237,7 +237,7 @@ def _item_rows(tree: str, placed: Sequence[Placed], created: int) -> list[dict]:
 
 
 class Store:
-    def __init__(self, engine: AsyncEngine, path_cache_bytes: int = 64 << 20):
+    def __init__(self, engine: AsyncEngine, path_cache_bytes: int = 16 << 20):
         self.engine = engine
         self.writer = writer(engine)
         self.db = Database(engine)  # the hot path's queries
