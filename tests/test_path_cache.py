@@ -80,6 +80,11 @@ async def test_cached_histories_match_the_tree_while_another_process_changes_it(
             await turn("a4")
             assert "a1" in _texts(mock.requests[-1]["messages"]) and r1.output[0].content[0].text not in \
                 _texts(mock.requests[-1]["messages"])
+            # this process still knows the head, but its history has left the cache
+            await turn("a4b")
+            cached.state.store.paths = PathCache(1 << 20)
+            await turn("a4c")
+            await turn("a4d")  # and from the cache again
             # back to the seed, through the other process, then on from there
             seed = [it.id async for it in b.conversations.items.list(conv.id, order="asc")][0]
             r = await hb.post(f"/v1/conversations/{conv.id}/head", json={"item_id": seed})

@@ -141,6 +141,14 @@ _TREE_PAGE = SQL(
 _RAW_CONV = SQL(_CONV_SELECT + _CONV_FROM)
 _RAW_PATH_CHAT = {d: SQL(str(t)) for d, t in _PATH_CHAT.items()}
 _RAW_CONV_HISTORY = {d: SQL(str(t)) for d, t in _CONV_HISTORY.items()}
+# The same, with the walk skipped (NULL) when the head is still `:known`, a head whose history
+# this process has cached: both databases leave the walk unexecuted then, so a cache hit and a
+# miss (a head another process moved) are each one round trip.
+_RAW_CONV_HISTORY_UNLESS = {
+    d: SQL(_path_from("(SELECT head FROM conversations WHERE id = :id)")
+           + f"{_CONV_SELECT}, CASE WHEN c.head = :known THEN NULL ELSE {agg} END{_CONV_FROM}")
+    for d, agg in _JOINED.items()
+}
 _ITEM_COLUMNS = ("node", "parent", "depth", "tree", "item_id", "type", "role", "status", "response_id",
                  "created_at", "data", "chat")
 _RESPONSE_COLUMNS = ("id", "status", "created_at", "conversation_id", "previous_response_id", "tree", "base_node",
@@ -244,6 +252,18 @@ class Store:
         self.dialect = engine.dialect.name
         # node -> its path's messages (see `store.paths`); None when switched off
         self.paths = PathCache(path_cache_bytes) if path_cache_bytes > 0 else None
+        # conversation -> the head this process last read or set (a hint: always checked)
+        self._heads: dict[str, str] = {}
+
+    def _note_head(self, conv_id: str, head: str | None) -> None:
+        if self.paths is None:
+            return
+        if head is None:
+            self._heads.pop(conv_id, None)
+            return
+        if len(self._heads) >= 100_000:
+            self._heads.clear()
+        self._heads[conv_id] = head
 
     # ------------------------------------------------------------------ reads
 
@@ -255,19 +275,27 @@ class Store:
         return None if row is None else Conversation(*row)
 
     async def conversation_with_history(self, conv_id: str) -> tuple[Conversation | None, bytes]:
-        """The conversation and the comma-joined messages of its current path: the conversation
-        row alone when the path of its head is cached, else both in one query."""
-        if self.paths is not None and len(self.paths):
-            conv = await self.conversation(conv_id)
-            if conv is None:
-                return None, b""
-            return conv, await self.path_chat(conv.head)
-        row = await self.db.one(_RAW_CONV_HISTORY[self.dialect], {"id": conv_id})
+        """The conversation and the comma-joined messages of its current path, in one query. When
+        the head is still the one this process last saw and its history is cached, the query
+        skips the walk and the history comes from the cache."""
+        known = self._heads.get(conv_id)
+        if known is not None and self.paths is not None and self.paths.get(known) is None:
+            known = None
+        if known is None:
+            row = await self.db.one(_RAW_CONV_HISTORY[self.dialect], {"id": conv_id})
+        else:
+            row = await self.db.one(_RAW_CONV_HISTORY_UNLESS[self.dialect], {"id": conv_id, "known": known})
         if row is None:
+            self._heads.pop(conv_id, None)
             return None, b""
-        conv, history = Conversation(*row[:-1]), _joined(row[-1])
-        if self.paths is not None and conv.head is not None and history:
-            self.paths.put(conv.head, history)
+        conv = Conversation(*row[:-1])
+        if known is not None and conv.head == known:  # the walk was skipped
+            history = await self.path_chat(known)  # (the cache, unless evicted since)
+        else:
+            history = _joined(row[-1])
+            if self.paths is not None and conv.head is not None and history:
+                self.paths.put(conv.head, history)
+        self._note_head(conv_id, conv.head)
         return conv, history
 
     async def path_chat(self, node: str | None) -> bytes:
@@ -428,6 +456,7 @@ class Store:
 
     async def move_head(self, conv_id: str, node: str) -> None:
         await self.db.write([(_SET_HEAD, {"id": conv_id, "head": node})])
+        self._note_head(conv_id, node)
 
     async def delete_from_path(self, conv_id: str, item_id: str) -> bool | None:
         """Take `item_id` out of the conversation's path without touching any shared node:
@@ -489,11 +518,12 @@ class Store:
                 args = [r[c] for r in rows for c in _ITEM_COLUMNS]
                 args += [r[c] for r in response_rows for c in _RESPONSE_COLUMNS]
                 args += (new_head, conv, base)
-                return await self.db.execute_pg_positional(_pg_commit_values(len(rows), len(response_rows)), args) > 0
+                moved = await self.db.execute_pg_positional(_pg_commit_values(len(rows), len(response_rows)), args) > 0
+                return self._moved(conversation_id, new_head, moved)
             params: dict = {f"i_{c}": [r[c] for r in rows] for c in _ITEM_COLUMNS}
             params.update({f"r_{c}": [r[c] for r in response_rows] for c in _RESPONSE_COLUMNS})
             params.update(id=conv, base=base, head=new_head)
-            return await self.db.execute_pg(_PG_COMMIT, params) > 0
+            return self._moved(conversation_id, new_head, await self.db.execute_pg(_PG_COMMIT, params) > 0)
         steps: list = []
         if placed:
             steps.append((_INSERT_ITEMS, _item_rows(tree, placed, now())))
@@ -508,8 +538,13 @@ class Store:
             steps.append((_MOVE_HEAD[self.dialect], {"id": conversation_id, "base": base, "head": new_head}))
         if not steps:
             return False
-        moved = await self.db.write(steps)
-        return move and moved > 0
+        count = await self.db.write(steps)
+        return self._moved(conversation_id, new_head, move and count > 0)
+
+    def _moved(self, conv_id: str | None, head: str | None, moved: bool) -> bool:
+        if moved and conv_id is not None:
+            self._note_head(conv_id, head)
+        return moved
 
     async def delete_response(self, resp_id: str) -> bool:
         async with self.writer.begin() as conn:
