@@ -105,11 +105,15 @@ _JOINED = {
     "postgresql": "(SELECT string_agg(chat, '\\x2c'::bytea ORDER BY depth) FROM path WHERE chat IS NOT NULL)",
 }
 _PATH_CHAT = {d: text(_path_from(":node") + "SELECT " + agg) for d, agg in _JOINED.items()}
+
+
+def _conv_history(history: str) -> str:
+    """The conversation row and `history`, an expression over its path, in one round trip."""
+    return _path_from("(SELECT head FROM conversations WHERE id = :id)") + f"{_CONV_SELECT}, {history}{_CONV_FROM}"
+
+
 # The conversation and its history's messages, in one round trip (the hot path).
-_CONV_HISTORY = {
-    d: text(_path_from("(SELECT head FROM conversations WHERE id = :id)") + f"{_CONV_SELECT}, {agg}{_CONV_FROM}")
-    for d, agg in _JOINED.items()
-}
+_CONV_HISTORY = {d: text(_conv_history(agg)) for d, agg in _JOINED.items()}
 
 
 def _path_walk(order: str) -> Any:
@@ -145,9 +149,7 @@ _RAW_CONV_HISTORY = {d: SQL(str(t)) for d, t in _CONV_HISTORY.items()}
 # this process has cached: both databases leave the walk unexecuted then, so a cache hit and a
 # miss (a head another process moved) are each one round trip.
 _RAW_CONV_HISTORY_UNLESS = {
-    d: SQL(_path_from("(SELECT head FROM conversations WHERE id = :id)")
-           + f"{_CONV_SELECT}, CASE WHEN c.head = :known THEN NULL ELSE {agg} END{_CONV_FROM}")
-    for d, agg in _JOINED.items()
+    d: SQL(_conv_history(f"CASE WHEN c.head = :known THEN NULL ELSE {agg} END")) for d, agg in _JOINED.items()
 }
 _ITEM_COLUMNS = ("node", "parent", "depth", "tree", "item_id", "type", "role", "status", "response_id",
                  "created_at", "data", "chat")
@@ -279,9 +281,9 @@ class Store:
         the head is still the one this process last saw and its history is cached, the query
         skips the walk and the history comes from the cache."""
         known = self._heads.get(conv_id)
-        if known is not None and self.paths is not None and self.paths.get(known) is None:
+        cached = self.paths.get(known) if known is not None and self.paths is not None else None
+        if cached is None:
             known = None
-        if known is None:
             row = await self.db.one(_RAW_CONV_HISTORY[self.dialect], {"id": conv_id})
         else:
             row = await self.db.one(_RAW_CONV_HISTORY_UNLESS[self.dialect], {"id": conv_id, "known": known})
@@ -290,7 +292,7 @@ class Store:
             return None, b""
         conv = Conversation(*row[:-1])
         if known is not None and conv.head == known:  # the walk was skipped
-            history = await self.path_chat(known)  # (the cache, unless evicted since)
+            history = cached
         else:
             history = _joined(row[-1])
             if self.paths is not None and conv.head is not None and history:
