@@ -176,11 +176,11 @@ class Database:
       a fraction of a millisecond); one that finds it taken tries again after 0.5, 1, 2, 4 ms
       ... without leaving the loop (a thread hop costs more CPU than the write, and the woken
       thread waits for the GIL while it holds the lock). While this process's write lock is
-      held (a checkpoint pass, a `Writer` transaction), writes poll until it is free. After
+      held (a `Writer` transaction), writes poll until it is free. After
       50 ms of flock waits, or when a writer outside this scheme holds SQLite's lock (another
       process's `Writer`, migrations), the write waits its turn on a writer thread: a blocking
       `flock`, then SQLite's busy timeout. The loop's connection never checkpoints (a
-      checkpoint syncs the file); the writer thread does (see `_checkpoint_soon`).
+      checkpoint syncs the file); the writer thread does (see `_checkpoint`).
     - PostgreSQL: an asyncpg pool of its own (32 connections); asyncpg prepares and caches each
       statement.
     """
@@ -354,38 +354,44 @@ class Database:
 
     async def _checkpoint_soon(self, restart: bool) -> None:
         """Every `CHECKPOINT_EVERY` commits: copy the WAL back into the database file, on the
-        writer thread, while the writes go on. A checkpoint racing the writes never catches up,
-        though, so the WAL never starts over: it grew by ~65 kB a response (500 MB in 8 s at
-        600/s), slowing every read with it. So every `RESTART_EVERY` commits a second, short
-        pass (what landed during the first) runs between two writes, holding this process's
-        write lock and the flock; the next write then starts the WAL over from its beginning.
-        That pass stalls the writes for its two fsyncs (~7-10 ms here, more while the disk is
-        busy): rare enough to stay out of the 99th percentile at hundreds of writes a second.
-        (Holding the lock for the whole copy stalled them ~150 ms.)"""
+        writer thread, while the writes go on (see `_checkpoint`)."""
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        await loop.run_in_executor(self._writes, self._checkpoint, False)
-        slow = time.perf_counter() - started > self.SLOW_CHECKPOINT_S
-        if restart and (not slow or self._commits - self._restarted >= 5 * self.RESTART_EVERY):
-            # (A slow first pass means a busy disk, and the second pass's fsyncs would hold
-            # the writes back as long: wait for a better moment, up to five times as long.)
-            async with self._writer.lock():
-                await loop.run_in_executor(self._writes, self._checkpoint, True)
+        overdue = self._commits - self._restarted >= 5 * self.RESTART_EVERY
+        if await loop.run_in_executor(self._writes, self._checkpoint, restart, overdue):
             self._restarted = self._commits
         elif restart:
             self._next_restart = self._commits + self.CHECKPOINT_EVERY  # try again soon
 
-    def _checkpoint(self, locked: bool) -> None:
+    def _checkpoint(self, restart: bool, overdue: bool) -> bool:
+        """A passive checkpoint. It races the writes and never catches up, though, so the WAL
+        never starts over: it grew by ~65 kB a response (500 MB in 8 s at 600/s), slowing every
+        read with it. So with `restart` (every `RESTART_EVERY` commits) a second, short pass
+        (what landed during the first) follows at once, holding the flock: the writes poll for
+        it as for another process's write, and the next one starts the WAL over from its
+        beginning. That holds the writes back for the second pass, its copy and its two fsyncs
+        (~2-5 ms here); the loop runs on. (It used to run behind this process's asyncio write
+        lock: the thread waited for the GIL to start and to finish, then the loop took an
+        iteration to see it done, ~15-25 ms in all at concurrency 64, and the requests caught
+        behind it made up the 99th percentile. On the loop itself the pass blocked everything
+        for ~8 ms: what lands during the first pass takes fsyncs of ~1 MB. Holding the writes
+        back for the whole copy stalled them ~150 ms.) A slow first pass (over
+        `SLOW_CHECKPOINT_S`) means a busy disk, and the second pass's fsyncs would hold the
+        writes back as long: skip it, up to five times in a row (`overdue`). True when the
+        second pass ran."""
         if self._thread_conn is None:
             self._thread_conn = self._connect(busy_ms=30000)
-        if locked:
-            fcntl.flock(self._lockfile, fcntl.LOCK_EX)
+        started = time.perf_counter()
+        with contextlib.suppress(sqlite3.Error):
+            self._thread_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        if not restart or (time.perf_counter() - started > self.SLOW_CHECKPOINT_S and not overdue):
+            return False
+        fcntl.flock(self._lockfile, fcntl.LOCK_EX)
         try:
             with contextlib.suppress(sqlite3.Error):
                 self._thread_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
-            if locked:
-                fcntl.flock(self._lockfile, fcntl.LOCK_UN)
+            fcntl.flock(self._lockfile, fcntl.LOCK_UN)
+        return True
 
     def _connect(self, busy_ms: int) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, cached_statements=64)
