@@ -3,14 +3,14 @@
 One pooled HTTP client per upstream. The request body is spliced from the pre-serialised
 messages; the reply is parsed once.
 
-Faults. Every failure of the upstream ends as a `BackendError` (never a bare httpx or
+Faults. Every failure of the upstream ends as a `BackendError` (never a bare HTTP client or
 asyncio exception), with one of these codes:
 
 - `upstream_unavailable`: no connection could be made (refused, unknown host), even after
   `CONNECT_RETRIES` retries with exponential backoff. Only these errors are retried: nothing
   reached the upstream. Once a request was sent it is never sent again.
-- `upstream_timeout`: `timeout` seconds passed while connecting, between two reads, or for the
-  whole request (connect to the last byte of the reply or stream).
+- `upstream_timeout`: `timeout` seconds passed while connecting, or for the whole request
+  (connect to the last byte of the reply or stream).
 - `upstream_error`: the upstream answered a non-2xx status (its message and `status` kept) or
   sent an error inside the stream; `rate_limit_exceeded` for a 429.
 - `upstream_stream_cut`: the connection ended before the reply was complete (a stream without
@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 
 from branchwise.backends.base import (
@@ -36,6 +36,7 @@ from branchwise.backends.base import (
     ToolCall,
     Usage,
 )
+from branchwise.backends.http1 import BadReply, ConnectError, Disconnected, HTTPError, Pool, Reply
 
 CONNECT_RETRIES = 3
 """Retries of a connection that could not be made (so up to 1 + 3 attempts)."""
@@ -78,8 +79,8 @@ def _malformed(what: str) -> BackendError:
 
 
 class ChatCompletionsBackend:
-    """The HTTP client is aiohttp: at a few hundred requests per second its per-request cost is a
-    fraction of httpx's on this kind of machine (see docs/performance.md)."""
+    """The HTTP client is `backends.http1`: pooled keep-alive connections, a fifth of aiohttp's
+    CPU per call and less still of httpx's (see its docstring and docs/performance.md)."""
 
     supports_n: bool
 
@@ -89,22 +90,12 @@ class ChatCompletionsBackend:
         self.supports_n = supports_n
         self.timeout = timeout
         self.base_url = base_url.rstrip("/")
-        self._url = self.base_url + "/chat/completions"
-        self._headers = {"content-type": "application/json"}
+        self._path = urlsplit(self.base_url).path + "/chat/completions"
+        headers = {"content-type": "application/json", "accept": "application/json, text/event-stream",
+                   "user-agent": "branchwise"}
         if api_key:
-            self._headers["authorization"] = f"Bearer {api_key}"
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            # per operation: connecting, and each read; the whole request is bounded by a deadline
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=30),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout),
-                headers=self._headers,
-                auto_decompress=True,
-            )
-        return self._session
+            headers["authorization"] = f"Bearer {api_key}"
+        self._pool = Pool(self.base_url, headers)
 
     def _body(self, request: ChatRequest, stream: bool) -> bytes:
         params = dict(request.params)
@@ -122,11 +113,9 @@ class ChatCompletionsBackend:
 
     # ------------------------------------------------------------------ faults
 
-    def _timed_out(self, e: BaseException, mid_stream: bool = False) -> BackendError:
-        if isinstance(e, aiohttp.ConnectionTimeoutError):
+    def _timed_out(self, e: BaseException, mid_stream: bool = False, connecting: bool = False) -> BackendError:
+        if connecting:
             what = f"could not connect within {self.timeout:g} s"
-        elif isinstance(e, aiohttp.ServerTimeoutError):
-            what = f"sent nothing for {self.timeout:g} s"
         else:  # the deadline of the whole request
             what = f"did not finish within {self.timeout:g} s"
         where = " mid-stream" if mid_stream else ""
@@ -134,43 +123,46 @@ class ChatCompletionsBackend:
                             code="upstream_timeout")
 
     @staticmethod
-    def _broken(e: aiohttp.ClientError) -> BackendError:
-        if isinstance(e, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+    def _broken(e: HTTPError) -> BackendError:
+        if isinstance(e, Disconnected):
             return BackendError(f"The upstream connection ended before the reply was complete: {e}",
                                 code="upstream_stream_cut")
         return BackendError(f"The upstream request failed: {e}", code="upstream_error")
 
-    async def _send(self, body: bytes, deadline: float, read: bool = False) -> tuple[aiohttp.ClientResponse, bytes]:
+    async def _send(self, body: bytes, deadline: float, read: bool = False) -> tuple[Reply, bytes]:
         """POST, by `deadline`; returns once the status and headers are in, and with `read` the
-        whole body too (under the same timeout). Retries only connection errors (nothing reached
-        the upstream), `CONNECT_RETRIES` times with exponential backoff; never once the request
-        was sent."""
+        whole body too (under the same timeout; the connection is then back in the pool).
+        Retries only connection errors (nothing reached the upstream), `CONNECT_RETRIES` times
+        with exponential backoff; never once the request was sent."""
         loop = asyncio.get_running_loop()
-        session = self._client()
         for attempt in range(CONNECT_RETRIES + 1):
-            resp = None
+            conn = reply = None
             try:
                 async with asyncio.timeout_at(deadline):
-                    resp = await session.post(self._url, data=body)
-                    return resp, (await resp.read() if read else b"")
-            except aiohttp.ClientConnectorError as e:
+                    conn = await self._pool.connection()
+                    reply = await self._pool.post(conn, self._path, body)
+                    if not read:
+                        return reply, b""
+                    raw = await reply.read()
+                reply.release()
+                return reply, raw
+            except ConnectError as e:
                 pause = RETRY_BACKOFF * (2**attempt)
                 if attempt == CONNECT_RETRIES or loop.time() + pause >= deadline:
                     raise BackendError(
                         f"Could not connect to the upstream model server at {self.base_url} "
                         f"({attempt + 1} attempts): {e}", code="upstream_unavailable") from e
                 await asyncio.sleep(pause)
-            except TimeoutError as e:  # aiohttp's timeouts are TimeoutErrors too
-                if resp is not None:
-                    resp.close()
-                raise self._timed_out(e) from e
-            except aiohttp.ClientError as e:
-                if resp is not None:
-                    resp.close()
+            except TimeoutError as e:
+                if conn is not None:
+                    conn.close()
+                raise self._timed_out(e, connecting=conn is None) from e
+            except (Disconnected, BadReply) as e:
                 raise self._broken(e) from e
-            finally:
-                if read and resp is not None:
-                    resp.release()
+            except BaseException:  # cancelled: the upstream must see the client leave
+                if conn is not None:
+                    conn.close()
+                raise
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ calls
@@ -214,10 +206,10 @@ class ChatCompletionsBackend:
                 raise _status_error(resp.status, resp.reason, raw)
             rest = b""
             while not done:
-                # every read is bounded by the deadline of the whole request (aiohttp bounds the
-                # time between two reads); a yield is never inside the timeout
+                # every read is bounded by the deadline of the whole request; a yield is never
+                # inside the timeout
                 async with asyncio.timeout_at(deadline):
-                    chunk = await resp.content.readany()
+                    chunk = await resp.read_chunk()
                 if not chunk:
                     lines, rest = [rest], b""
                 else:
@@ -246,7 +238,7 @@ class ChatCompletionsBackend:
                                    code="upstream_stream_cut")
         except TimeoutError as e:
             raise self._timed_out(e, mid_stream=True) from e
-        except aiohttp.ClientError as e:
+        except HTTPError as e:
             raise self._broken(e) from e
         finally:
             if done:
@@ -255,8 +247,7 @@ class ChatCompletionsBackend:
                 resp.close()  # cancelled or broken: drop the connection, so the upstream stops too
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        self._pool.close()
 
 
 def _logprobs(lp: Any) -> list[dict[str, Any]] | None:
