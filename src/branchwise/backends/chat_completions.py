@@ -113,7 +113,7 @@ class ChatCompletionsBackend:
 
     # ------------------------------------------------------------------ faults
 
-    def _timed_out(self, e: BaseException, mid_stream: bool = False, connecting: bool = False) -> BackendError:
+    def _timed_out(self, mid_stream: bool = False, connecting: bool = False) -> BackendError:
         if connecting:
             what = f"could not connect within {self.timeout:g} s"
         else:  # the deadline of the whole request
@@ -136,7 +136,7 @@ class ChatCompletionsBackend:
         with exponential backoff; never once the request was sent."""
         loop = asyncio.get_running_loop()
         for attempt in range(CONNECT_RETRIES + 1):
-            conn = reply = None
+            conn = None
             try:
                 async with asyncio.timeout_at(deadline):
                     conn = await self._pool.connection()
@@ -156,7 +156,7 @@ class ChatCompletionsBackend:
             except TimeoutError as e:
                 if conn is not None:
                     conn.close()
-                raise self._timed_out(e, connecting=conn is None) from e
+                raise self._timed_out(connecting=conn is None) from e
             except (Disconnected, BadReply) as e:
                 raise self._broken(e) from e
             except BaseException:  # cancelled: the upstream must see the client leave
@@ -237,7 +237,7 @@ class ChatCompletionsBackend:
                 raise BackendError("The upstream stream ended before it was complete (no [DONE]).",
                                    code="upstream_stream_cut")
         except TimeoutError as e:
-            raise self._timed_out(e, mid_stream=True) from e
+            raise self._timed_out(mid_stream=True) from e
         except HTTPError as e:
             raise self._broken(e) from e
         finally:

@@ -179,7 +179,7 @@ class Reply:
         (now, or when its last bytes come)."""
         conn = self._conn
         if conn.complete:
-            self._conn.pool.put(conn)
+            conn.pool.put(conn)
         elif conn.usable and conn.error is None:
             conn.release_when_complete = True
         else:
