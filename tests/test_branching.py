@@ -125,6 +125,14 @@ async def test_head_moves_anywhere_in_the_tree(client, raw, mock):
     assert r.status_code == 400 and r.json()["error"]["param"] == "item_id"
     r = await raw.post("/v1/conversations/conv_nope/head", json={"item_id": r1.output[-1].id})
     assert r.status_code == 404
+    other = await client.conversations.create(items=[msg("elsewhere")])
+    other_item = [it.id async for it in client.conversations.items.list(other.id)][0]
+    r = await raw.post(f"/v1/conversations/{conv.id}/head", json={"item_id": other_item})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "item_not_found"
+    # none of the refused moves moved anything; the reply of a move is the conversation object
+    assert (await client.conversations.retrieve(conv.id)).model_extra["head"] == r2.output[-1].id
+    r = await raw.post(f"/v1/conversations/{conv.id}/head", json={"item_id": r2.output[-1].id})
+    assert r.json() == (await raw.get(f"/v1/conversations/{conv.id}")).json()
 
 
 async def test_tree_pages(client, raw):

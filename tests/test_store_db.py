@@ -93,10 +93,10 @@ async def test_hot_write_polls_while_another_process_holds_the_flock(tmp_path, m
     tries = 0
     real = dbmod.Database._write_inline
 
-    def counting(self, steps):
+    def counting(self, steps, fetch=False):
         nonlocal tries
         tries += 1
-        return real(self, steps)
+        return real(self, steps, fetch)
 
     monkeypatch.setattr(dbmod.Database, "_write_inline", counting)
     url = f"sqlite:///{tmp_path / 'f.db'}"

@@ -152,14 +152,14 @@ async def fork_conversation(request: Request, conversation_id: str) -> Response:
 async def move_head(request: Request, conversation_id: str) -> Response:
     body = await parse_body(request, m.MoveHead)
     store = _store(request)
-    conv = await _get(store, conversation_id)
-    cands = await store.candidates(conv.tree, body.item_id)
-    if not cands:
+    moved = await store.move_head_to_item(conversation_id, body.item_id)
+    if moved is None:
+        await _get(store, conversation_id)  # 404 when there is no such conversation
         raise InvalidRequest(f"Item '{body.item_id}' is not in the tree of conversation '{conversation_id}'.",
                              param="item_id", code="item_not_found")
-    await store.move_head(conversation_id, cands[0][0])
-    return json_response(conversation_object(conv.id, conv.created_at, conv.metadata, body.item_id,
-                                             conv.forked_from_conversation, conv.forked_from_item))
+    created_at, metadata, forked_from_conversation, forked_from_item = moved
+    return json_response(conversation_object(conversation_id, created_at, metadata, body.item_id,
+                                             forked_from_conversation, forked_from_item))
 
 
 @router.get("/conversations/{conversation_id}/tree")

@@ -264,6 +264,16 @@ class Database:
 
     async def write(self, steps: Sequence[Step]) -> int:
         """`steps` in one transaction; returns the row count of the last one."""
+        return await self._write(steps, False)
+
+    async def write_returning(self, sql: SQL, params: dict) -> list[tuple]:
+        """One data-modifying statement with RETURNING, in its own transaction: its rows."""
+        if not self.sqlite:
+            pool = await self._pg()
+            return [tuple(r) for r in await pool.fetch(sql.pg, *sql.args(params))]
+        return await self._write([(sql, params)], True)
+
+    async def _write(self, steps: Sequence[Step], fetch: bool):
         if not self.sqlite:
             pool = await self._pg()
             async with pool.acquire() as conn, conn.transaction():
@@ -293,7 +303,7 @@ class Database:
                 await asyncio.sleep(0.001)
                 continue
             try:
-                return self._write_inline(steps)
+                return self._write_inline(steps, fetch)
             except _Held:  # another process is in a write (a fraction of a millisecond, as a rule)
                 if waited >= self.POLL_FOR_S:
                     break
@@ -303,26 +313,29 @@ class Database:
             except _Busy:
                 break
         async with lock:
-            return await asyncio.get_running_loop().run_in_executor(self._writes, self._write_waiting, steps)
+            return await asyncio.get_running_loop().run_in_executor(self._writes, self._write_waiting, steps, fetch)
 
     @staticmethod
-    def _run(conn: sqlite3.Connection, steps: Sequence[Step], begun: bool = False) -> int:
-        count = 0
+    def _run(conn: sqlite3.Connection, steps: Sequence[Step], begun: bool = False, fetch: bool = False):
+        """The row count of the last step, or with `fetch` its rows (read before the COMMIT)."""
+        result: Any = 0
         if not begun:
             conn.execute("BEGIN IMMEDIATE")
         try:
             for sql, params in steps:
                 if isinstance(params, list):
-                    count = conn.executemany(sql.text, params).rowcount
+                    result = conn.executemany(sql.text, params).rowcount
+                elif fetch:
+                    result = conn.execute(sql.text, params).fetchall()
                 else:
-                    count = conn.execute(sql.text, params).rowcount
+                    result = conn.execute(sql.text, params).rowcount
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return count
+        return result
 
-    def _write_inline(self, steps: Sequence[Step]) -> int:
+    def _write_inline(self, steps: Sequence[Step], fetch: bool = False):
         try:
             fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -334,19 +347,19 @@ class Database:
                 if _is_busy(e):
                     raise _Busy from None
                 raise
-            count = self._run(self._loop_conn, steps, begun=True)
+            count = self._run(self._loop_conn, steps, begun=True, fetch=fetch)
         finally:
             fcntl.flock(self._lockfile, fcntl.LOCK_UN)
         self._commits += 1
         return count
 
-    def _write_waiting(self, steps: Sequence[Step]) -> int:
+    def _write_waiting(self, steps: Sequence[Step], fetch: bool = False):
         """On the writer thread: wait for the other processes' writers, then write."""
         if self._thread_conn is None:
             self._thread_conn = self._connect(busy_ms=30000)
         fcntl.flock(self._lockfile, fcntl.LOCK_EX)
         try:
-            count = self._run(self._thread_conn, steps)
+            count = self._run(self._thread_conn, steps, fetch=fetch)
         finally:
             fcntl.flock(self._lockfile, fcntl.LOCK_UN)
         self._commits += 1

@@ -221,7 +221,13 @@ def _pg_commit_values(n_items: int, n_rows: int) -> str:
     return text
 
 
-_SET_HEAD = SQL("UPDATE conversations SET head = :head WHERE id = :id")
+# Move a conversation's head to the newest node holding an item of its tree, in one statement
+# (no row: no such conversation, or the item is not in its tree).
+_SET_HEAD_TO_ITEM = SQL(
+    "UPDATE conversations SET head = (SELECT i.node FROM items i WHERE i.tree = conversations.tree"
+    " AND i.item_id = :item_id ORDER BY i.seq DESC LIMIT 1)"
+    " WHERE id = :id AND EXISTS (SELECT 1 FROM items i WHERE i.tree = conversations.tree AND i.item_id = :item_id)"
+    " RETURNING head, created_at, metadata, forked_from_conversation, forked_from_item")
 _RESPONSE = SQL("SELECT id, status, conversation_id, tree, base_node, input_node, input_count, last_node, body"
                 " FROM responses WHERE id = :id")
 _NODE_INFO = SQL("SELECT depth, type FROM items WHERE node = :node")
@@ -456,9 +462,17 @@ class Store:
                 )
         return conv
 
-    async def move_head(self, conv_id: str, node: str) -> None:
-        await self.db.write([(_SET_HEAD, {"id": conv_id, "head": node})])
-        self._note_head(conv_id, node)
+    async def move_head_to_item(self, conv_id: str, item_id: str) -> tuple | None:
+        """Point the head at the newest node holding `item_id` in the conversation's tree: one
+        statement, one round trip (it was three: the conversation, the candidates, the write).
+        The conversation's (created_at, metadata, forked_from_conversation, forked_from_item)
+        after the move, or None when there is no such conversation or the item is not in its tree."""
+        rows = await self.db.write_returning(_SET_HEAD_TO_ITEM, {"id": conv_id, "item_id": item_id})
+        if not rows:
+            return None
+        head, *rest = rows[0]
+        self._note_head(conv_id, head)
+        return tuple(rest)
 
     async def delete_from_path(self, conv_id: str, item_id: str) -> bool | None:
         """Take `item_id` out of the conversation's path without touching any shared node:
