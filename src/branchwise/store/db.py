@@ -264,16 +264,6 @@ class Database:
 
     async def write(self, steps: Sequence[Step]) -> int:
         """`steps` in one transaction; returns the row count of the last one."""
-        return await self._write(steps, False)
-
-    async def write_returning(self, sql: SQL, params: dict) -> list[tuple]:
-        """One data-modifying statement with RETURNING, in its own transaction: its rows."""
-        if not self.sqlite:
-            pool = await self._pg()
-            return [tuple(r) for r in await pool.fetch(sql.pg, *sql.args(params))]
-        return await self._write([(sql, params)], True)
-
-    async def _write(self, steps: Sequence[Step], fetch: bool):
         if not self.sqlite:
             pool = await self._pg()
             async with pool.acquire() as conn, conn.transaction():
@@ -285,6 +275,16 @@ class Database:
                     else:
                         count = int((await conn.execute(sql.pg, *sql.args(params))).rsplit(" ", 1)[-1])
                 return count
+        return await self._sqlite_write(steps, False)
+
+    async def write_returning(self, sql: SQL, params: dict) -> list[tuple]:
+        """One data-modifying statement with RETURNING, in its own transaction: its rows."""
+        if not self.sqlite:
+            pool = await self._pg()
+            return [tuple(r) for r in await pool.fetch(sql.pg, *sql.args(params))]
+        return await self._sqlite_write([(sql, params)], True)
+
+    async def _sqlite_write(self, steps: Sequence[Step], fetch: bool):
         if self._commits >= self._next_checkpoint and (self._checkpoint_task is None or self._checkpoint_task.done()):
             self._next_checkpoint = self._commits + self.CHECKPOINT_EVERY
             restart = self._commits >= self._next_restart
@@ -295,10 +295,10 @@ class Database:
         delay, waited = self.POLL_S, 0.0
         while True:
             if lock.locked():
-                # This process's checkpoint or a `Writer` transaction: wait for it to end, then
-                # write on the loop as usual. The waiters poll (every millisecond) rather than
-                # queue on the lock: a queue hands the lock on one waiter per loop iteration,
-                # and 64 waiters behind a 10 ms checkpoint waited up to 400 ms. (Sending them to
+                # A `Writer` transaction of this process: wait for it to end, then write on
+                # the loop as usual. The waiters poll (every millisecond) rather than queue on
+                # the lock: a queue hands the lock on one waiter per loop iteration, and 64
+                # waiters behind a 10 ms hold waited up to 400 ms. (Sending them to
                 # the writer thread was worse: each waited for the GIL in turn.)
                 await asyncio.sleep(0.001)
                 continue
