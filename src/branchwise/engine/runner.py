@@ -428,7 +428,7 @@ class Engine:
                 base=plan.base, new_head=lasts[0] if move else None,
                 update_existing=plan.run is not None, events=events,
             )
-            if keep_items and placed and self.store.paths is not None:
+            if keep_items and placed:  # (`paths` is empty when the cache is off)
                 for node, history in paths:
                     if history:
                         self.store.paths.put(node, history)

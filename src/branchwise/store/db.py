@@ -347,11 +347,11 @@ class Database:
                 if _is_busy(e):
                     raise _Busy from None
                 raise
-            count = self._run(self._loop_conn, steps, begun=True, fetch=fetch)
+            result = self._run(self._loop_conn, steps, begun=True, fetch=fetch)
         finally:
             fcntl.flock(self._lockfile, fcntl.LOCK_UN)
         self._commits += 1
-        return count
+        return result
 
     def _write_waiting(self, steps: Sequence[Step], fetch: bool = False):
         """On the writer thread: wait for the other processes' writers, then write."""
@@ -359,11 +359,11 @@ class Database:
             self._thread_conn = self._connect(busy_ms=30000)
         fcntl.flock(self._lockfile, fcntl.LOCK_EX)
         try:
-            count = self._run(self._thread_conn, steps, fetch=fetch)
+            result = self._run(self._thread_conn, steps, fetch=fetch)
         finally:
             fcntl.flock(self._lockfile, fcntl.LOCK_UN)
         self._commits += 1
-        return count
+        return result
 
     async def _checkpoint_soon(self, restart: bool) -> None:
         """Every `CHECKPOINT_EVERY` commits: copy the WAL back into the database file, on the
