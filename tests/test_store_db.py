@@ -93,10 +93,10 @@ async def test_hot_write_polls_while_another_process_holds_the_flock(tmp_path, m
     tries = 0
     real = dbmod.Database._write_inline
 
-    def counting(self, steps, fetch=False):
+    def counting(self, writes):
         nonlocal tries
         tries += 1
-        return real(self, steps, fetch)
+        return real(self, writes)
 
     monkeypatch.setattr(dbmod.Database, "_write_inline", counting)
     url = f"sqlite:///{tmp_path / 'f.db'}"
@@ -270,3 +270,51 @@ async def test_commits_of_every_shape_store_everything(db_url):
     finally:
         await store.db.close()
         await engine.dispose()
+
+
+async def test_sqlite_writes_of_one_loop_pass_commit_together_and_fail_alone(tmp_path, monkeypatch):
+    """Group commit: the hot-path writes that reach the store in one pass of the event loop share
+    one transaction; every one lands, the compare-and-swap of each sees the ones before it (one
+    head move out of 20 from the same base), and a write that fails fails alone."""
+    groups: list[int] = []
+    real = dbmod.Database._write_inline
+
+    def recording(self, writes):
+        groups.append(len(writes))
+        return real(self, writes)
+
+    monkeypatch.setattr(dbmod.Database, "_write_inline", recording)
+    (a,) = stores = await _stores(f"sqlite:///{tmp_path / 'g.db'}", 1)
+    try:
+        conv_id = new_id("conv")
+        await a.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
+        conv = await a.conversation(conv_id)
+        groups.clear()
+        results = await asyncio.gather(*(_commit(a, conv_id, conv.tree, conv.head, conv.head_depth, k)
+                                         for k in range(20)))
+        assert groups == [20]
+        assert sum(moved for _, moved in results) == 1
+        after = await a.conversation(conv_id)
+        winner = next(rid for rid, moved in results if moved)
+        assert after.head == (await a.response(winner)).last_node
+        for rid, _ in results:
+            assert (await a.response(rid)).status == "completed"
+
+        # one write of a group breaks a constraint (a response id stored already): it alone fails
+        groups.clear()
+        dup = results[0][0]
+        good = asyncio.ensure_future(_commit(a, conv_id, conv.tree, after.head, after.head_depth, 100))
+        bad = asyncio.ensure_future(a.db.write([(dbmod.SQL(
+            "INSERT INTO responses (id, status, created_at, tree, input_count, body)"
+            " VALUES (:id, 'completed', 1, :tree, 0, x'00')"), {"id": dup, "tree": conv.tree})]))
+        late = asyncio.ensure_future(_commit(a, conv_id, conv.tree, after.head, after.head_depth, 101))
+        with pytest.raises(sqlite3.IntegrityError):
+            await bad
+        (rid_good, moved_good), (rid_late, moved_late) = await good, await late
+        assert groups == [3]
+        assert moved_good and not moved_late  # the second from the same base found the head moved
+        assert (await a.response(rid_good)).status == "completed"
+        assert (await a.response(rid_late)).status == "completed"
+        assert (await a.conversation(conv_id)).head == (await a.response(rid_good)).last_node
+    finally:
+        await _close(stores)

@@ -144,6 +144,32 @@ class SQL:
 
 # One write step: a statement and its parameters (a dict, or a list of dicts for many rows).
 Step = tuple[SQL, dict | list[dict]]
+# One write: its steps, and whether it returns the last one's rows (else its row count).
+Write = tuple[Sequence[Step], bool]
+
+
+class _Group:
+    """The SQLite writes of one pass of the event loop, committed in one transaction."""
+
+    __slots__ = ("writes", "results", "_done")
+
+    def __init__(self) -> None:
+        self.writes: list[Write] = []
+        self.results: list | None = None  # per write: its result, or the exception it raised
+        self._done: asyncio.Future | None = None
+
+    def finish(self, results: list) -> None:
+        self.results = results
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def fail(self, exc: Exception) -> None:
+        self.finish([exc] * len(self.writes))
+
+    async def finished(self) -> None:
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._done)
 
 
 def _is_busy(e: sqlite3.OperationalError) -> bool:
@@ -172,8 +198,10 @@ class Database:
 
     - SQLite: reads and writes run on the event loop's own connection (a point lookup, one
       recursive walk, a few inserts: tens to a couple of hundred microseconds, less than a
-      thread hop). Processes sharing the file take an `flock` around each hot-path write (held
-      a fraction of a millisecond); one that finds it taken tries again after 0.5, 1, 2, 4 ms
+      thread hop). The writes of one pass of the loop are committed together, in one
+      transaction (group commit, see `_sqlite_write`). Processes sharing the file take an
+      `flock` around each such transaction (held a fraction of a millisecond); one that finds
+      it taken tries again after 0.5, 1, 2, 4 ms
       ... without leaving the loop (a thread hop costs more CPU than the write, and the woken
       thread waits for the GIL while it holds the lock). While this process's write lock is
       held (a `Writer` transaction), writes poll until it is free. After
@@ -210,6 +238,8 @@ class Database:
             self._next_restart = self.RESTART_EVERY
             self._restarted = 0
             self._checkpoint_task: asyncio.Task | None = None
+            self._group: _Group | None = None  # the writes of this pass of the loop, not yet flushed
+            self._slow_flushes: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ reads
 
@@ -285,57 +315,130 @@ class Database:
         return await self._sqlite_write([(sql, params)], True)
 
     async def _sqlite_write(self, steps: Sequence[Step], fetch: bool):
+        """Group commit: the writes that reach this point in one pass of the event loop are
+        committed together, in one transaction, by `_flush`, which the first of them schedules
+        and which runs before any of them goes on (each yields once, after the flush's turn).
+        Under load a stored response then shares its transaction's pages, locks and WAL frames
+        with the others of its pass (the right-hand leaves of every index, the conversations'
+        pages): SQLite writes each page once per transaction. Alone, a write costs one extra
+        turn of the loop. Each write's statements still run in its own order, so the
+        compare-and-swap of one sees the ones before it, exactly as in separate transactions."""
         if self._commits >= self._next_checkpoint and (self._checkpoint_task is None or self._checkpoint_task.done()):
             self._next_checkpoint = self._commits + self.CHECKPOINT_EVERY
             restart = self._commits >= self._next_restart
             if restart:
                 self._next_restart = self._commits + self.RESTART_EVERY
             self._checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint_soon(restart))
+        group = self._group
+        if group is None:
+            group = self._group = _Group()
+            asyncio.get_running_loop().call_soon(self._flush, group)
+        k = len(group.writes)
+        group.writes.append((steps, fetch))
+        await asyncio.sleep(0)  # the flush runs first
+        if group.results is None:  # it had to wait for the lock (`_flush_slowly`)
+            await group.finished()
+        result = group.results[k]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _flush(self, group: _Group) -> None:
+        """Commit `group` now if the write lock is free; else a task waits for it."""
+        if self._group is group:
+            self._group = None
+        busy = False
+        if not self._writer.lock().locked():
+            try:
+                group.finish(self._write_inline(group.writes))
+                return
+            except _Held:
+                pass
+            except _Busy:
+                busy = True
+            except Exception as e:
+                group.fail(e)
+                return
+        task = asyncio.get_running_loop().create_task(self._flush_slowly(group, busy))
+        self._slow_flushes.add(task)
+        task.add_done_callback(self._slow_flushes.discard)
+
+    async def _flush_slowly(self, group: _Group, busy: bool) -> None:
+        """`group` when the write lock was taken: while a `Writer` transaction of this process
+        holds it, poll every millisecond (a queue on the asyncio lock hands it on one waiter per
+        loop iteration: 64 waiters behind a 10 ms hold waited up to 400 ms; the writer thread
+        was worse, each write waiting for the GIL in turn); while another process's hot-path
+        write holds the flock, try again after 0.5, 1, 2, 4 ms. After `POLL_FOR_S`, or when a
+        writer outside the flock holds SQLite's lock, the writer thread waits its turn."""
         lock = self._writer.lock()
         delay, waited = self.POLL_S, 0.0
-        while True:
-            if lock.locked():
-                # A `Writer` transaction of this process: wait for it to end, then write on
-                # the loop as usual. The waiters poll (every millisecond) rather than queue on
-                # the lock: a queue hands the lock on one waiter per loop iteration, and 64
-                # waiters behind a 10 ms hold waited up to 400 ms. (Sending them to
-                # the writer thread was worse: each waited for the GIL in turn.)
-                await asyncio.sleep(0.001)
-                continue
-            try:
-                return self._write_inline(steps, fetch)
-            except _Held:  # another process is in a write (a fraction of a millisecond, as a rule)
-                if waited >= self.POLL_FOR_S:
+        try:
+            while not busy:
+                if lock.locked():
+                    await asyncio.sleep(0.001)
+                    continue
+                try:
+                    group.finish(self._write_inline(group.writes))
+                    return
+                except _Held:  # another process is in a write (a fraction of a millisecond, as a rule)
+                    if waited >= self.POLL_FOR_S:
+                        break
+                    await asyncio.sleep(delay)
+                    waited += delay
+                    delay = min(2 * delay, 0.004)
+                except _Busy:
                     break
-                await asyncio.sleep(delay)
-                waited += delay
-                delay = min(2 * delay, 0.004)
-            except _Busy:
-                break
-        async with lock:
-            return await asyncio.get_running_loop().run_in_executor(self._writes, self._write_waiting, steps, fetch)
+            async with lock:
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self._writes, self._write_waiting, group.writes)
+            group.finish(results)
+        except BaseException as e:
+            group.fail(e if isinstance(e, Exception) else RuntimeError("the server is shutting down"))
+            raise
 
     @staticmethod
-    def _run(conn: sqlite3.Connection, steps: Sequence[Step], begun: bool = False, fetch: bool = False):
-        """The row count of the last step, or with `fetch` its rows (read before the COMMIT)."""
+    def _steps(conn: sqlite3.Connection, steps: Sequence[Step], fetch: bool):
+        """One write's statements: the row count of the last, or with `fetch` its rows."""
         result: Any = 0
+        for sql, params in steps:
+            if isinstance(params, list):
+                result = conn.executemany(sql.text, params).rowcount
+            elif fetch:
+                result = conn.execute(sql.text, params).fetchall()
+            else:
+                result = conn.execute(sql.text, params).rowcount
+        return result
+
+    @classmethod
+    def _run(cls, conn: sqlite3.Connection, writes: Sequence[Write], begun: bool = False) -> list:
+        """`writes` in one transaction: each one's result. Should one of them fail, all are
+        rolled back and run again, each in a transaction of its own, so that the others land
+        and the failure is that write's alone (its result is the exception)."""
         if not begun:
             conn.execute("BEGIN IMMEDIATE")
         try:
-            for sql, params in steps:
-                if isinstance(params, list):
-                    result = conn.executemany(sql.text, params).rowcount
-                elif fetch:
-                    result = conn.execute(sql.text, params).fetchall()
-                else:
-                    result = conn.execute(sql.text, params).rowcount
+            results = [cls._steps(conn, steps, fetch) for steps, fetch in writes]
             conn.execute("COMMIT")
+            return results
+        except Exception as e:
+            conn.execute("ROLLBACK")
+            if len(writes) == 1:
+                return [e]
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return result
+        results = []
+        for steps, fetch in writes:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                results.append(cls._steps(conn, steps, fetch))
+                conn.execute("COMMIT")
+            except Exception as e:
+                conn.execute("ROLLBACK")
+                results.append(e)
+        return results
 
-    def _write_inline(self, steps: Sequence[Step], fetch: bool = False):
+    def _write_inline(self, writes: Sequence[Write]) -> list:
         try:
             fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -347,23 +450,23 @@ class Database:
                 if _is_busy(e):
                     raise _Busy from None
                 raise
-            result = self._run(self._loop_conn, steps, begun=True, fetch=fetch)
+            results = self._run(self._loop_conn, writes, begun=True)
         finally:
             fcntl.flock(self._lockfile, fcntl.LOCK_UN)
-        self._commits += 1
-        return result
+        self._commits += len(writes)
+        return results
 
-    def _write_waiting(self, steps: Sequence[Step], fetch: bool = False):
+    def _write_waiting(self, writes: Sequence[Write]) -> list:
         """On the writer thread: wait for the other processes' writers, then write."""
         if self._thread_conn is None:
             self._thread_conn = self._connect(busy_ms=30000)
         fcntl.flock(self._lockfile, fcntl.LOCK_EX)
         try:
-            result = self._run(self._thread_conn, steps, fetch=fetch)
+            results = self._run(self._thread_conn, writes)
         finally:
             fcntl.flock(self._lockfile, fcntl.LOCK_UN)
-        self._commits += 1
-        return result
+        self._commits += len(writes)
+        return results
 
     async def _checkpoint_soon(self, restart: bool) -> None:
         """Every `CHECKPOINT_EVERY` commits: copy the WAL back into the database file, on the
@@ -436,9 +539,11 @@ class Database:
         return self._pool
 
     async def close(self) -> None:
-        if self.sqlite and self._checkpoint_task is not None:
-            with contextlib.suppress(BaseException):
-                await self._checkpoint_task
+        if self.sqlite:
+            for task in [self._checkpoint_task, *self._slow_flushes]:
+                if task is not None:
+                    with contextlib.suppress(BaseException):
+                        await task
         if self._pool is not None:
             await self._pool.close()
             self._pool = None

@@ -1,0 +1,83 @@
+"""`python -m bench.phase [--db sqlite|postgresql] [-c 64] [--repeat 3] [--duration 5]`: one
+closed-loop load phase, repeated, against a fresh branchwise and the mock, with the mock measured
+directly at the same concurrency before each repetition. For A/B comparisons of one figure
+(the full `python -m bench` takes minutes); prints one line per repetition:
+responses/s, branchwise p50/p99, mock p99, added p99 and CPU per response of each process.
+`--workers N` and `--env K=V` go to `branchwise serve`; `--src DIR` serves the package in another
+checkout's `src/` (e.g. a `git worktree` of the commit to compare against).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import load, loadgen
+from bench.__main__ import RESULTS, _fresh, _settle
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.phase")
+    ap.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
+    ap.add_argument("-c", "--concurrency", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--env", action="append", default=[], help="K=V for branchwise serve")
+    ap.add_argument("--src", default=None,
+                    help="serve the branchwise package found in this directory (another checkout's src/)")
+    args = ap.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="branchwise-phase-"))
+    mock_port = loadgen.free_port()
+    mock = loadgen.Server("mock", [sys.executable, "-m", "branchwise.testing.mock_upstream", "--host", "127.0.0.1",
+                                   "--port", str(mock_port), "--no-request-log"], mock_port, logs, cwd=str(logs))
+    url = _fresh(args.db, "branchwise_bench_phase")
+    _settle(1.0)
+    port = loadgen.free_port()
+    venv_bin = Path(sys.executable).parent
+    (logs / "none.toml").write_text("")
+    env = {"BRANCHWISE_DATABASE_URL": url, "BRANCHWISE_UPSTREAM_BASE_URL": f"http://127.0.0.1:{mock_port}/v1",
+           "BRANCHWISE_CONFIG": str(logs / "none.toml")}
+    env.update(kv.split("=", 1) for kv in args.env)
+    if args.src:
+        env["PYTHONPATH"] = str(Path(args.src).resolve())
+    bw = loadgen.Server("branchwise", [str(venv_bin / "branchwise"), "serve", "--host", "127.0.0.1", "--port",
+                                       str(port), "--workers", str(args.workers)], port, logs, cwd=str(logs), env=env)
+    c = args.concurrency
+    try:
+        mock.start()
+        bw.start()
+
+        async def go() -> None:
+            setup = await loadgen.Conn.open(load.HOST, port)
+            try:
+                convs = await load.create_conversations(setup, c)
+            finally:
+                setup.close()
+            meter = load._meter({"branchwise": bw, "mock": mock})
+            for i in range(args.repeat):
+                d = await load.closed_loop(mock_port, [load._DirectWorker() for _ in range(c)], 0.5,
+                                           min(args.duration, 2.0), load._meter({"mock": mock}))
+                r = await load.closed_loop(port, [load._BranchwiseWorker(conv) for conv in convs], args.warmup,
+                                           args.duration, meter, server_pids=bw.pids)
+                cpu = r["cpu_ms_per_req"]
+                print(f"[{args.db} c={c} #{i + 1}] {r['rps']:,.0f}/s p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} "
+                      f"max {r['max_ms']:.1f} | mock p50 {d['p50_ms']:.2f} p99 {d['p99_ms']:.2f} | added p99 "
+                      f"{r['p99_ms'] - d['p99_ms']:.2f} | cpu ms/resp bw {cpu['branchwise']:.3f} mock "
+                      f"{cpu['mock']:.3f} pg {cpu.get('postgres', 0):.3f} client {cpu['client']:.3f} "
+                      f"other {cpu['other']:.3f} | busy {r['machine_busy_pct']:.0f}% errors {r['errors']}",
+                      flush=True)
+
+        loadgen.run(go())
+    finally:
+        bw.stop()
+        mock.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
