@@ -318,3 +318,66 @@ async def test_sqlite_writes_of_one_loop_pass_commit_together_and_fail_alone(tmp
         assert (await a.conversation(conv_id)).head == (await a.response(rid_good)).last_node
     finally:
         await _close(stores)
+
+
+async def test_group_commit_of_many_conversations_keeps_every_compare_and_swap(db_url, monkeypatch):
+    """Two responses on each of ten conversations, all from the same heads and all committed in
+    one pass of the loop: on PostgreSQL they go out as one statement per round (each
+    conversation once a round), on SQLite as one transaction. Every response is stored, and on
+    every conversation exactly one of its two moved the head, to that response's last node. A
+    commit that breaks a constraint in such a group fails alone."""
+    sizes: list[int] = []
+    real = Store._pg_commit_many
+
+    async def recording(self, entries):
+        sizes.append(len(entries))
+        return await real(self, entries)
+
+    monkeypatch.setattr(Store, "_pg_commit_many", recording)
+    (a,) = stores = await _stores(db_url, 1)
+    try:
+        convs = []
+        for k in range(10):
+            conv_id = new_id("conv")
+            await a.create_conversation(conv_id, conv_id, {}, [_message("user", f"seed {k}")])
+            convs.append(await a.conversation(conv_id))
+        results = await asyncio.gather(*(_commit(a, c.id, c.tree, c.head, c.head_depth, k)
+                                         for k in range(2) for c in convs))
+        if a.dialect == "postgresql":
+            assert sizes == [10, 10]
+        for i, c in enumerate(convs):
+            mine = [results[i], results[10 + i]]
+            assert sum(moved for _, moved in mine) == 1
+            winner = next(rid for rid, moved in mine if moved)
+            after = await a.conversation(c.id)
+            assert after.head == (await a.response(winner)).last_node
+            assert after.head_depth == c.head_depth + 2
+            for rid, _ in mine:
+                assert (await a.response(rid)).status == "completed"
+
+        # a response id stored already, in a group with two good commits
+        sizes.clear()
+        c0, c1, c2 = [await a.conversation(c.id) for c in convs[:3]]
+        taken = results[0][0]
+
+        async def duplicate() -> None:
+            placed = place([_message("user", "dup")], c1.head, c1.head_depth, taken)
+            row = {"id": taken, "status": "completed", "created_at": 1, "conversation_id": c1.id,
+                   "previous_response_id": None, "tree": c1.tree, "base_node": c1.head,
+                   "input_node": placed[0].node, "input_count": 1, "last_node": placed[0].node, "body": b"{}"}
+            await a.commit_response(tree=c1.tree, placed=placed, response_rows=[row], conversation_id=c1.id,
+                                    base=c1.head, new_head=placed[0].node)
+
+        good = asyncio.ensure_future(_commit(a, c0.id, c0.tree, c0.head, c0.head_depth, 7))
+        bad = asyncio.ensure_future(duplicate())
+        other = asyncio.ensure_future(_commit(a, c2.id, c2.tree, c2.head, c2.head_depth, 8))
+        with pytest.raises(Exception, match="(?i)unique|duplicate"):
+            await bad
+        for task in (good, other):
+            rid, moved = await task
+            assert moved and (await a.response(rid)).status == "completed"
+        if a.dialect == "postgresql":
+            assert sizes == [3]
+        assert (await a.conversation(c1.id)).head == c1.head  # the failed one moved nothing
+    finally:
+        await _close(stores)

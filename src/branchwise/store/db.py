@@ -10,7 +10,7 @@ import re
 import sqlite3
 import time
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -149,12 +149,12 @@ Write = tuple[Sequence[Step], bool]
 
 
 class _Group:
-    """The SQLite writes of one pass of the event loop, committed in one transaction."""
+    """The writes made in one pass of the event loop, committed together."""
 
     __slots__ = ("writes", "results", "_done")
 
     def __init__(self) -> None:
-        self.writes: list[Write] = []
+        self.writes: list = []
         self.results: list | None = None  # per write: its result, or the exception it raised
         self._done: asyncio.Future | None = None
 
@@ -170,6 +170,50 @@ class _Group:
         if self._done is None:
             self._done = asyncio.get_running_loop().create_future()
         await asyncio.shield(self._done)
+
+
+class PassBatch:
+    """Calls made in one pass of the event loop, handed together to `flush` (a coroutine
+    function: the items in, one result per item out, an exception for an item that failed) in a
+    task the first of them schedules. Each caller gets its own item's result or exception."""
+
+    def __init__(self, flush: Callable[[list], Awaitable[list]]):
+        self._flush = flush
+        self._open: _Group | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def submit(self, item: Any) -> Any:
+        group = self._open
+        if group is None:
+            group = self._open = _Group()
+            asyncio.get_running_loop().call_soon(self._start, group)
+        k = len(group.writes)
+        group.writes.append(item)
+        await group.finished()
+        result = group.results[k]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _start(self, group: _Group) -> None:
+        if self._open is group:
+            self._open = None
+        task = asyncio.get_running_loop().create_task(self._run(group))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, group: _Group) -> None:
+        try:
+            group.finish(await self._flush(group.writes))
+        except BaseException as e:
+            group.fail(e if isinstance(e, Exception) else RuntimeError("the server is shutting down"))
+            raise
+
+    async def wait(self) -> None:
+        """Until every flush started so far has ended."""
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
 
 
 def _is_busy(e: sqlite3.OperationalError) -> bool:

@@ -16,7 +16,7 @@ from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from branchwise.ids import new_node, now
-from branchwise.store.db import SQL, Database, writer
+from branchwise.store.db import SQL, Database, PassBatch, writer
 from branchwise.store.paths import PathCache
 from branchwise.store.tables import conversations, items, responses
 from branchwise.wire.items import NewItem
@@ -188,6 +188,22 @@ _PG_COMMIT = SQL(
                                                "text", "bytea"), "r_")
     + ") " + _MOVE_HEAD["postgresql"].text
 )
+# Group commit: the commits of one pass of the event loop in one statement, each conversation at
+# most once (`Store._pg_commit_group`): their items and response rows, then one UPDATE moving
+# every head by compare-and-swap, in conversation order (one lock order for all such
+# transactions, so two of them never wait for each other in a cycle); RETURNING names the
+# conversations whose head moved.
+_PG_COMMIT_MANY = SQL(
+    "WITH new_items AS ("
+    + _unnest("items", _ITEM_COLUMNS, ("text", "text", "int", "text", "text", "text", "text", "text", "text", "bigint",
+                                       "bytea", "bytea"), "i_")
+    + "), new_responses AS ("
+    + _unnest("responses", _RESPONSE_COLUMNS, ("text", "text", "bigint", "text", "text", "text", "text", "text", "int",
+                                               "text", "bytea"), "r_")
+    + ") UPDATE conversations c SET head = m.head"
+    " FROM unnest(:m_id::text[], :m_base::text[], :m_head::text[]) AS m(id, base, head)"
+    " WHERE c.id = m.id AND c.head IS NOT DISTINCT FROM m.base RETURNING c.id"
+)
 # The same commit with a VALUES row per item and response row, for the usual small ones:
 # asyncpg encodes scalars for ~60% of the client CPU of arrays (micro-benchmark: 250 -> 160 us
 # per commit, and less time in PostgreSQL). One text per (items, rows) shape; PostgreSQL's
@@ -257,6 +273,8 @@ class Store:
         self.engine = engine
         self.writer = writer(engine)
         self.db = Database(engine)  # the hot path's queries
+        # PostgreSQL's group commit of stored responses (SQLite's is in `Database`)
+        self._pg_commits = PassBatch(self._pg_commit_group)
         self.dialect = engine.dialect.name
         # node -> its path's messages (see `store.paths`); None when switched off
         self.paths = PathCache(path_cache_bytes) if path_cache_bytes > 0 else None
@@ -528,18 +546,9 @@ class Store:
         the conversation head moved from `base` to `new_head` if it is still at `base`
         (compare-and-swap). Returns whether the head moved."""
         if self.dialect == "postgresql" and not events and not update_existing:
-            rows = _item_rows(tree, placed, now())
             conv = conversation_id if new_head is not None else None
-            if len(rows) <= _PG_VALUES_MAX and len(response_rows) <= _PG_VALUES_MAX:
-                args = [r[c] for r in rows for c in _ITEM_COLUMNS]
-                args += [r[c] for r in response_rows for c in _RESPONSE_COLUMNS]
-                args += (new_head, conv, base)
-                moved = await self.db.execute_pg_positional(_pg_commit_values(len(rows), len(response_rows)), args) > 0
-                return self._moved(conversation_id, new_head, moved)
-            params: dict = {f"i_{c}": [r[c] for r in rows] for c in _ITEM_COLUMNS}
-            params.update({f"r_{c}": [r[c] for r in response_rows] for c in _RESPONSE_COLUMNS})
-            params.update(id=conv, base=base, head=new_head)
-            return self._moved(conversation_id, new_head, await self.db.execute_pg(_PG_COMMIT, params) > 0)
+            entry = (_item_rows(tree, placed, now()), list(response_rows), conv, base, new_head)
+            return self._moved(conversation_id, new_head, await self._pg_commits.submit(entry))
         steps: list = []
         if placed:
             steps.append((_INSERT_ITEMS, _item_rows(tree, placed, now())))
@@ -556,6 +565,65 @@ class Store:
             return False
         count = await self.db.write(steps)
         return self._moved(conversation_id, new_head, move and count > 0)
+
+    async def _pg_commit_group(self, entries: list[tuple]) -> list:
+        """PostgreSQL's group commit (see `PassBatch`): the commits of one loop pass, one
+        statement for all of them when there are several. A conversation named twice (parallel
+        branches) waits for the next statement, so that each compare-and-swap sees the one
+        before it. Should a statement fail, its commits run again one by one, so that the others
+        land and the failure is that commit's alone."""
+        results: list = [None] * len(entries)
+        todo = list(range(len(entries)))
+        while todo:
+            seen: set[str] = set()
+            now_, later = [], []
+            for i in todo:
+                conv = entries[i][2]
+                if conv is not None and conv in seen:
+                    later.append(i)
+                    continue
+                now_.append(i)
+                if conv is not None:
+                    seen.add(conv)
+            if len(now_) > 1:
+                try:
+                    moved = await self._pg_commit_many([entries[i] for i in now_])
+                except Exception:
+                    pass
+                else:
+                    for i in now_:
+                        results[i] = entries[i][2] in moved
+                    now_ = []
+            for i in now_:
+                try:
+                    results[i] = await self._pg_commit_one(*entries[i])
+                except Exception as e:
+                    results[i] = e
+            todo = later
+        return results
+
+    async def _pg_commit_one(self, rows: list[dict], response_rows: list[dict], conv: str | None,
+                             base: str | None, new_head: str | None) -> bool:
+        if len(rows) <= _PG_VALUES_MAX and len(response_rows) <= _PG_VALUES_MAX:
+            args = [r[c] for r in rows for c in _ITEM_COLUMNS]
+            args += [r[c] for r in response_rows for c in _RESPONSE_COLUMNS]
+            args += (new_head, conv, base)
+            return await self.db.execute_pg_positional(_pg_commit_values(len(rows), len(response_rows)), args) > 0
+        params: dict = {f"i_{c}": [r[c] for r in rows] for c in _ITEM_COLUMNS}
+        params.update({f"r_{c}": [r[c] for r in response_rows] for c in _RESPONSE_COLUMNS})
+        params.update(id=conv, base=base, head=new_head)
+        return await self.db.execute_pg(_PG_COMMIT, params) > 0
+
+    async def _pg_commit_many(self, entries: list[tuple]) -> set[str]:
+        """Several commits, each conversation at most once, in one statement: the conversations
+        whose head moved."""
+        rows = [r for e in entries for r in e[0]]
+        response_rows = [r for e in entries for r in e[1]]
+        moves = sorted(((e[2], e[3], e[4]) for e in entries if e[2] is not None), key=lambda m: m[0])
+        params: dict = {f"i_{c}": [r[c] for r in rows] for c in _ITEM_COLUMNS}
+        params.update({f"r_{c}": [r[c] for r in response_rows] for c in _RESPONSE_COLUMNS})
+        params.update(m_id=[m[0] for m in moves], m_base=[m[1] for m in moves], m_head=[m[2] for m in moves])
+        return {r[0] for r in await self.db.write_returning(_PG_COMMIT_MANY, params)}
 
     def _moved(self, conv_id: str | None, head: str | None, moved: bool) -> bool:
         if moved and conv_id is not None:
