@@ -299,6 +299,8 @@ async def fixed_rate(port: int, workers: list, rate: float, warmup: float, durat
         "sent_late_p50_ms": pct(sent_late, 50), "sent_late_p99_ms": pct(sent_late, 99),
         "branchwise_cpu_pct": 100 * cpu["branchwise"] / wall, "machine_busy_pct":
             100 * cpu["machine_busy"] / cpu["machine_total"],
+        "cpu_ms_per_req": {k: (1000 * v / n if n else math.nan) for k, v in cpu.items()
+                           if k not in ("wall", "machine_total")},
     }
 
 

@@ -25,6 +25,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--rate", type=float, default=None,
+                    help="a fixed-rate (open-loop) phase at this many responses/s over -c connections instead")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--env", action="append", default=[], help="K=V for branchwise serve")
     ap.add_argument("--src", default=None,
@@ -60,6 +62,15 @@ def main() -> int:
                 setup.close()
             meter = load._meter({"branchwise": bw, "mock": mock})
             for i in range(args.repeat):
+                if args.rate:
+                    r = await load.fixed_rate(port, [load._BranchwiseWorker(conv) for conv in convs], args.rate,
+                                              args.warmup, args.duration, meter)
+                    print(f"[{args.db} {args.rate:g}/s over {c} #{i + 1}] {r['rps']:,.0f}/s p50 {r['p50_ms']:.2f} "
+                          f"p90 {r['p90_ms']:.2f} p99 {r['p99_ms']:.2f} max {r['max_ms']:.1f} | branchwise CPU "
+                          f"{r['branchwise_cpu_pct']:.0f}% busy {r['machine_busy_pct']:.0f}% errors {r['errors']} | cpu ms/resp "
+                          + " ".join(f"{k} {v:.3f}" for k, v in r["cpu_ms_per_req"].items() if "thread" not in k),
+                          flush=True)
+                    continue
                 d = await load.closed_loop(mock_port, [load._DirectWorker() for _ in range(c)], 0.5,
                                            min(args.duration, 2.0), load._meter({"mock": mock}))
                 r = await load.closed_loop(port, [load._BranchwiseWorker(conv) for conv in convs], args.warmup,

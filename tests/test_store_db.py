@@ -381,3 +381,65 @@ async def test_group_commit_of_many_conversations_keeps_every_compare_and_swap(d
         assert (await a.conversation(c1.id)).head == c1.head  # the failed one moved nothing
     finally:
         await _close(stores)
+
+
+async def test_reads_and_head_moves_of_one_loop_pass(db_url, monkeypatch):
+    """The hot path's conversation reads and head moves made in one pass of the loop (one
+    statement for each kind on PostgreSQL): each caller gets its own conversation and history,
+    whether its head is the one this process knew (walk skipped) or was moved by another process
+    (walked in the same statement); a conversation read twice, and one that does not exist, come
+    back right. Moves: each conversation's head ends on its item, a second move of one
+    conversation in the same pass lands after the first, and a move to an item of another tree
+    or of a missing conversation moves nothing."""
+    sizes: dict[str, list[int]] = {"read": [], "move": []}
+    for kind, name in (("read", "_pg_read_group"), ("move", "_pg_move_group")):
+        real = getattr(Store, name)
+
+        def recording(self, entries, _real=real, _kind=kind):
+            sizes[_kind].append(len(entries))
+            return _real(self, entries)
+
+        monkeypatch.setattr(Store, name, recording)
+    a, b = stores = await _stores(db_url, 2)
+    try:
+        convs = []
+        for k in range(6):
+            conv_id = new_id("conv")
+            await a.create_conversation(conv_id, conv_id, {}, [_message("user", f"seed {k}"),
+                                                               _message("assistant", f"reply {k}")])
+            convs.append(await a.conversation(conv_id))
+        for c in convs:  # `a` now knows each head and has its history cached
+            await a.conversation_with_history(c.id)
+        # another process adds a turn to conversations 0 and 1 (their heads move under `a`)
+        for c in convs[:2]:
+            await _commit(b, c.id, c.tree, c.head, c.head_depth, 9)
+        want = {c.id: await b.conversation_with_history(c.id) for c in convs}
+        ids = [c.id for c in convs] + [convs[3].id, "conv_missing"]
+        sizes["read"].clear()
+        got = await asyncio.gather(*(a.conversation_with_history(i) for i in ids))
+        if a.dialect == "postgresql":
+            assert sizes["read"] == [len(ids)]
+        for conv_id, (conv, history) in zip(ids, got, strict=True):
+            if conv_id == "conv_missing":
+                assert conv is None and history == b""
+                continue
+            assert (conv, history) == want[conv_id]
+        assert [orjson.loads(b"[" + got[0][1] + b"]")[-1]["content"]] == ["a9"]
+
+        # moves: back to the seed item on 0..3, twice on 4 (the second wins), a foreign item, a missing conversation
+        firsts = {c.id: (await a.walk(c.head, 0, 0))[0].item_id for c in convs}
+        seconds = {c.id: (await a.walk(c.head, 1, 1))[0].item_id for c in convs}
+        moves = [(c.id, firsts[c.id]) for c in convs[:4]]
+        moves += [(convs[4].id, firsts[convs[4].id]), (convs[4].id, seconds[convs[4].id])]
+        moves += [(convs[5].id, firsts[convs[0].id]), ("conv_missing", firsts[convs[0].id])]
+        sizes["move"].clear()
+        done = await asyncio.gather(*(a.move_head_to_item(c, i) for c, i in moves))
+        if a.dialect == "postgresql":
+            assert sizes["move"] == [len(moves)]
+        assert all(r is not None for r in done[:6]) and done[6] is None and done[7] is None
+        for c in convs[:4]:
+            assert (await b.conversation(c.id)).head_item == firsts[c.id]
+        assert (await b.conversation(convs[4].id)).head_item == seconds[convs[4].id]
+        assert (await b.conversation(convs[5].id)).head == convs[5].head
+    finally:
+        await _close(stores)
