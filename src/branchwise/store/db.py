@@ -149,12 +149,12 @@ Write = tuple[Sequence[Step], bool]
 
 
 class _Group:
-    """The writes made in one pass of the event loop, committed together."""
+    """SQLite: the writes made in one pass of the event loop, committed together."""
 
     __slots__ = ("writes", "results", "_done")
 
     def __init__(self) -> None:
-        self.writes: list = []
+        self.writes: list[Write] = []
         self.results: list | None = None  # per write: its result, or the exception it raised
         self._done: asyncio.Future | None = None
 
@@ -175,45 +175,48 @@ class _Group:
 class PassBatch:
     """Calls made in one pass of the event loop, handed together to `flush` (a coroutine
     function: the items in, one result per item out, an exception for an item that failed) in a
-    task the first of them schedules. Each caller gets its own item's result or exception."""
+    task the first of them schedules. Each caller awaits a future of its own (so one caller
+    cancelled cancels nothing of the others') and gets its item's result or exception."""
 
     def __init__(self, flush: Callable[[list], Awaitable[list]]):
         self._flush = flush
-        self._open: _Group | None = None
+        self._open: tuple[list, list, asyncio.AbstractEventLoop] | None = None  # this pass's items, futures
         self._tasks: set[asyncio.Task] = set()
 
-    async def submit(self, item: Any) -> Any:
+    def submit(self, item: Any) -> asyncio.Future:
         group = self._open
         if group is None:
-            group = self._open = _Group()
-            asyncio.get_running_loop().call_soon(self._start, group)
-        k = len(group.writes)
-        group.writes.append(item)
-        await group.finished()
-        result = group.results[k]
-        if isinstance(result, BaseException):
-            raise result
-        return result
+            loop = asyncio.get_running_loop()
+            group = self._open = ([], [], loop)
+            loop.call_soon(self._start, group)
+        fut = group[2].create_future()
+        group[0].append(item)
+        group[1].append(fut)
+        return fut
 
-    def _start(self, group: _Group) -> None:
+    def _start(self, group: tuple[list, list, asyncio.AbstractEventLoop]) -> None:
         if self._open is group:
             self._open = None
-        task = asyncio.get_running_loop().create_task(self._run(group))
+        task = group[2].create_task(self._run(group[0], group[1]))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, group: _Group) -> None:
+    async def _run(self, items: list, futures: list[asyncio.Future]) -> None:
         try:
-            group.finish(await self._flush(group.writes))
+            results = await self._flush(items)
         except BaseException as e:
-            group.fail(e if isinstance(e, Exception) else RuntimeError("the server is shutting down"))
+            failed = e if isinstance(e, Exception) else RuntimeError("the server is shutting down")
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(failed)
             raise
-
-    async def wait(self) -> None:
-        """Until every flush started so far has ended."""
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        for fut, result in zip(futures, results, strict=True):
+            if fut.done():  # its caller was cancelled
+                continue
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
 
 
 def _is_busy(e: sqlite3.OperationalError) -> bool:
