@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 from branchwise.ids import new_id
 from branchwise.store import db as dbmod
+from branchwise.store import queries
 from branchwise.store.db import SQL, create_engine, migrate
 from branchwise.store.queries import Store, place
 from branchwise.wire import items as witems
@@ -320,12 +321,16 @@ async def test_sqlite_writes_of_one_loop_pass_commit_together_and_fail_alone(tmp
         await _close(stores)
 
 
-async def test_group_commit_of_many_conversations_keeps_every_compare_and_swap(db_url, monkeypatch):
+@pytest.mark.parametrize("form", ["values", "unnest"])
+async def test_group_commit_of_many_conversations_keeps_every_compare_and_swap(db_url, monkeypatch, form):
     """Two responses on each of ten conversations, all from the same heads and all committed in
     one pass of the loop: on PostgreSQL they go out as one statement per round (each
-    conversation once a round), on SQLite as one transaction. Every response is stored, and on
-    every conversation exactly one of its two moved the head, to that response's last node. A
-    commit that breaks a constraint in such a group fails alone."""
+    conversation once a round; a VALUES row per row, or unnest'ed arrays past a size), on SQLite
+    as one transaction. Every response is stored, and on every conversation exactly one of its
+    two moved the head, to that response's last node. A commit that breaks a constraint in such
+    a group fails alone."""
+    if form == "unnest":
+        monkeypatch.setattr(queries, "_PG_VALUES_PARAMS_MAX", 0)
     sizes: list[int] = []
     real = Store._pg_commit_many
 
