@@ -448,3 +448,36 @@ async def test_reads_and_head_moves_of_one_loop_pass(db_url, monkeypatch):
         assert (await b.conversation(convs[5].id)).head == convs[5].head
     finally:
         await _close(stores)
+
+
+async def test_pass_batch_groups_a_pass_then_everything_that_waits_for_a_running_flush():
+    """PassBatch: the calls of one loop pass go to `flush` together; while that flush runs,
+    the calls of every later pass wait and go together in the next; each caller gets its own
+    result or exception, and a caller that gives up cancels nobody else's."""
+    groups: list[list] = []
+    release = asyncio.Event()
+
+    async def flush(items):
+        groups.append(list(items))
+        if len(groups) == 1:
+            await release.wait()
+        return [ValueError(i) if i == "bad" else i * 2 for i in items]
+
+    batch = dbmod.PassBatch(flush)
+    first = [batch.submit(i) for i in (1, 2)]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the first flush runs and waits
+    assert groups == [[1, 2]]
+    later = [batch.submit(3)]
+    await asyncio.sleep(0)
+    later += [batch.submit("bad"), batch.submit(4)]  # another pass, same wait
+    gone = batch.submit(5)
+    gone.cancel()  # its caller gave up
+    await asyncio.sleep(0.01)
+    assert groups == [[1, 2]]  # nothing else starts while one runs
+    release.set()
+    assert [await f for f in first] == [2, 4]
+    assert await later[0] == 6 and await later[2] == 8
+    with pytest.raises(ValueError):
+        await later[1]
+    assert groups == [[1, 2], [3, "bad", 4, 5]]

@@ -177,14 +177,18 @@ class _Group:
 
 
 class PassBatch:
-    """Calls made in one pass of the event loop, handed together to `flush` (a coroutine
-    function: the items in, one result per item out, an exception for an item that failed) in a
-    task the first of them schedules. Each caller awaits a future of its own (so one caller
-    cancelled cancels nothing of the others') and gets its item's result or exception."""
+    """Calls handed together to `flush` (a coroutine function: the items in, one result per
+    item out, an exception for an item that failed), in a task: the calls of one pass of the
+    event loop, or, while `in_flight` flushes are still running, every call made until one of
+    them ends (group commit: the busier the database, the bigger the groups). Each caller awaits
+    a future of its own (so one caller cancelled cancels nothing of the others') and gets its
+    item's result or exception."""
 
-    def __init__(self, flush: Callable[[list], Awaitable[list]]):
+    def __init__(self, flush: Callable[[list], Awaitable[list]], in_flight: int = 1):
         self._flush = flush
-        self._open: tuple[list, list, asyncio.AbstractEventLoop] | None = None  # this pass's items, futures
+        self._in_flight = in_flight
+        self._running = 0
+        self._open: tuple[list, list, asyncio.AbstractEventLoop] | None = None  # items, futures not yet flushed
         self._tasks: set[asyncio.Task] = set()
 
     def submit(self, item: Any) -> asyncio.Future:
@@ -192,15 +196,18 @@ class PassBatch:
         if group is None:
             loop = asyncio.get_running_loop()
             group = self._open = ([], [], loop)
-            loop.call_soon(self._start, group)
+            if self._running < self._in_flight:
+                loop.call_soon(self._start, group)
         fut = group[2].create_future()
         group[0].append(item)
         group[1].append(fut)
         return fut
 
     def _start(self, group: tuple[list, list, asyncio.AbstractEventLoop]) -> None:
-        if self._open is group:
-            self._open = None
+        if self._open is not group:  # started already, by the end of another flush
+            return
+        self._open = None
+        self._running += 1
         task = group[2].create_task(self._run(group[0], group[1]))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -214,6 +221,11 @@ class PassBatch:
                 if not fut.done():
                     fut.set_exception(failed)
             raise
+        finally:
+            self._running -= 1
+            waiting = self._open
+            if waiting is not None and self._running < self._in_flight:
+                self._start(waiting)  # what came in meanwhile
         for fut, result in zip(futures, results, strict=True):
             if fut.done():  # its caller was cancelled
                 continue
