@@ -177,40 +177,50 @@ class _Group:
 
 
 class PassBatch:
-    """Calls handed together to `flush` (a coroutine function: the items in, one result per
-    item out, an exception for an item that failed), in a task: the calls of one pass of the
-    event loop, or, while `in_flight` flushes are still running, every call made until one of
-    them ends (group commit: the busier the database, the bigger the groups). Each caller awaits
-    a future of its own (so one caller cancelled cancels nothing of the others') and gets its
-    item's result or exception."""
+    """Group commit for statements that are round trips: calls handed to `flush` (a coroutine
+    function: the items in, one result per item out, an exception for an item that failed). A
+    call that finds no flush running goes at once, alone, in its caller's task (no extra task or
+    loop pass when the database is idle); while `in_flight` flushes run, the calls made
+    meanwhile wait and go together, in a task, as soon as one ends, so the groups grow with the
+    database's latency. Each waiting caller awaits a future of its own (a caller cancelled
+    cancels nothing of the others') and gets its item's result or exception."""
 
     def __init__(self, flush: Callable[[list], Awaitable[list]], in_flight: int = 1):
         self._flush = flush
         self._in_flight = in_flight
         self._running = 0
-        self._open: tuple[list, list, asyncio.AbstractEventLoop] | None = None  # items, futures not yet flushed
+        self._waiting: tuple[list, list] | None = None  # items, futures for the next flush
         self._tasks: set[asyncio.Task] = set()
 
-    def submit(self, item: Any) -> asyncio.Future:
-        group = self._open
-        if group is None:
-            loop = asyncio.get_running_loop()
-            group = self._open = ([], [], loop)
-            if self._running < self._in_flight:
-                loop.call_soon(self._start, group)
-        fut = group[2].create_future()
-        group[0].append(item)
-        group[1].append(fut)
-        return fut
+    async def submit(self, item: Any) -> Any:
+        if self._running < self._in_flight:
+            self._running += 1
+            try:
+                result = (await self._flush([item]))[0]
+            finally:
+                self._done()
+        else:
+            group = self._waiting
+            if group is None:
+                group = self._waiting = ([], [])
+            fut = asyncio.get_running_loop().create_future()
+            group[0].append(item)
+            group[1].append(fut)
+            result = await fut
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-    def _start(self, group: tuple[list, list, asyncio.AbstractEventLoop]) -> None:
-        if self._open is not group:  # started already, by the end of another flush
-            return
-        self._open = None
-        self._running += 1
-        task = group[2].create_task(self._run(group[0], group[1]))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _done(self) -> None:
+        """A flush ended: start the one that has been waiting, if any."""
+        self._running -= 1
+        group = self._waiting
+        if group is not None and self._running < self._in_flight:
+            self._waiting = None
+            self._running += 1
+            task = asyncio.get_running_loop().create_task(self._run(*group))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _run(self, items: list, futures: list[asyncio.Future]) -> None:
         try:
@@ -222,16 +232,9 @@ class PassBatch:
                     fut.set_exception(failed)
             raise
         finally:
-            self._running -= 1
-            waiting = self._open
-            if waiting is not None and self._running < self._in_flight:
-                self._start(waiting)  # what came in meanwhile
+            self._done()
         for fut, result in zip(futures, results, strict=True):
-            if fut.done():  # its caller was cancelled
-                continue
-            if isinstance(result, BaseException):
-                fut.set_exception(result)
-            else:
+            if not fut.done():  # (done: its caller was cancelled)
                 fut.set_result(result)
 
 

@@ -151,9 +151,9 @@ _RAW_CONV_HISTORY = {d: SQL(str(t)) for d, t in _CONV_HISTORY.items()}
 _RAW_CONV_HISTORY_UNLESS = {
     d: SQL(_conv_history(f"CASE WHEN c.head = :known THEN NULL ELSE {agg} END")) for d, agg in _JOINED.items()
 }
-# PostgreSQL: the conversation reads of one pass of the loop in one statement (`PassBatch`):
-# (ordinal, the conversation row, its history unless the head is still the known one) for each
-# (id, known head) asked for; the walk is a subquery of each row.
+# PostgreSQL: the conversation reads that waited for the one before (`PassBatch`), in one
+# statement: (ordinal, the conversation row, its history unless the head is still the known one)
+# for each (id, known head) asked for; the walk is a subquery of each row.
 _PG_CONV_HISTORY_MANY = SQL(
     "SELECT q.ord, " + _CONV_SELECT[len("SELECT "):] + ", CASE WHEN c.head = q.known THEN NULL ELSE ("
     + _path_from("c.head") + "SELECT " + _JOINED["postgresql"] + ") END"
@@ -197,8 +197,8 @@ _PG_COMMIT = SQL(
                                                "text", "bytea"), "r_")
     + ") " + _MOVE_HEAD["postgresql"].text
 )
-# Group commit: the commits of one pass of the event loop in one statement, each conversation at
-# most once (`Store._pg_commit_group`): their items and response rows, then one UPDATE moving
+# Group commit: the commits that waited for the one before (`PassBatch`) in one statement, each
+# conversation at most once (`Store._pg_commit_group`): their items and response rows, then one UPDATE moving
 # every head by compare-and-swap, in conversation order (one lock order for all such
 # transactions, so two of them never wait for each other in a cycle); RETURNING names the
 # conversations whose head moved.
@@ -316,7 +316,8 @@ class Store:
         self.writer = writer(engine)
         self.db = Database(engine)  # the hot path's queries
         # PostgreSQL: the hot path's reads, commits (SQLite's group commit is in `Database`) and
-        # head moves of one loop pass, each kind in one statement: a lone statement cost postgres
+        # head moves, each kind grouped (`PassBatch`: while one statement is out, the calls made
+        # meanwhile wait and go as one statement): a lone statement cost postgres
         # ~200 us of CPU and asyncpg ~140 us on this machine; ten in one, ~40 and ~20 us each
         self._pg_reads = PassBatch(self._pg_read_group)
         self._pg_commits = PassBatch(self._pg_commit_group)
@@ -620,7 +621,7 @@ class Store:
         return self._moved(conversation_id, new_head, move and count > 0)
 
     async def _pg_read_group(self, entries: list[tuple[str, str | None]]) -> list:
-        """PostgreSQL: the conversation reads of one loop pass (conversation id, known head),
+        """PostgreSQL: a group of conversation reads (conversation id, known head),
         one statement for all of them when there are several: each one's row or None."""
         if len(entries) == 1:
             conv_id, known = entries[0]
@@ -635,7 +636,7 @@ class Store:
         return out
 
     async def _pg_move_group(self, entries: list[tuple[str, str]]) -> list:
-        """PostgreSQL: the head moves of one loop pass (conversation id, item id), one
+        """PostgreSQL: a group of head moves (conversation id, item id), one
         statement a round, each conversation at most once a round (so that a second move of
         one sees the first), in conversation order: each one's (head, created_at, metadata,
         forked_from...) or None when it did not move. A failed statement is retried move by move."""
@@ -662,7 +663,7 @@ class Store:
         return out
 
     async def _pg_commit_group(self, entries: list[tuple]) -> list:
-        """PostgreSQL's group commit (see `PassBatch`): the commits of one loop pass, one
+        """PostgreSQL's group commit (see `PassBatch`): a group of commits, one
         statement for all of them when there are several. A conversation named twice (parallel
         branches) waits for the next statement, so that each compare-and-swap sees the one
         before it. Should a statement fail, its commits run again one by one, so that the others
