@@ -348,16 +348,6 @@ class Database:
 
     # ------------------------------------------------------------------ writes
 
-    async def execute_pg(self, sql: SQL, params: dict) -> int:
-        """PostgreSQL: one statement, its own transaction, one round trip; its row count."""
-        return await self.execute_pg_positional(sql.pg, sql.args(params))
-
-    async def execute_pg_positional(self, pg_text: str, args: Sequence[Any]) -> int:
-        """`execute_pg` for a statement already numbered `$1 ..`, with its values in order."""
-        pool = await self._pg()
-        status = await pool.execute(pg_text, *args)
-        return int(status.rsplit(" ", 1)[-1])
-
     async def fetch_pg_positional(self, pg_text: str, args: Sequence[Any]) -> list[tuple]:
         """PostgreSQL: one statement already numbered `$1 ..` (its own transaction): its rows."""
         pool = await self._pg()

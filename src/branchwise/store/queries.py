@@ -186,22 +186,11 @@ def _unnest(table: str, columns: Sequence[str], types: Sequence[str], prefix: st
     return f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays})"
 
 
-# PostgreSQL: a stored response (its items, its rows, the head's compare-and-swap) in one
-# statement, so one round trip and its own transaction; the row count is the UPDATE's.
-_PG_COMMIT = SQL(
-    "WITH new_items AS ("
-    + _unnest("items", _ITEM_COLUMNS, ("text", "text", "int", "text", "text", "text", "text", "text", "text", "bigint",
-                                       "bytea", "bytea"), "i_")
-    + "), new_responses AS ("
-    + _unnest("responses", _RESPONSE_COLUMNS, ("text", "text", "bigint", "text", "text", "text", "text", "text", "int",
-                                               "text", "bytea"), "r_")
-    + ") " + _MOVE_HEAD["postgresql"].text
-)
-# Group commit: the commits that waited for the one before (`PassBatch`) in one statement, each
-# conversation at most once (`Store._pg_commit_group`): their items and response rows, then one UPDATE moving
-# every head by compare-and-swap, in conversation order (one lock order for all such
+# PostgreSQL: stored responses (their items, their rows, each head's compare-and-swap) in one
+# statement, so one round trip and its own transaction; each conversation at most once
+# (`Store._pg_commit_group`), the heads moved in conversation order (one lock order for all such
 # transactions, so two of them never wait for each other in a cycle); RETURNING names the
-# conversations whose head moved.
+# conversations whose head moved. This form takes unnest'ed arrays, for the large ones:
 _PG_COMMIT_MANY = SQL(
     "WITH new_items AS ("
     + _unnest("items", _ITEM_COLUMNS, ("text", "text", "int", "text", "text", "text", "text", "text", "text", "bigint",
@@ -213,17 +202,16 @@ _PG_COMMIT_MANY = SQL(
     " FROM unnest(:m_id::text[], :m_base::text[], :m_head::text[]) AS m(id, base, head)"
     " WHERE c.id = m.id AND c.head IS NOT DISTINCT FROM m.base RETURNING c.id"
 )
-# The same commits with a VALUES row per item, response row and head move, for the usual ones:
-# asyncpg encodes scalars for ~60% of the client CPU of arrays (micro-benchmarks: one commit 250
-# -> 160 us; in a group of ten, 90 -> 60 us each, and PostgreSQL ~10% less). One text per shape
-# (items, rows, moves; `moves` None: the one-conversation form); PostgreSQL's limit of 32,767
-# parameters, and the prepared-statement cache, are why large ones keep unnest.
-_PG_VALUES_MAX = 8  # items and rows of one commit
-_PG_VALUES_PARAMS_MAX = 4000  # parameters of a group's statement (~110 usual commits)
-_PG_COMMIT_SHAPES: dict[tuple[int, int, int | None], str] = {}
+# ... and this one (`_pg_commit_values`) a VALUES row per item, response row and head move, for
+# the usual ones: asyncpg encodes scalars for ~60% of the client CPU of arrays (micro-benchmarks:
+# one commit 250 -> 160 us; in a group of ten, 90 -> 60 us each, and PostgreSQL ~10% less). One
+# text per shape (items, rows, moves); PostgreSQL's limit of 32,767 parameters, and the
+# prepared-statement cache, are why large ones keep unnest.
+_PG_VALUES_PARAMS_MAX = 4000  # (~110 usual commits)
+_PG_COMMIT_SHAPES: dict[tuple[int, int, int], str] = {}
 
 
-def _pg_commit_values(n_items: int, n_rows: int, n_moves: int | None = None) -> str:
+def _pg_commit_values(n_items: int, n_rows: int, n_moves: int) -> str:
     key = (n_items, n_rows, n_moves)
     text = _PG_COMMIT_SHAPES.get(key)
     if text is not None:
@@ -246,9 +234,7 @@ def _pg_commit_values(n_items: int, n_rows: int, n_moves: int | None = None) -> 
         ctes.append(f"new_responses AS (INSERT INTO responses ({', '.join(_RESPONSE_COLUMNS)}) VALUES "
                     f"{values(_RESPONSE_COLUMNS, n_rows)})")
     text = f"WITH {', '.join(ctes)} " if ctes else ""
-    if n_moves is None:
-        text += f"UPDATE conversations SET head = ${k + 1} WHERE id = ${k + 2} AND head IS NOT DISTINCT FROM ${k + 3}"
-    elif n_moves:
+    if n_moves:
         text += (f"UPDATE conversations c SET head = m.head FROM (VALUES {values(('id', 'base', 'head'), n_moves, '::text')})"
                  " AS m(id, base, head) WHERE c.id = m.id AND c.head IS NOT DISTINCT FROM m.base RETURNING c.id")
     else:
@@ -688,19 +674,12 @@ class Store:
 
     async def _pg_commit_one(self, rows: list[dict], response_rows: list[dict], conv: str | None,
                              base: str | None, new_head: str | None) -> bool:
-        if len(rows) <= _PG_VALUES_MAX and len(response_rows) <= _PG_VALUES_MAX:
-            args = [r[c] for r in rows for c in _ITEM_COLUMNS]
-            args += [r[c] for r in response_rows for c in _RESPONSE_COLUMNS]
-            args += (new_head, conv, base)
-            return await self.db.execute_pg_positional(_pg_commit_values(len(rows), len(response_rows)), args) > 0
-        params: dict = {f"i_{c}": [r[c] for r in rows] for c in _ITEM_COLUMNS}
-        params.update({f"r_{c}": [r[c] for r in response_rows] for c in _RESPONSE_COLUMNS})
-        params.update(id=conv, base=base, head=new_head)
-        return await self.db.execute_pg(_PG_COMMIT, params) > 0
+        moved = await self._pg_commit_many([(rows, response_rows, conv, base, new_head)])
+        return conv is not None and conv in moved
 
     async def _pg_commit_many(self, entries: list[tuple]) -> set[str]:
-        """Several commits, each conversation at most once, in one statement: the conversations
-        whose head moved."""
+        """Commits (items, response rows, conversation, base, new head), each conversation at most
+        once, in one statement: the conversations whose head moved."""
         rows = [r for e in entries for r in e[0]]
         response_rows = [r for e in entries for r in e[1]]
         moves = sorted(((e[2], e[3], e[4]) for e in entries if e[2] is not None), key=lambda m: m[0])
