@@ -5,9 +5,11 @@ this process the load client (see `bench.loadgen`).
     `POST /v1/responses` on a 20-item conversation, one conversation per connection; every
     `RESET_EVERY` turns the worker moves its conversation's head back to the seed (an untimed
     `POST /v1/conversations/{id}/head`, not counted), so the history stays 20..26 items. The same
-    chat calls (same messages) are made straight to the mock at the same concurrencies.
+    chat calls (same messages) are made straight to the mock at the same concurrencies, each
+    right before the branchwise phase it is the baseline of (the machine's speed drifts by the
+    minute, so a baseline taken minutes earlier once made "added" swing by 20 ms either way).
 (c) streaming: time to first SSE event, and the gaps between `output_text.delta` events, against
-    the mock's own stream (a chunk every 20 ms) read directly.
+    the mock's own stream (a chunk every 20 ms) read directly, again right before.
 (e) 16 parallel `branch` responses on one conversation against 16 on separate conversations.
 (f) branchwise's RSS: idle, peak while loaded, after the load.
 """
@@ -444,10 +446,6 @@ async def direct_sweep(mock: Server, warmup: float, duration: float) -> dict:
             for c in DIRECT}
 
 
-async def direct_streams(mock: Server, n_streams: int) -> dict:
-    return await streams(mock.port, n_streams, None)
-
-
 async def branchwise_load(bw: Server, mock: Server, warmup: float, duration: float, n_streams: int,
                           branch_repeat: int, profile: Path | None = None) -> dict:
     meter = _meter({"branchwise": bw, "mock": mock})
@@ -458,11 +456,14 @@ async def branchwise_load(bw: Server, mock: Server, warmup: float, duration: flo
         stream_convs = await create_conversations(setup, STREAM_CONCURRENCY)
     finally:
         setup.close()
-    sweep = {}
+    sweep, direct = {}, {}
+    mock_meter = _meter({"mock": mock})
     for c in SWEEP:
+        if c in ADDED_AT:  # the baseline, just before: both phases under the machine's speed of the moment
+            direct[c] = await closed_loop(mock.port, [_DirectWorker() for _ in range(c)], warmup, duration, mock_meter)
         sweep[c] = await closed_loop(bw.port, [_BranchwiseWorker(conv) for conv in convs[:c]], warmup, duration,
                                      meter, server_pids=bw.pids)
-    out["sweep"] = sweep
+    out["sweep"], out["direct"] = sweep, direct
     rates = {}
     for rate in RATES:
         rates[rate] = r = await fixed_rate(bw.port, [_BranchwiseWorker(conv) for conv in convs[:RATE_CONNECTIONS]],
@@ -472,6 +473,7 @@ async def branchwise_load(bw: Server, mock: Server, warmup: float, duration: flo
     out["rate"] = rates
     if profile is not None:
         out["profile"] = await _profile(bw, convs, warmup, duration, meter, profile)
+    out["direct_streaming"] = await streams(mock.port, n_streams, None)
     out["streaming"] = await streams(bw.port, n_streams, stream_convs)
     out["branch"] = await branch_batches(bw.port, branch_repeat)
     out["rss_kib"]["peak"] = max(r.get("rss_peak_kib", 0) for r in sweep.values())

@@ -27,6 +27,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--rate", type=float, default=None,
                     help="a fixed-rate (open-loop) phase at this many responses/s over -c connections instead")
+    ap.add_argument("--streams", type=int, default=0,
+                    help="a streaming phase of this many stored streams (4 at a time) instead, and the mock's own")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--env", action="append", default=[], help="K=V for branchwise serve")
     ap.add_argument("--src", default=None,
@@ -62,6 +64,15 @@ def main() -> int:
                 setup.close()
             meter = load._meter({"branchwise": bw, "mock": mock})
             for i in range(args.repeat):
+                if args.streams:
+                    d = await load.streams(mock_port, args.streams, None)
+                    b = await load.streams(port, args.streams, convs[:load.STREAM_CONCURRENCY])
+                    print(f"[{args.db} {args.streams} streams #{i + 1}] first event p50 {b['first_event_p50_ms']:.2f} "
+                          f"(mock {d['first_event_p50_ms']:.2f}) gap p50 {b['gap_p50_ms']:.2f} p99 {b['gap_p99_ms']:.2f} "
+                          f"max {b['gap_max_ms']:.2f} (mock p99 {d['gap_p99_ms']:.2f} max {d['gap_max_ms']:.2f}) | added "
+                          f"first event {b['first_event_p50_ms'] - d['first_event_p50_ms']:.2f} gap p99 "
+                          f"{b['gap_p99_ms'] - d['gap_p99_ms']:.2f}", flush=True)
+                    continue
                 if args.rate:
                     r = await load.fixed_rate(port, [load._BranchwiseWorker(conv) for conv in convs], args.rate,
                                               args.warmup, args.duration, meter)
