@@ -609,10 +609,8 @@ class Store:
     async def _pg_read_group(self, entries: list[tuple[str, str | None]]) -> list:
         """PostgreSQL: a group of conversation reads (conversation id, known head),
         one statement for all of them when there are several: each one's row or None."""
-        if len(entries) == 1:
+        if len(entries) == 1:  # (no known head: `c.head = NULL` is not true, so it walks)
             conv_id, known = entries[0]
-            if known is None:
-                return [await self.db.one(_RAW_CONV_HISTORY["postgresql"], {"id": conv_id})]
             return [await self.db.one(_RAW_CONV_HISTORY_UNLESS["postgresql"], {"id": conv_id, "known": known})]
         out: list = [None] * len(entries)
         rows = await self.db.all(_PG_CONV_HISTORY_MANY, {"ids": [e[0] for e in entries],
