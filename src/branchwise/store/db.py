@@ -371,8 +371,7 @@ class Database:
     async def write_returning(self, sql: SQL, params: dict) -> list[tuple]:
         """One data-modifying statement with RETURNING, in its own transaction: its rows."""
         if not self.sqlite:
-            pool = await self._pg()
-            return [tuple(r) for r in await pool.fetch(sql.pg, *sql.args(params))]
+            return await self.fetch_pg_positional(sql.pg, sql.args(params))
         return await self._sqlite_write([(sql, params)], True)
 
     async def _sqlite_write(self, steps: Sequence[Step], fetch: bool):

@@ -7,7 +7,7 @@ page of a long conversation costs what the page needs, not the whole history.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,6 +275,33 @@ def _rounds(keys: Sequence[str | None]) -> list[list[int]]:
             fit[0].add(key)
         fit[1].append(i)
     return [members for _, members in rounds]
+
+
+async def _in_rounds(keys: Sequence[str | None], together: Callable[[list[int]], Awaitable[list]],
+                     alone: Callable[[int], Awaitable[Any]]) -> list:
+    """PostgreSQL's grouped writes (one per conversation in `keys`): in rounds, each conversation
+    at most once a round and the round in conversation order (one lock order for every such
+    statement, so two never wait for each other in a cycle); a round of several in one statement
+    (`together`: their results in the round's order), else, and should that statement fail, one
+    by one (`alone`), so that the others land and a failure is its write's alone."""
+    out: list = [None] * len(keys)
+    for group in _rounds(keys):
+        if len(group) > 1:
+            group.sort(key=lambda i: (keys[i] is None, keys[i] or ""))
+            try:
+                results = await together(group)
+            except Exception:
+                pass
+            else:
+                for i, result in zip(group, results, strict=True):
+                    out[i] = result
+                continue
+        for i in group:
+            try:
+                out[i] = await alone(i)
+            except Exception as e:
+                out[i] = e
+    return out
 
 
 def _joined(value: str | bytes | None) -> bytes:
@@ -620,55 +647,33 @@ class Store:
         return out
 
     async def _pg_move_group(self, entries: list[tuple[str, str]]) -> list:
-        """PostgreSQL: a group of head moves (conversation id, item id), one
-        statement a round, each conversation at most once a round (so that a second move of
-        one sees the first), in conversation order: each one's (head, created_at, metadata,
-        forked_from...) or None when it did not move. A failed statement is retried move by move."""
-        out: list = [None] * len(entries)
-        for group in _rounds([e[0] for e in entries]):
-            if len(group) > 1:
-                group.sort(key=lambda i: entries[i][0])
-                try:
-                    rows = await self.db.write_returning(_PG_SET_HEADS_TO_ITEMS, {
-                        "ids": [entries[i][0] for i in group], "item_ids": [entries[i][1] for i in group]})
-                except Exception:
-                    pass
-                else:
-                    for row in rows:
-                        out[group[row[0] - 1]] = row[1:]
-                    continue
-            for i in group:
-                try:
-                    rows = await self.db.write_returning(_SET_HEAD_TO_ITEM, {"id": entries[i][0],
-                                                                             "item_id": entries[i][1]})
-                    out[i] = rows[0] if rows else None
-                except Exception as e:
-                    out[i] = e
-        return out
+        """PostgreSQL: a group of head moves (conversation id, item id), in rounds (see
+        `_in_rounds`; a second move of one conversation sees the first): each one's (head,
+        created_at, metadata, forked_from...) or None when it did not move."""
+        async def together(group: list[int]) -> list:
+            rows = await self.db.write_returning(_PG_SET_HEADS_TO_ITEMS, {
+                "ids": [entries[i][0] for i in group], "item_ids": [entries[i][1] for i in group]})
+            out: list = [None] * len(group)
+            for row in rows:
+                out[row[0] - 1] = row[1:]
+            return out
+
+        async def alone(i: int):
+            rows = await self.db.write_returning(_SET_HEAD_TO_ITEM, {"id": entries[i][0], "item_id": entries[i][1]})
+            return rows[0] if rows else None
+
+        return await _in_rounds([e[0] for e in entries], together, alone)
 
     async def _pg_commit_group(self, entries: list[tuple]) -> list:
-        """PostgreSQL's group commit (see `PassBatch`): a group of commits, one
-        statement for all of them when there are several. A conversation named twice (parallel
-        branches) waits for the next statement, so that each compare-and-swap sees the one
-        before it. Should a statement fail, its commits run again one by one, so that the others
-        land and the failure is that commit's alone."""
-        results: list = [None] * len(entries)
-        for group in _rounds([e[2] for e in entries]):
-            if len(group) > 1:
-                try:
-                    moved = await self._pg_commit_many([entries[i] for i in group])
-                except Exception:
-                    pass
-                else:
-                    for i in group:
-                        results[i] = entries[i][2] in moved
-                    continue
-            for i in group:
-                try:
-                    results[i] = await self._pg_commit_one(*entries[i])
-                except Exception as e:
-                    results[i] = e
-        return results
+        """PostgreSQL's group commit (see `PassBatch`): commits (items, response rows,
+        conversation, base, new head) in rounds (see `_in_rounds`; a conversation named twice,
+        parallel branches, waits for the next round, so that each compare-and-swap sees the one
+        before it): whether each one moved its head."""
+        async def together(group: list[int]) -> list:
+            moved = await self._pg_commit_many([entries[i] for i in group])
+            return [entries[i][2] in moved for i in group]
+
+        return await _in_rounds([e[2] for e in entries], together, lambda i: self._pg_commit_one(*entries[i]))
 
     async def _pg_commit_one(self, rows: list[dict], response_rows: list[dict], conv: str | None,
                              base: str | None, new_head: str | None) -> bool:
@@ -677,10 +682,10 @@ class Store:
 
     async def _pg_commit_many(self, entries: list[tuple]) -> set[str]:
         """Commits (items, response rows, conversation, base, new head), each conversation at most
-        once, in one statement: the conversations whose head moved."""
+        once and in conversation order, in one statement: the conversations whose head moved."""
         rows = [r for e in entries for r in e[0]]
         response_rows = [r for e in entries for r in e[1]]
-        moves = sorted(((e[2], e[3], e[4]) for e in entries if e[2] is not None), key=lambda m: m[0])
+        moves = [(e[2], e[3], e[4]) for e in entries if e[2] is not None]  # (in conversation order)
         if len(rows) * len(_ITEM_COLUMNS) + len(response_rows) * len(_RESPONSE_COLUMNS) + 3 * len(moves) \
                 <= _PG_VALUES_PARAMS_MAX:
             args = [r[c] for r in rows for c in _ITEM_COLUMNS]
