@@ -234,7 +234,7 @@ async def test_finding_an_item_in_a_tree_is_an_index_search_not_a_tree_scan(tmp_
 
 async def test_commits_of_every_shape_store_everything(db_url):
     """The commit as one statement takes two forms on PostgreSQL: VALUES rows up to 4,000
-    parameters, unnest'ed arrays past that (here 400 items). Each shape stores every item and row
+    parameters (and eight commits), unnest'ed arrays past that (here 400 items). Each shape stores every item and row
     and moves the head by compare-and-swap (SQLite runs the same calls through its own path)."""
     engine = create_engine(db_url)
     await migrate(engine)
@@ -325,12 +325,12 @@ async def test_sqlite_writes_of_one_loop_pass_commit_together_and_fail_alone(tmp
 async def test_group_commit_of_many_conversations_keeps_every_compare_and_swap(db_url, monkeypatch, form):
     """Two responses on each of ten conversations, all from the same heads and all committed in
     one pass of the loop: on PostgreSQL the first goes alone and the others, which wait for it,
-    as one statement per round (each conversation once a round; a VALUES row per row, or
-    unnest'ed arrays past a size); on SQLite all as one transaction. Every response is stored, and on every conversation exactly one of its
-    two moved the head, to that response's last node. A commit that breaks a constraint in such
-    a group fails alone."""
-    if form == "unnest":
-        monkeypatch.setattr(queries, "_PG_VALUES_PARAMS_MAX", 0)
+    as one statement per round (each conversation once a round; a VALUES row per row for a
+    small group, unnest'ed arrays for a larger one: each form forced here); on SQLite all as one
+    transaction. Every response is stored, and on every conversation exactly one of its two moved
+    the head, to that response's last node. A commit that breaks a constraint in such a group
+    fails alone."""
+    monkeypatch.setattr(queries, "_PG_VALUES_COMMITS_MAX", 0 if form == "unnest" else 100)
     sizes: list[int] = []
     real = Store._pg_commit_many
 

@@ -190,7 +190,8 @@ def _unnest(table: str, columns: Sequence[str], types: Sequence[str], prefix: st
 # statement, so one round trip and its own transaction; each conversation at most once
 # (`Store._pg_commit_group`), the heads moved in conversation order (one lock order for all such
 # transactions, so two of them never wait for each other in a cycle); RETURNING names the
-# conversations whose head moved. This form takes unnest'ed arrays, for the large ones:
+# conversations whose head moved. This form takes unnest'ed arrays, for groups of more than
+# eight: one short text, so one prepared statement per connection whatever the group's size.
 _PG_COMMIT_MANY = SQL(
     "WITH new_items AS ("
     + _unnest("items", _ITEM_COLUMNS, ("text", "text", "int", "text", "text", "text", "text", "text", "text", "bigint",
@@ -202,12 +203,19 @@ _PG_COMMIT_MANY = SQL(
     " FROM unnest(:m_id::text[], :m_base::text[], :m_head::text[]) AS m(id, base, head)"
     " WHERE c.id = m.id AND c.head IS NOT DISTINCT FROM m.base RETURNING c.id"
 )
-# ... and this one (`_pg_commit_values`) a VALUES row per item, response row and head move, for
-# the usual ones: asyncpg encodes scalars for ~60% of the client CPU of arrays (micro-benchmarks:
-# one commit 250 -> 160 us; in a group of ten, 90 -> 60 us each, and PostgreSQL ~10% less). One
-# text per shape (items, rows, moves); PostgreSQL's limit of 32,767 parameters, and the
-# prepared-statement cache, are why large ones keep unnest.
+# ... and this one (`_pg_commit_values`) a VALUES row per item, response row and head move, for a
+# lone commit and small groups: asyncpg encodes scalars for ~60% of the client CPU of arrays
+# (micro-benchmarks: one commit 250 -> 160 us; in a group of ten, 90 -> 60 us each). But it is one
+# text per shape (items, rows, moves), and each new shape is a parse and a plan on each pooled
+# connection: at concurrency 64, where groups of 1-63 commits come and go, 31% of the group
+# statements were parsed again (0.8 ms each in postgres), and those of more than ~55 commits
+# (over asyncpg's 15 KB cacheable-statement limit) every time, so that a slow group made the
+# next one larger and slower still. Groups of more than eight therefore take unnest (3 A/B pairs
+# at c=64: branchwise p99 39.4-43.1 -> 34.9-39.7 ms, postgres CPU per response -9%); at four
+# connections, where groups are small, instructions per response are the same (1.257 -> 1.263 M;
+# unnest for every group: 1.285 M). PostgreSQL's limit of 32,767 parameters is the other bound.
 _PG_VALUES_PARAMS_MAX = 4000  # (~110 usual commits)
+_PG_VALUES_COMMITS_MAX = 8
 _PG_COMMIT_SHAPES: dict[tuple[int, int, int], str] = {}
 
 
@@ -686,8 +694,8 @@ class Store:
         rows = [r for e in entries for r in e[0]]
         response_rows = [r for e in entries for r in e[1]]
         moves = [(e[2], e[3], e[4]) for e in entries if e[2] is not None]  # (in conversation order)
-        if len(rows) * len(_ITEM_COLUMNS) + len(response_rows) * len(_RESPONSE_COLUMNS) + 3 * len(moves) \
-                <= _PG_VALUES_PARAMS_MAX:
+        if len(entries) <= _PG_VALUES_COMMITS_MAX and len(rows) * len(_ITEM_COLUMNS) + len(response_rows) * len(_RESPONSE_COLUMNS) \
+                + 3 * len(moves) <= _PG_VALUES_PARAMS_MAX:
             args = [r[c] for r in rows for c in _ITEM_COLUMNS]
             args += [r[c] for r in response_rows for c in _RESPONSE_COLUMNS]
             args += [v for move in moves for v in move]
