@@ -134,7 +134,6 @@ class ChatCompletionsBackend:
         whole body too (under the same timeout; the connection is then back in the pool).
         Retries only connection errors (nothing reached the upstream), `CONNECT_RETRIES` times
         with exponential backoff; never once the request was sent."""
-        loop = asyncio.get_running_loop()
         for attempt in range(CONNECT_RETRIES + 1):
             conn = None
             try:
@@ -148,7 +147,7 @@ class ChatCompletionsBackend:
                 return reply, raw
             except ConnectError as e:
                 pause = RETRY_BACKOFF * (2**attempt)
-                if attempt == CONNECT_RETRIES or loop.time() + pause >= deadline:
+                if attempt == CONNECT_RETRIES or asyncio.get_running_loop().time() + pause >= deadline:
                     raise BackendError(
                         f"Could not connect to the upstream model server at {self.base_url} "
                         f"({attempt + 1} attempts): {e}", code="upstream_unavailable") from e

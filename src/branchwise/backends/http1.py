@@ -51,8 +51,9 @@ class _Conn(asyncio.Protocol):
     """One connection; one request at a time. httptools calls the `on_*` methods while
     `data_received` feeds it."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
+        self.loop = loop  # (its transport's: each `get_running_loop` is a getpid system call on 3.11)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.idle_since = 0.0
@@ -131,7 +132,7 @@ class _Conn(asyncio.Protocol):
         """Until something more arrives (or the connection ends); raises what went wrong."""
         if self.error is not None:
             raise self.error
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self.loop.create_future()
         try:
             await self._waiter
         finally:
@@ -215,7 +216,7 @@ class Pool:
             conn.close()
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port, ssl=self._ssl)
+            _, conn = await loop.create_connection(lambda: _Conn(self, loop), self.host, self.port, ssl=self._ssl)
         except (OSError, ssl.SSLError) as e:
             raise ConnectError(str(e) or type(e).__name__) from e
         return conn

@@ -191,9 +191,14 @@ class PassBatch:
         self._running = 0
         self._waiting: tuple[list, list] | None = None  # items, futures for the next flush
         self._tasks: set[asyncio.Task] = set()
+        # The loop of this busy period (from a call that found nothing running until none is):
+        # looked up once a period, as each `get_running_loop` is a getpid system call on 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def submit(self, item: Any) -> Any:
         if self._running < self._in_flight:
+            if not self._running:
+                self._loop = None  # (a new period, perhaps on another loop)
             self._running += 1
             try:
                 result = (await self._flush([item]))[0]
@@ -203,7 +208,10 @@ class PassBatch:
             group = self._waiting
             if group is None:
                 group = self._waiting = ([], [])
-            fut = asyncio.get_running_loop().create_future()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            fut = loop.create_future()
             group[0].append(item)
             group[1].append(fut)
             result = await fut
@@ -218,7 +226,7 @@ class PassBatch:
         if group is not None and self._running < self._in_flight:
             self._waiting = None
             self._running += 1
-            task = asyncio.get_running_loop().create_task(self._run(*group))
+            task = self._loop.create_task(self._run(*group))  # (set by the waiting calls)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
