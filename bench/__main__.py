@@ -316,17 +316,28 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also run one concurrency-32 phase under py-spy (bench/results/profile-<db>.svg/.txt)")
     ap.add_argument("--skip-tree-ops", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true",
+                    help="every section and budget check, in phases too short to mean anything (the test "
+                         "suite's check that the benchmark runs; about a minute)")
+    ap.add_argument("--results", default=None, help="write latest.md and latest.json here (default bench/results)")
     args = ap.parse_args()
-    RESULTS.mkdir(exist_ok=True)
+    global RESULTS
+    if args.results:
+        RESULTS = Path(args.results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    quick = args.quick
+    quick = args.quick or args.smoke
     repeat = 10 if quick else 30
     warmup, duration = (0.5, 1.5) if quick else (1.0, 5.0)
     n_streams = 8 if quick else 32
     branch_repeat = 3 if quick else 7
+    if args.smoke:  # the concurrencies and sizes the tables and budgets read, each once, briefly
+        load.SWEEP, load.DIRECT, load.RATES = (1, 16, 32, 64), (1, 16, 32, 64), (600,)
+        tree_ops.SIZES = (10, 10000)
+        repeat, warmup, duration, n_streams, branch_repeat = 3, 0.2, 0.5, 4, 1
     kinds = [k for k in ("sqlite", "postgresql") if args.only in (None, k)]
     out: dict = {"machine": _machine(),
-                 "config": {"quick": quick, "warmup_s": warmup, "phase_s": duration, "server_workers": args.server_workers,
+                 "config": {"quick": quick, "smoke": args.smoke, "warmup_s": warmup, "phase_s": duration, "server_workers": args.server_workers,
                             "seed_items": load.SEED_ITEMS, "reset_every": load.RESET_EVERY, "sweep": load.SWEEP,
                             "rates": load.RATES, "rate_connections": load.RATE_CONNECTIONS,
                             "streams": n_streams, "branch_repeat": branch_repeat},
@@ -368,7 +379,8 @@ def main() -> int:
         for s in reversed(servers):
             s.stop()
 
-    md = [f"## branchwise benchmarks{' (--quick)' if quick else ''}", "",
+    flavour = " (--smoke)" if args.smoke else " (--quick)" if quick else ""
+    md = [f"## branchwise benchmarks{flavour}", "",
           f"{out['machine']['cpus']} CPUs, Python {out['machine']['python']}, SQLite {out['machine']['sqlite']}, "
           f"server workers {args.server_workers}, phases {warmup:g} s warm-up + {duration:g} s measured; "
           f"machine {out['machine']['busy_before_pct']:.0f}% busy before the run."]

@@ -1,0 +1,68 @@
+"""The benchmark (`make bench`) runs: `python -m bench --smoke` goes through every section on
+both databases in phases too short to time anything, and writes the markdown tables and the
+JSON with every budget's figure. Whether a budget is met is the full run's business, on an idle
+machine (docs/performance.md); here only that each one is measured, and that no request of the
+load failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUDGETS = [
+    "added latency c=1 p50 <= 2 ms", "added latency c=1 p99 <= 8 ms",
+    ">= 600 responses/s over 32 connections with p99 < 50 ms", "added latency c=64 p99 <= 30 ms",
+    "streaming: added time to first event p50 <= 5 ms", "streaming: added inter-chunk gap p99 <= 2 ms",
+    "16 branches on one conversation <= 1.2x 16 on separate",
+    "fork 10,000 items <= 1.5x fork 10 items", "context of a 10,000-item path <= 50 ms",
+]
+
+
+def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
+    env = dict(os.environ)
+    env.setdefault("BENCH_PG_URL", os.environ.get("BRANCHWISE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"))
+    done = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--results", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    # 1: a budget missed, which phases this short may well do; anything else is a failure
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    out = json.loads((tmp_path / "latest.json").read_text())
+    assert out["errors"] == [], out["errors"]
+    assert out["config"]["smoke"] is True
+
+    runs = {run["db"]: run for run in out["load"]}
+    assert set(runs) == {"sqlite", "postgresql"}
+    for db, run in runs.items():
+        res = run["load"]
+        for c in ("1", "16", "32", "64"):
+            phase = res["sweep"][c]
+            assert phase["requests"] > 0 and phase["errors"] == 0, (db, c, phase)
+        for c in ("1", "16", "64"):
+            assert set(run["added"][c]) == {"p50_ms", "p99_ms"}
+        rate = res["rate"]["600"]
+        assert rate["requests"] > 0 and rate["errors"] == 0, (db, rate)
+        assert res["streaming"]["gaps"] > 0 and res["direct_streaming"]["gaps"] > 0
+        assert res["branch"]["ratio"] > 0
+        assert res["rss_kib"]["peak"] >= res["rss_kib"]["idle"] > 0
+    trees = {t["db"]: t["sizes"] for t in out["tree_ops"]}
+    assert set(trees) == {"sqlite", "postgresql"}
+    for sizes in trees.values():
+        for n in ("10", "10000"):
+            assert {"fork", "context", "list_desc_100", "list_asc_100"} <= set(sizes[n])
+
+    names = [b["budget"] for b in out["budgets"]]
+    for budget in BUDGETS:
+        assert f"[sqlite] {budget}" in names
+    for budget in BUDGETS[3:]:  # (the first three budgets are SQLite's alone)
+        assert f"[postgresql] {budget}" in names
+    assert all(b["result"] and b["met"] in (True, False) for b in out["budgets"])
+    assert done.returncode == (0 if all(b["met"] for b in out["budgets"]) else 1)
+
+    md = (tmp_path / "latest.md").read_text()
+    for title in ("Load client check", "(a) Added latency", "(b) Throughput", "(b) Fixed rate", "(c) Streaming",
+                  "Tree operations (sqlite)", "Tree operations (postgresql)", "(e) Parallel branches",
+                  "(f) branchwise memory", "Budgets"):
+        assert f"### {title}" in md, title
