@@ -450,6 +450,40 @@ async def test_reads_and_head_moves_of_one_loop_pass(db_url, monkeypatch):
         await _close(stores)
 
 
+async def test_pass_batch_sends_the_next_group_in_the_turn_the_last_result_came_in():
+    """Groups that gather while one is out go one after another in the same task: the next
+    group's flush starts as the last one's result is handled, without waiting for another pass
+    of the loop (a task per group would start it one pass later)."""
+    loop = asyncio.get_running_loop()
+    groups: list[list] = []
+    gates: list[asyncio.Future] = []
+
+    async def flush(items):
+        groups.append(list(items))
+        gates.append(gate := loop.create_future())
+        await gate
+        return [i * 10 for i in items]
+
+    batch = dbmod.PassBatch(flush)
+    call = lambda i: asyncio.ensure_future(batch.submit(i))  # noqa: E731
+    alone = call(1)
+    await asyncio.sleep(0)
+    waiting = [call(2), call(3)]
+    await asyncio.sleep(0)
+    gates[0].set_result(None)  # the lone flush ends: [2, 3] goes, in a task
+    while len(groups) < 2:
+        await asyncio.sleep(0)
+    later = [call(4), call(5)]
+    await asyncio.sleep(0)
+    assert groups == [[1], [2, 3]]
+    gates[1].set_result(None)
+    await asyncio.sleep(0)  # one pass: the task handles [2, 3]'s result and sends [4, 5] at once
+    assert groups == [[1], [2, 3], [4, 5]]
+    gates[2].set_result(None)
+    assert [await f for f in (alone, *waiting, *later)] == [10, 20, 30, 40, 50]
+    assert batch._running == 0 and batch._waiting is None
+
+
 async def test_pass_batch_flushes_alone_when_idle_and_groups_what_waits_for_a_running_flush():
     """PassBatch: a call that finds no flush running goes at once, alone; the calls made while
     it runs (in this pass of the loop or later ones) wait and go together when it ends; each
