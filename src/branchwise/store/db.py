@@ -181,8 +181,9 @@ class PassBatch:
     function: the items in, one result per item out, an exception for an item that failed). A
     call that finds no flush running goes at once, alone, in its caller's task (no extra task or
     loop pass when the database is idle); while `in_flight` flushes run, the calls made
-    meanwhile wait and go together, in a task, as soon as one ends, so the groups grow with the
-    database's latency. Each waiting caller awaits a future of its own (a caller cancelled
+    meanwhile wait and go together, in a task, as soon as one ends (and that task goes on with
+    each group that gathers while it is out), so the groups grow with the database's latency.
+    Each waiting caller awaits a future of its own (a caller cancelled
     cancels nothing of the others') and gets its item's result or exception."""
 
     def __init__(self, flush: Callable[[list], Awaitable[list]], in_flight: int = 1):
