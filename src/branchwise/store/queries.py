@@ -214,7 +214,7 @@ _PG_COMMIT_MANY = SQL(
 # at c=64: branchwise p99 39.4-43.1 -> 34.9-39.7 ms, postgres CPU per response -9%); at four
 # connections, where groups are small, instructions per response are the same (1.257 -> 1.263 M;
 # unnest for every group: 1.285 M). PostgreSQL's limit of 32,767 parameters is the other bound.
-_PG_VALUES_PARAMS_MAX = 4000  # (~110 usual commits)
+_PG_VALUES_PARAMS_MAX = 4000  # (a lone commit of ~300 items, or eight of ~35)
 _PG_VALUES_COMMITS_MAX = 8
 _PG_COMMIT_SHAPES: dict[tuple[int, int, int], str] = {}
 
