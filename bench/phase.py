@@ -4,17 +4,20 @@ directly at the same concurrency before each repetition. For A/B comparisons of 
 (the full `python -m bench` takes minutes); prints one line per repetition:
 responses/s, branchwise p50/p99, mock p99, added p99 and CPU per response of each process.
 `--workers N` and `--env K=V` go to `branchwise serve`; `--src DIR` serves the package in another
-checkout's `src/` (e.g. a `git worktree` of the commit to compare against).
+checkout's `src/` (e.g. a `git worktree` of the commit to compare against). `--trace` times each
+response's steps and each grouped statement inside the server (`bench/trace/`) and prints what
+`bench/trace_report.py` makes of it once the server stops.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
 
-from bench import load, loadgen
+from bench import load, loadgen, trace_report
 from bench.__main__ import RESULTS, _fresh, _settle
 
 
@@ -33,6 +36,8 @@ def main() -> int:
     ap.add_argument("--env", action="append", default=[], help="K=V for branchwise serve")
     ap.add_argument("--src", default=None,
                     help="serve the branchwise package found in this directory (another checkout's src/)")
+    ap.add_argument("--trace", action="store_true",
+                    help="time each response's steps and each grouped statement in the server; report at the end")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="branchwise-phase-"))
@@ -49,6 +54,11 @@ def main() -> int:
     env.update(kv.split("=", 1) for kv in args.env)
     if args.src:
         env["PYTHONPATH"] = str(Path(args.src).resolve())
+    traces = logs / "traces"
+    if args.trace:
+        traces.mkdir()
+        env["BRANCHWISE_BENCH_TRACE"] = str(traces)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent / "trace"), env.get("PYTHONPATH")) if p)
     bw = loadgen.Server("branchwise", [str(venv_bin / "branchwise"), "serve", "--host", "127.0.0.1", "--port",
                                        str(port), "--workers", str(args.workers)], port, logs, cwd=str(logs), env=env)
     c = args.concurrency
@@ -98,6 +108,8 @@ def main() -> int:
     finally:
         bw.stop()
         mock.stop()
+    for path in sorted(traces.glob("trace-*.json")) if args.trace else ():
+        print(f"\n[trace of server process {path.stem.split('-')[1]}]\n{trace_report.report(str(path))}")
     return 0
 
 

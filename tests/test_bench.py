@@ -66,3 +66,19 @@ def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
                   "Tree operations (sqlite)", "Tree operations (postgresql)", "(e) Parallel branches",
                   "(f) branchwise memory", "Budgets"):
         assert f"### {title}" in md, title
+
+
+def test_a_traced_phase_reports_each_step_of_a_stored_response():
+    """`python -m bench.phase --trace` (the A/B tool): the server times its steps and grouped
+    statements, and the phase prints them after its own line."""
+    done = subprocess.run([sys.executable, "-m", "bench.phase", "--db", "sqlite", "-c", "4", "--repeat", "1",
+                           "--warmup", "0.2", "--duration", "0.5", "--trace"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    phase, _, trace = done.stdout.partition("[trace of server process")
+    assert "[sqlite c=4 #1]" in phase and "errors 0" in phase
+    assert "stored responses traced" in trace
+    for step in ("conversation read", "model call", "commit", "in all (validation to reply)"):
+        line = next(x for x in trace.splitlines() if x.startswith(step))
+        assert len(line.split()) >= 5, line
+    assert "sqlite write:" in trace
