@@ -12,7 +12,7 @@ AREAS = (
     ("sqlalchemy", ("sqlalchemy/",)),
     ("httpx/httpcore (upstream client)", ("httpx/", "httpcore/", "h11/", "anyio/")),
     ("pydantic", ("pydantic/", "pydantic_core/")),
-    ("fastapi/starlette", ("fastapi/", "starlette/")),
+    ("starlette", ("starlette/",)),
     ("uvicorn/httptools", ("uvicorn/", "httptools/")),
     ("branchwise", ("branchwise/",)),
     ("asyncio/uvloop", ("asyncio/", "uvloop/")),

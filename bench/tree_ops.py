@@ -14,9 +14,9 @@ import time
 import httpx
 import orjson
 
-from branchwise.api.app import create_app
+from branchwise.app import create_app
+from branchwise.core.tree import place
 from branchwise.settings import Settings
-from branchwise.store.queries import place
 from branchwise.wire import items as witems
 from branchwise.wire import models as m
 
@@ -67,7 +67,7 @@ async def run(db_url: str, repeat: int = 30) -> dict:
     app = create_app(Settings(database_url=db_url, upstream_base_url="http://127.0.0.1:9/v1", path_cache_mb=0))
     results: dict = {"db": db_url.split(":")[0], "sizes": {n: {} for n in SIZES}}
     async with app.router.lifespan_context(app):
-        store, engine = app.state.store, app.state.engine
+        store, engine = app.state.store, app.state.responses
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://b") as http:
             ops: dict[str, dict[int, object]] = {"fork": {}, "context": {}, "list_desc_100": {}, "list_asc_100": {}}

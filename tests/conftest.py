@@ -22,7 +22,7 @@ import openai
 import pytest
 from sqlalchemy import text
 
-from branchwise.api.app import create_app
+from branchwise.app import create_app
 from branchwise.settings import Settings
 from branchwise.store.db import create_engine
 from branchwise.testing.mock_upstream import MockUpstream

@@ -6,7 +6,7 @@ import httpx2
 import openai
 import pytest
 
-from branchwise.api.app import create_app
+from branchwise.app import create_app
 from branchwise.settings import Settings
 
 

@@ -7,7 +7,7 @@ import os
 import re
 import threading
 
-from branchwise import ids
+from branchwise.core import ids
 
 
 def test_ids_have_openai_shape_and_sort_by_time():

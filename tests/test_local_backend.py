@@ -15,8 +15,9 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from branchwise.backends.base import BackendError, ChatDelta, ChatRequest
+from branchwise.backends.base import BackendError
 from branchwise.backends.local import LocalBackend, default_model_path
+from branchwise.core.chat import ChatDelta, ChatRequest
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 CITY_SCHEMA = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx2
 import openai
 
-from branchwise.api.app import create_app
+from branchwise.app import create_app
 from branchwise.settings import Settings
 from branchwise.store.paths import ENTRY_OVERHEAD, PathCache, extend
 

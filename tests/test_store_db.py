@@ -14,11 +14,12 @@ import orjson
 import pytest
 from sqlalchemy import text
 
-from branchwise.ids import new_id
+from branchwise.core.ids import new_id
+from branchwise.core.tree import place
 from branchwise.store import db as dbmod
 from branchwise.store import queries
 from branchwise.store.db import SQL, create_engine, migrate
-from branchwise.store.queries import Store, place
+from branchwise.store.queries import Store
 from branchwise.wire import items as witems
 from branchwise.wire import models as m
 

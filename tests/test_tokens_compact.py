@@ -1,7 +1,7 @@
 """POST /v1/responses/input_tokens and POST /v1/responses/compact through the official SDK.
 
 Against the mock upstream the token count is the documented estimate (4 tokens a message plus
-one per 4 UTF-8 bytes of its text, see `branchwise.engine.utility`) and the upstream is never
+one per 4 UTF-8 bytes of its text, see `branchwise.services.tokens`) and the upstream is never
 called; with the embedded model it is exact: what a real response reports as `usage.input_tokens`.
 Compaction makes one upstream call whose messages hold the history; its output goes back in as
 `input`. The mock echoes `[N messages] Echo: <last user text>`.
@@ -16,8 +16,8 @@ import httpx2
 import openai
 import pytest
 
-from branchwise.api.app import create_app
-from branchwise.engine.utility import COMPACT_PROMPT, COMPACT_REQUEST, SUMMARY_HEADER
+from branchwise.app import create_app
+from branchwise.services.compact import COMPACT_PROMPT, COMPACT_REQUEST, SUMMARY_HEADER
 from branchwise.settings import Settings
 
 MODEL = "mock"

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from pydantic import BaseModel, TypeAdapter
 
-from branchwise.api.app import create_app
+from branchwise.app import create_app
 from branchwise.settings import Settings
 
 WEATHER = {

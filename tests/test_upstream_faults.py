@@ -23,7 +23,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 from sqlalchemy import select
 
-from branchwise.api.app import create_app
+from branchwise.app import create_app
 from branchwise.settings import Settings
 from branchwise.store.tables import items as items_table
 from branchwise.testing.mock_upstream import MockUpstream

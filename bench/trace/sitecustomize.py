@@ -18,7 +18,7 @@ if os.environ.get("BRANCHWISE_BENCH_TRACE"):
     import signal
     import time
 
-    from branchwise.engine import runner
+    from branchwise.services import responses
     from branchwise.store import db, queries
 
     _OUT = os.environ["BRANCHWISE_BENCH_TRACE"]
@@ -53,10 +53,10 @@ if os.environ.get("BRANCHWISE_BENCH_TRACE"):
 
         setattr(cls, name, timed)
 
-    _step(runner.Engine, "validate", "start")
-    _step(runner.Engine, "complete", "reply")
+    _step(responses.Responses, "validate", "start")
+    _step(responses.Responses, "complete", "reply")
     _step(queries.Store, "conversation_with_history", "read")
-    _step(runner.Engine, "_generate_now", "model")
+    _step(responses.Responses, "_generate_now", "model")
     _step(queries.Store, "commit_response", "commit")
 
     def _group(cls, name: str, kind: str, is_async: bool = True) -> None:

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 
 def create_app(settings: Settings | None = None):
-    """The ASGI application (see `branchwise.api.app`)."""
-    from branchwise.api.app import create_app as _create
+    """The ASGI application (see `branchwise.app`)."""
+    from branchwise.app import create_app as _create
 
     return _create(settings)

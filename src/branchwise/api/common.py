@@ -9,7 +9,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from branchwise.wire.errors import InvalidRequest, from_validation
+from branchwise.core.errors import InvalidRequest
+from branchwise.wire.errors import from_validation
 
 M = TypeVar("M", bound=BaseModel)
 

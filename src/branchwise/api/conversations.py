@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import orjson
-from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
 from branchwise.api.common import json_response, paging, parse_body
-from branchwise.engine.policy import ClientGone, Policies
-from branchwise.ids import new_id
-from branchwise.store.queries import Conversation, Store
-from branchwise.wire import items as witems
+from branchwise.core.errors import InvalidRequest, not_found
+from branchwise.core.ids import new_id
+from branchwise.core.tree import Conversation, NewItem
+from branchwise.services.concurrency import ClientGone, Policies
+from branchwise.store.queries import Store
 from branchwise.wire import models as m
-from branchwise.wire.errors import InvalidRequest, not_found
 from branchwise.wire.objects import conversation_object, item_list
-
-router = APIRouter()
 
 
 def _store(request: Request) -> Store:
@@ -35,11 +32,10 @@ async def _get(store: Store, conv_id: str) -> Conversation:
     return conv
 
 
-async def _new_items(request: Request, raw: list) -> list[witems.NewItem]:
-    return await request.app.state.engine.input_items(raw, param="items")
+async def _new_items(request: Request, raw: list) -> list[NewItem]:
+    return await request.app.state.responses.context.input_items(raw, param="items")
 
 
-@router.post("/conversations")
 async def create_conversation(request: Request) -> Response:
     body = await parse_body(request, m.CreateConversation)
     store = _store(request)
@@ -49,12 +45,10 @@ async def create_conversation(request: Request) -> Response:
     return json_response(_obj(await _get(store, conv_id)))
 
 
-@router.get("/conversations/{conversation_id}")
 async def retrieve_conversation(request: Request, conversation_id: str) -> Response:
     return json_response(_obj(await _get(_store(request), conversation_id)))
 
 
-@router.post("/conversations/{conversation_id}")
 async def update_conversation(request: Request, conversation_id: str) -> Response:
     body = await parse_body(request, m.UpdateConversation)
     store = _store(request)
@@ -63,14 +57,12 @@ async def update_conversation(request: Request, conversation_id: str) -> Respons
     return json_response(_obj(await _get(store, conversation_id)))
 
 
-@router.delete("/conversations/{conversation_id}")
 async def delete_conversation(request: Request, conversation_id: str) -> Response:
     if not await _store(request).delete_conversation(conversation_id):
         raise not_found("Conversation", conversation_id)
     return json_response({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
 
 
-@router.post("/conversations/{conversation_id}/items")
 async def create_items(request: Request, conversation_id: str) -> Response:
     body = await parse_body(request, m.AddItems)
     store = _store(request)
@@ -92,7 +84,6 @@ async def create_items(request: Request, conversation_id: str) -> Response:
                                    chain[-1].item_id if chain else None, False))
 
 
-@router.get("/conversations/{conversation_id}/items")
 async def list_items(request: Request, conversation_id: str) -> Response:
     limit, order, after = paging(request)
     store = _store(request)
@@ -107,7 +98,6 @@ async def list_items(request: Request, conversation_id: str) -> Response:
                                    rows[-1].item_id if rows else None, has_more))
 
 
-@router.get("/conversations/{conversation_id}/items/{item_id}")
 async def retrieve_item(request: Request, conversation_id: str, item_id: str) -> Response:
     store = _store(request)
     row = await store.find_on_path(await _get(store, conversation_id), item_id)
@@ -116,7 +106,6 @@ async def retrieve_item(request: Request, conversation_id: str, item_id: str) ->
     return json_response(row.data)
 
 
-@router.delete("/conversations/{conversation_id}/items/{item_id}")
 async def delete_item(request: Request, conversation_id: str, item_id: str) -> Response:
     store = _store(request)
     done = await store.delete_from_path(conversation_id, item_id)
@@ -130,7 +119,6 @@ async def delete_item(request: Request, conversation_id: str, item_id: str) -> R
 # ---------------------------------------------------------------- branchwise extensions
 
 
-@router.post("/conversations/{conversation_id}/fork")
 async def fork_conversation(request: Request, conversation_id: str) -> Response:
     body = await parse_body(request, m.ForkConversation)
     store = _store(request)
@@ -148,7 +136,6 @@ async def fork_conversation(request: Request, conversation_id: str) -> Response:
     return json_response(_obj(await _get(store, conv_id)))
 
 
-@router.post("/conversations/{conversation_id}/head")
 async def move_head(request: Request, conversation_id: str) -> Response:
     body = await parse_body(request, m.MoveHead)
     store = _store(request)
@@ -162,7 +149,6 @@ async def move_head(request: Request, conversation_id: str) -> Response:
                                              forked_from_conversation, forked_from_item))
 
 
-@router.get("/conversations/{conversation_id}/tree")
 async def tree(request: Request, conversation_id: str) -> Response:
     limit, _, after = paging(request, max_limit=1000, default_limit=100, default_order="asc")
     store = _store(request)
@@ -180,3 +166,16 @@ async def tree(request: Request, conversation_id: str) -> Response:
         "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
     }))
 
+
+ROUTES = [
+    ("POST", "/v1/conversations", create_conversation),
+    ("GET", "/v1/conversations/{conversation_id}", retrieve_conversation),
+    ("POST", "/v1/conversations/{conversation_id}", update_conversation),
+    ("DELETE", "/v1/conversations/{conversation_id}", delete_conversation),
+    ("POST", "/v1/conversations/{conversation_id}/items", create_items),
+    ("GET", "/v1/conversations/{conversation_id}/items", list_items),
+    ("GET", "/v1/conversations/{conversation_id}/items/{item_id}", retrieve_item),
+    ("DELETE", "/v1/conversations/{conversation_id}/items/{item_id}", delete_item),
+    ("POST", "/v1/conversations/{conversation_id}/fork", fork_conversation),
+    ("GET", "/v1/conversations/{conversation_id}/tree", tree),
+]

@@ -1,29 +1,32 @@
-"""/v1/responses routes. Thin: parse, hand to the engine, encode."""
+"""/v1/responses routes. Thin: parse, call a service, reply."""
 
 from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from branchwise.api.common import json_response, paging, parse_body
-from branchwise.engine.policy import ClientGone
-from branchwise.engine.runner import Engine
-from branchwise.engine.utility import compact, count_input_tokens
+from branchwise.core.errors import InvalidRequest, not_found
+from branchwise.services.compact import compact
+from branchwise.services.concurrency import ClientGone
+from branchwise.services.responses import Responses
+from branchwise.services.streams import Streams
+from branchwise.services.tokens import count_input_tokens
 from branchwise.store.queries import Store
-from branchwise.wire.errors import InvalidRequest, not_found
 from branchwise.wire.models import CompactRequest, CountInputTokens, CreateResponse
 from branchwise.wire.objects import item_list
-
-router = APIRouter()
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-def _engine(request: Request) -> Engine:
-    return request.app.state.engine
+def _responses(request: Request) -> Responses:
+    return request.app.state.responses
+
+
+def _streams(request: Request) -> Streams:
+    return request.app.state.streams
 
 
 def _store(request: Request) -> Store:
@@ -40,33 +43,31 @@ def _timed(response: Response, started: float, upstream_s: float = 0.0) -> Respo
     return response
 
 
-@router.post("/responses")
 async def create_response(request: Request) -> Response:
     started = time.perf_counter()
     req = await parse_body(request, CreateResponse)
-    engine = _engine(request)
+    responses, streams = _responses(request), _streams(request)
     if req.background:
-        run = await engine.start_background(await engine.validate(req))
+        run = await streams.start_background(await responses.validate(req))
         if req.stream:
             return _timed(_sse(run.follow()), started)
-        return _timed(json_response((await engine.runs.store.state(run.key))[1]), started)
+        return _timed(json_response((await streams.runs.store.state(run.key))[1]), started)
     try:
-        plan = await engine.prepare(req, request.is_disconnected)
+        plan = await responses.prepare(req, request.is_disconnected)
     except ClientGone:
         return Response(status_code=499)
     if not req.stream:
-        body = await engine.complete(plan)
+        body = await responses.complete(plan)
         return _timed(json_response(plan.body or body), started, plan.upstream_s)
     if req.store is False:
-        return _timed(_sse(engine.stream(plan)), started)
-    return _timed(_sse((await engine.start_stream(plan)).follow()), started)
+        return _timed(_sse(streams.stream(plan)), started)
+    return _timed(_sse((await streams.start_stream(plan)).follow()), started)
 
 
 def _sse(frames) -> StreamingResponse:
     return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-@router.get("/responses/{response_id}")
 async def retrieve_response(request: Request, response_id: str) -> Response:
     q = request.query_params
     stream = q.get("stream", "false").lower()
@@ -83,26 +84,23 @@ async def retrieve_response(request: Request, response_id: str) -> Response:
     if row is None:
         raise not_found("Response", response_id)
     if stream in ("true", "1"):
-        return _sse(_engine(request).runs.replay(response_id, after))
+        return _sse(_streams(request).runs.replay(response_id, after))
     return json_response(row.body)
 
 
-@router.delete("/responses/{response_id}")
 async def delete_response(request: Request, response_id: str) -> Response:
     if not await _store(request).delete_response(response_id):
         raise not_found("Response", response_id)
     return json_response({"id": response_id, "object": "response", "deleted": True})
 
 
-@router.post("/responses/{response_id}/cancel")
 async def cancel_response(request: Request, response_id: str) -> Response:
-    body = await _engine(request).cancel(response_id)
+    body = await _streams(request).cancel(response_id)
     if body is None:
         raise not_found("Response", response_id)
     return json_response(body)
 
 
-@router.get("/responses/{response_id}/input_items")
 async def input_items(request: Request, response_id: str) -> Response:
     limit, order, after = paging(request)
     store = _store(request)
@@ -124,13 +122,21 @@ async def input_items(request: Request, response_id: str) -> Response:
                                    page[-1].item_id if page else None, has_more))
 
 
-@router.post("/responses/input_tokens")
 async def input_tokens(request: Request) -> Response:
     body = await parse_body(request, CountInputTokens)
-    return json_response(await count_input_tokens(_engine(request), body))
+    return json_response(await count_input_tokens(_responses(request), body))
 
 
-@router.post("/responses/compact")
 async def compact_response(request: Request) -> Response:
     body = await parse_body(request, CompactRequest)
-    return json_response(await compact(_engine(request), body))
+    return json_response(await compact(_responses(request), body))
+
+
+ROUTES = [
+    ("POST", "/v1/responses/input_tokens", input_tokens),
+    ("POST", "/v1/responses/compact", compact_response),
+    ("GET", "/v1/responses/{response_id}", retrieve_response),
+    ("DELETE", "/v1/responses/{response_id}", delete_response),
+    ("POST", "/v1/responses/{response_id}/cancel", cancel_response),
+    ("GET", "/v1/responses/{response_id}/input_items", input_items),
+]

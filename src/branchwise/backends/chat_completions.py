@@ -27,16 +27,9 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from branchwise.backends.base import (
-    BackendError,
-    ChatDelta,
-    ChatRequest,
-    ChatResult,
-    Choice,
-    ToolCall,
-    Usage,
-)
+from branchwise.backends.base import BackendError
 from branchwise.backends.http1 import BadReply, ConnectError, Disconnected, HTTPError, Pool, Reply
+from branchwise.core.chat import ChatDelta, ChatRequest, ChatResult, Choice, ToolCall, Usage
 
 CONNECT_RETRIES = 3
 """Retries of a connection that could not be made (so up to 1 + 3 attempts)."""

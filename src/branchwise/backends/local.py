@@ -43,15 +43,8 @@ from typing import Any
 
 import orjson
 
-from branchwise.backends.base import (
-    BackendError,
-    ChatDelta,
-    ChatRequest,
-    ChatResult,
-    Choice,
-    ToolCall,
-    Usage,
-)
+from branchwise.backends.base import BackendError
+from branchwise.core.chat import ChatDelta, ChatRequest, ChatResult, Choice, ToolCall, Usage
 
 log = logging.getLogger(__name__)
 

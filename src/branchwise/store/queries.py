@@ -8,77 +8,17 @@ page of a long conversation costs what the page needs, not the whole history.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from branchwise.ids import new_node, now
+from branchwise.core.ids import new_node, now
+from branchwise.core.tree import Conversation, NewItem, PathRow, Placed, ResponseRow, place
 from branchwise.store.db import SQL, Database, PassBatch, writer
 from branchwise.store.paths import PathCache
 from branchwise.store.tables import conversations, items, responses
-from branchwise.wire.items import NewItem
-
-
-@dataclass(slots=True)
-class Conversation:
-    id: str
-    tree: str
-    head: str | None  # node
-    head_item: str | None
-    head_depth: int  # -1 when empty
-    head_type: str | None
-    created_at: int
-    metadata: str  # JSON text
-    forked_from_conversation: str | None
-    forked_from_item: str | None
-
-
-@dataclass(slots=True)
-class PathRow:
-    node: str
-    depth: int
-    item_id: str
-    data: bytes
-
-
-@dataclass(slots=True)
-class ResponseRow:
-    id: str
-    status: str
-    conversation_id: str | None
-    tree: str
-    base_node: str | None
-    input_node: str | None
-    input_count: int
-    last_node: str | None
-    body: bytes
-
-
-@dataclass(slots=True)
-class Placed:
-    """A new item placed in the tree: its node and the node above it."""
-
-    item: NewItem
-    node: str
-    parent: str | None
-    depth: int
-    response_id: str | None = None
-
-
-def place(chain: Sequence[NewItem], parent: str | None, parent_depth: int,
-          response_id: str | None = None) -> list[Placed]:
-    """Hang `chain` as a line under `parent` (None: as a new root)."""
-    out = []
-    for it in chain:
-        node = new_node()
-        parent_depth += 1
-        out.append(Placed(it, node, parent, parent_depth, response_id))
-        parent = node
-    return out
-
 
 _CONV_SELECT = (
     "SELECT c.id, c.tree, c.head, i.item_id, COALESCE(i.depth, -1), i.type, c.created_at, c.metadata, "

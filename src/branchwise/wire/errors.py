@@ -1,43 +1,47 @@
-"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`."""
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`, and the one mapping
+from domain errors (`core.errors`) to HTTP status codes."""
 
 from __future__ import annotations
 
 from pydantic import ValidationError
 
+from branchwise.core.errors import (
+    BranchwiseError,
+    Conflict,
+    InvalidRequest,
+    ModelFailed,
+    NotFound,
+    ServerFault,
+)
 
-class APIError(Exception):
-    status = 400
-    type = "invalid_request_error"
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status: int | None = None, type: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.headers = headers
-        self.message = message
-        self.param = param
-        self.code = code
-        if status is not None:
-            self.status = status
-        if type is not None:
-            self.type = type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+_STATUS: dict[type[BranchwiseError], tuple[int, str]] = {
+    InvalidRequest: (400, "invalid_request_error"),
+    NotFound: (404, "invalid_request_error"),
+    Conflict: (409, "invalid_request_error"),
+    ModelFailed: (502, "server_error"),
+    ServerFault: (500, "server_error"),
+}
 
 
-class InvalidRequest(APIError):
-    status = 400
+def status_of(exc: BranchwiseError) -> tuple[int, str]:
+    """HTTP status and OpenAI error `type` for a domain error."""
+    for cls in type(exc).__mro__:
+        found = _STATUS.get(cls)
+        if found is not None:
+            return found
+    return 400, "invalid_request_error"
 
 
-class NotFound(APIError):
-    status = 404
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message, param=param, code=code)
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def not_found(kind: str, id: str) -> NotFound:
-    return NotFound(f"{kind} with id '{id}' not found.")
+def http_error(exc: BranchwiseError) -> tuple[int, dict, dict[str, str]]:
+    """(status, body, extra headers) for a domain error."""
+    status, kind = status_of(exc)
+    headers = {} if exc.retryable is None else {"x-should-retry": "true" if exc.retryable else "false"}
+    return status, error_body(exc.message, kind, exc.param, exc.code), headers
 
 
 _UNION_LABELS = ("str", "int", "float", "bool", "none", "list", "dict")

@@ -8,25 +8,14 @@ None when the model never sees it). Building a model's context is then a byte sp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from branchwise.backends.base import Choice
-from branchwise.ids import new_id
+from branchwise.core.chat import Choice
+from branchwise.core.ids import new_id
+from branchwise.core.tree import NewItem
 from branchwise.wire import models as m
-
-
-@dataclass(slots=True)
-class NewItem:
-    item_id: str
-    type: str
-    role: str | None
-    status: str | None
-    wire: dict[str, Any]
-    data: bytes
-    chat: bytes | None
 
 
 def _make(wire: dict[str, Any], chat: dict[str, Any] | None) -> NewItem:

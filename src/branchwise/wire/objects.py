@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from branchwise.backends.base import Usage
+from branchwise.core.chat import Usage
 from branchwise.wire.models import CreateResponse
 
 

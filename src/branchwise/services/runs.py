@@ -25,12 +25,11 @@ import orjson
 
 from branchwise.settings import Settings
 from branchwise.store.runs import RunStore
-from branchwise.wire.objects import sse
+from branchwise.wire.events import TERMINAL_EVENTS, synthesize, terminalsse
 
 log = logging.getLogger("branchwise.runs")
 
 TERMINAL = {"completed", "failed", "incomplete", "cancelled"}
-TERMINAL_EVENTS = (b"event: response.completed\n", b"event: response.failed\n", b"event: response.incomplete\n")
 REAPED_MESSAGE = ("The server running this response stopped before it finished (crash or restart); "
                   "the response was not completed and its conversation was left unchanged.")
 
@@ -226,61 +225,3 @@ class Runs:
                     yield frame
                 return
             await asyncio.sleep(self.settings.event_poll_interval)
-
-
-def terminalsse(obj: dict, seq: int) -> bytes:
-    kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
-        obj["status"], "response.failed")
-    return sse({"type": kind, "sequence_number": seq, "response": obj})
-
-
-def synthesize(obj: dict) -> list[bytes]:
-    """The event sequence of a finished response that was not streamed (so has no log): what a
-    stream of it would have sent, one delta per part."""
-    events: list[dict] = []
-    start = {**obj, "status": "in_progress", "output": [], "usage": None, "error": None,
-             "incomplete_details": None, "completed_at": None}
-    events.append({"type": "response.created", "response": start})
-    events.append({"type": "response.in_progress", "response": start})
-    for oi, item in enumerate(obj.get("output") or []):
-        kind = item.get("type")
-        if kind == "message":
-            events.append({"type": "response.output_item.added", "output_index": oi,
-                           "item": {**item, "status": "in_progress", "content": []}})
-            for ci, part in enumerate(item.get("content") or []):
-                common = {"item_id": item["id"], "output_index": oi, "content_index": ci}
-                if part["type"] == "output_text":
-                    empty = {**part, "text": "", "annotations": [], "logprobs": []}
-                    events.append({"type": "response.content_part.added", **common, "part": empty})
-                    events.append({"type": "response.output_text.delta", **common, "delta": part["text"],
-                                   "logprobs": []})
-                    events.append({"type": "response.output_text.done", **common, "text": part["text"],
-                                   "logprobs": []})
-                else:
-                    events.append({"type": "response.content_part.added", **common,
-                                   "part": {"type": "refusal", "refusal": ""}})
-                    events.append({"type": "response.refusal.delta", **common, "delta": part["refusal"]})
-                    events.append({"type": "response.refusal.done", **common, "refusal": part["refusal"]})
-                events.append({"type": "response.content_part.done", **common, "part": part})
-        elif kind == "function_call":
-            events.append({"type": "response.output_item.added", "output_index": oi,
-                           "item": {**item, "status": "in_progress", "arguments": ""}})
-            events.append({"type": "response.function_call_arguments.delta", "item_id": item["id"],
-                           "output_index": oi, "delta": item["arguments"]})
-            events.append({"type": "response.function_call_arguments.done", "item_id": item["id"],
-                           "output_index": oi, "name": item["name"], "arguments": item["arguments"]})
-        elif kind == "reasoning":
-            events.append({"type": "response.output_item.added", "output_index": oi,
-                           "item": {**item, "content": [], "status": "in_progress"}})
-            text = "".join(c.get("text", "") for c in item.get("content") or [])
-            common = {"item_id": item["id"], "output_index": oi, "content_index": 0}
-            events.append({"type": "response.reasoning_text.delta", **common, "delta": text})
-            events.append({"type": "response.reasoning_text.done", **common, "text": text})
-        else:
-            events.append({"type": "response.output_item.added", "output_index": oi, "item": item})
-        events.append({"type": "response.output_item.done", "output_index": oi, "item": item})
-    frames = []
-    for seq, ev in enumerate(events):
-        frames.append(sse({**ev, "sequence_number": seq}))
-    frames.append(terminalsse(obj, len(events)))
-    return frames

@@ -17,15 +17,7 @@ tool call names and arguments, `name`), and `t` the number of bytes of the `tool
 Chat Completions form) when there are tools. Four bytes a token is the usual rule of thumb for
 English with BPE tokenisers; 4 tokens a message stands for the role and the template's framing.
 Images and files are not counted.
-
-Compaction. One chat call to the routed backend: a system message asking for a summary (with
-the request's `instructions`, if any, as context), the conversation's messages, and a last user
-message repeating the request (a model that sees a conversation ending on a user turn would
-otherwise answer that turn). The output is plain input items, so it can be sent back as
-`input` to continue: a `user` message whose text is the summary, followed by the user messages
-that ended the conversation unanswered, kept verbatim.
 """
-
 from __future__ import annotations
 
 import math
@@ -34,32 +26,17 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from branchwise.backends.base import BackendError, ChatRequest
+from branchwise.backends.base import BackendError
 from branchwise.backends.router import LOCAL_MODEL_ID, Router
-from branchwise.engine.runner import Engine, Plan
-from branchwise.ids import new_id, now
+from branchwise.core.errors import InvalidRequest, ServerFault
+from branchwise.services.responses import Plan, Responses
 from branchwise.wire import models as m
-from branchwise.wire.errors import APIError, InvalidRequest, from_validation
-from branchwise.wire.objects import usage_object
+from branchwise.wire.errors import from_validation
 
 BYTES_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
 
-COMPACT_PROMPT = (
-    "You are compacting a conversation so that it can be continued later from a summary alone. "
-    "Write a summary of the conversation so far that keeps everything needed to continue it: the "
-    "user's goals, requests and preferences, the facts, names, numbers, code and decisions that were "
-    "established, what was answered, what was done with tools and their results, and what is still "
-    "open. Write it as notes, not as a reply to the user."
-)
-COMPACT_REQUEST = "Summarise the conversation above so that it can be continued later from the summary alone."
-SUMMARY_HEADER = "Summary of the conversation so far (compacted):\n\n"
-
-
-# ------------------------------------------------------------------ shared
-
-
-async def _messages(engine: Engine, **fields: Any) -> Plan:
+async def messages_for(engine: Responses, **fields: Any) -> Plan:
     """The `CreateResponse` made of `fields`, validated, and the messages the model would see
     (`plan.chat`), built without a lease."""
     try:  # `branch`: `enter` takes no lease, so nothing waits and nothing is locked
@@ -84,9 +61,6 @@ def _any_model(router: Router) -> str | None:
             if "[" not in pattern:
                 return pattern.replace("*", "").replace("?", "x") or "model"
     return None
-
-
-# ------------------------------------------------------------------ input tokens
 
 
 def _text_bytes(msg: dict[str, Any]) -> int:
@@ -122,13 +96,13 @@ def estimate_tokens(messages_json: bytes, params: dict[str, Any] | None = None) 
     return total
 
 
-async def count_input_tokens(engine: Engine, body: Any) -> dict[str, Any]:
+async def count_input_tokens(engine: Responses, body: Any) -> dict[str, Any]:
     """POST /v1/responses/input_tokens for a validated `CountInputTokens` body."""
     model = body.model or _any_model(engine.router)
     if model is None:
         raise InvalidRequest("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
     shared = {k: getattr(body, k) for k in body.model_fields_set if k not in ("model", "personality")}
-    plan = await _messages(engine, model=model, **shared)
+    plan = await messages_for(engine, model=model, **shared)
     chat = plan.chat
     count_tokens = getattr(plan.backend, "count_tokens", None)
     if engine.router.embedded and count_tokens is not None:
@@ -137,62 +111,8 @@ async def count_input_tokens(engine: Engine, body: Any) -> dict[str, Any]:
         except BackendError as e:
             if e.status == 400:
                 raise InvalidRequest(f"The input cannot be counted: {e.message}") from None
-            raise APIError(f"The model could not count the input: {e.message}", status=500,
-                           type="server_error", code="server_error") from None
+            raise ServerFault(f"The model could not count the input: {e.message}",
+                              code="server_error") from None
     else:
         n = estimate_tokens(chat.messages, chat.params)
     return {"object": "response.input_tokens", "input_tokens": n}
-
-
-# ------------------------------------------------------------------ compact
-
-
-def _input_parts(content: Any) -> list[dict[str, Any]]:
-    """A Chat Completions user message's content as Responses input content parts."""
-    if isinstance(content, str):
-        return [{"type": "input_text", "text": content}]
-    parts: list[dict[str, Any]] = []
-    for p in content or []:
-        if not isinstance(p, dict):
-            continue
-        if p.get("type") == "text":
-            parts.append({"type": "input_text", "text": p.get("text") or ""})
-        elif p.get("type") == "image_url":
-            img = p.get("image_url") or {}
-            parts.append({"type": "input_image", "image_url": img.get("url"), "detail": img.get("detail", "auto")})
-        elif p.get("type") == "file":
-            parts.append({"type": "input_file", **(p.get("file") or {})})
-    return parts
-
-
-def _user_item(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"id": new_id("msg"), "type": "message", "status": "completed", "role": "user", "content": parts}
-
-
-async def compact(engine: Engine, body: Any) -> dict[str, Any]:
-    """POST /v1/responses/compact for a validated `CompactRequest` body."""
-    shared = {k: getattr(body, k) for k in body.model_fields_set
-              if k in ("input", "previous_response_id", "conversation")}
-    plan = await _messages(engine, model=body.model, **shared)
-    history = orjson.loads(plan.chat.messages)
-    system = COMPACT_PROMPT
-    if body.instructions:
-        system += "\n\nThe conversation was held under these instructions:\n" + body.instructions
-    messages = [{"role": "system", "content": system}, *history, {"role": "user", "content": COMPACT_REQUEST}]
-    try:
-        result = await plan.backend.complete(ChatRequest(model=body.model, messages=orjson.dumps(messages)))
-    except BackendError as e:
-        raise APIError(f"The model failed to compact the conversation: {e.message}", status=502,
-                       type="server_error", code="server_error") from None
-    summary = result.choices[0].text.strip() if result.choices else ""
-    if not summary:
-        raise APIError("The model returned an empty summary.", status=502, type="server_error",
-                       code="server_error")
-    tail = []  # the user messages after the last thing the model said: still unanswered
-    for msg in reversed(history):
-        if not isinstance(msg, dict) or msg.get("role") != "user":
-            break
-        tail.append(_user_item(_input_parts(msg.get("content"))))
-    output = [_user_item([{"type": "input_text", "text": SUMMARY_HEADER + summary}]), *reversed(tail)]
-    return {"id": new_id("resp"), "object": "response.compaction", "created_at": now(), "output": output,
-            "usage": usage_object(result.usage)}

@@ -48,9 +48,9 @@ def serve(
     typer.echo(f"branchwise serving on http://{host}:{port} (database: {settings.database_url})")
     if workers > 1:
         os.environ.setdefault("BRANCHWISE_DATABASE_URL", settings.database_url)
-        uvicorn.run("branchwise.api.app:create_app", factory=True, workers=workers, **kwargs)
+        uvicorn.run("branchwise.app:create_app", factory=True, workers=workers, **kwargs)
     else:
-        from branchwise.api.app import create_app
+        from branchwise.app import create_app
 
         uvicorn.run(create_app(settings), **kwargs)
 

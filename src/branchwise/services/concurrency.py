@@ -20,22 +20,19 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
+from branchwise.core.errors import Conflict, InvalidRequest
 from branchwise.settings import Settings
 from branchwise.store.leases import Leases
-from branchwise.wire.errors import APIError, InvalidRequest
 
 LOCKED_MESSAGE = "Another process is currently operating on this conversation. Please retry in a few seconds."
 
 
-class QueueTimeout(APIError):
-    status = 409
-
+class QueueTimeout(Conflict):
     def __init__(self, waited: float):
         super().__init__(
             f"Gave up waiting for the responses before this one on the conversation after {waited:.0f} seconds "
             "(concurrency: queue). Retry later, or use concurrency 'branch'.",
-            param="conversation", code="conversation_queue_timeout",
-            headers={"x-should-retry": "false"},
+            param="conversation", code="conversation_queue_timeout", retryable=False,
         )
 
 

@@ -1,0 +1,56 @@
+"""The composition root: settings -> store, backends, services -> the ASGI application.
+
+Everything that lives as long as the process is made here, in the lifespan, and handed to the
+routes through `app.state`; nothing else in the package builds long-lived parts.
+"""
+
+from __future__ import annotations
+
+import gc
+from contextlib import asynccontextmanager
+
+from branchwise.api.app import API
+from branchwise.backends.router import Router
+from branchwise.services.concurrency import Policies
+from branchwise.services.responses import Responses
+from branchwise.services.runs import Runs
+from branchwise.services.streams import Streams
+from branchwise.settings import Settings
+from branchwise.store.db import create_engine, migrate
+from branchwise.store.leases import Leases
+from branchwise.store.queries import Store
+from branchwise.store.runs import RunStore
+
+
+def create_app(settings: Settings | None = None) -> API:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: API):
+        db = create_engine(settings.database_url)
+        await migrate(db)
+        router = Router(settings)
+        store = Store(db, settings.path_cache_mb << 20)
+        policies = Policies(Leases(db), settings)
+        runs = Runs(RunStore(db), settings)
+        responses = Responses(store, router, settings, policies, runs)
+        s = app.state
+        s.settings, s.store, s.router, s.policies, s.runs = settings, store, router, policies, runs
+        s.responses, s.streams = responses, Streams(responses, runs)
+        await runs.start()
+        # Everything made so far (modules, app, pools) lives as long as the process: keep it out
+        # of the collector's full passes, which would otherwise walk it all again and again.
+        gc.collect()
+        gc.freeze()
+        # Many requests in flight hold a few thousand young objects: with the default threshold
+        # (700) the collector would run every few requests to find them alive; cycles are rare.
+        gc.set_threshold(20_000)
+        try:
+            yield
+        finally:
+            await runs.stop()
+            await router.aclose()
+            await store.db.close()
+            await db.dispose()
+
+    return API(lifespan, api_key=settings.api_key)

@@ -1,0 +1,46 @@
+"""Domain errors: what went wrong, in the domain's words. No HTTP status codes here: the edge
+(`wire.errors`) maps each class to one, in one place.
+
+Every error names the request field it concerns (`param`, OpenAI's dotted path) and a
+machine-readable `code`, because clients branch on both.
+"""
+
+from __future__ import annotations
+
+
+class BranchwiseError(Exception):
+    """Base of every error a client is meant to see."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retryable: bool | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retryable = retryable
+        """Whether the same request may succeed later (None: the client decides)."""
+
+
+class InvalidRequest(BranchwiseError):
+    """The request cannot be carried out as asked: a bad value, a combination that makes no
+    sense, a reference to something of the wrong kind, a locked conversation."""
+
+
+class NotFound(BranchwiseError):
+    """What the request names does not exist (or is not the caller's)."""
+
+
+class Conflict(BranchwiseError):
+    """The stored state does not allow it now: e.g. gave up waiting in a conversation's queue."""
+
+
+class ModelFailed(BranchwiseError):
+    """The model behind the request failed to answer a request that needed it at once."""
+
+
+class ServerFault(BranchwiseError):
+    """branchwise itself could not do it."""
+
+
+def not_found(kind: str, id: str) -> NotFound:
+    return NotFound(f"{kind} with id '{id}' not found.")

@@ -1,0 +1,89 @@
+"""What a model sees: the new input as items (item references resolved), the rule that a
+function call is answered before anything else, and `truncation` against the context window."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import orjson
+
+from branchwise.core.errors import InvalidRequest, NotFound
+from branchwise.core.tree import NewItem
+from branchwise.store.queries import Store
+from branchwise.wire import items as witems
+from branchwise.wire import models as m
+
+if TYPE_CHECKING:
+    from branchwise.services.responses import Plan
+
+
+def estimate_tokens(messages: bytes) -> int:
+    """Tokens of a remote model's input, estimated: about four bytes of JSON per token."""
+    return -(-len(messages) // 4)
+
+
+class Context:
+    def __init__(self, store: Store):
+        self.store = store
+
+    async def check_tool_output(self, base: str, inputs: list[NewItem]) -> None:
+        """A history that ends in a function call can only go on with that call's output, as in
+        OpenAI's API. (branchwise's way out: fork, or move the head, to before the call.)"""
+        data = await self.store.node_data(base)
+        call_id = orjson.loads(data).get("call_id") if data else None
+        answered = {it.wire.get("call_id") for it in inputs if it.type == "function_call_output"}
+        if call_id and call_id not in answered:
+            raise InvalidRequest(f"No tool output found for function call {call_id}.", param="input",
+                                 code="tool_output_missing")
+
+    async def count(self, plan: Plan, messages: bytes) -> int:
+        count = getattr(plan.backend, "count_tokens", None)
+        if count is not None:
+            return await count(messages, plan.params)
+        return estimate_tokens(messages)
+
+    async def fit(self, plan: Plan, window: int, fixed_head: int, fixed_tail: int) -> None:
+        """`truncation`: `disabled` refuses an input that does not fit the model's context window
+        (leaving room for `max_output_tokens`); `auto` drops the oldest history items until it fits."""
+        req = plan.req
+        limit = window - (req.max_output_tokens or 0)
+        tokens = await self.count(plan, plan.chat.messages)
+        if tokens <= limit:
+            return
+        too_long = InvalidRequest(
+            f"Your input ({tokens} tokens) exceeds the context window of this model ({window} tokens, "
+            f"{req.max_output_tokens or 0} kept for the output). Shorten the input, or use truncation 'auto'.",
+            param="input", code="context_length_exceeded")
+        if req.truncation != "auto":
+            raise too_long
+        msgs = orjson.loads(plan.chat.messages)
+        head, body, tail = msgs[:fixed_head], msgs[fixed_head:len(msgs) - fixed_tail], msgs[len(msgs) - fixed_tail:]
+        while body and tokens > limit:
+            body.pop(0)
+            while body and body[0].get("role") == "tool":  # a tool result without its call
+                body.pop(0)
+            plan.chat.messages = orjson.dumps(head + body + tail)
+            tokens = await self.count(plan, plan.chat.messages)
+        if tokens > limit:
+            raise too_long
+
+    async def input_items(self, raw: str | list, param: str = "input") -> list[NewItem]:
+        """New items for `raw` (a string, or validated input items); `item_reference`s are
+        resolved to the stored content. `param` names the list in errors."""
+        if isinstance(raw, str):
+            return [witems.from_input(m.Message(role="user", content=raw))]
+        refs = [it.id for it in raw if isinstance(it, m.ItemReference)]
+        found = await self.store.items_by_id(refs) if refs else {}
+        out = []
+        for i, it in enumerate(raw):
+            if isinstance(it, m.ItemReference):
+                row = found.get(it.id)
+                if row is None:
+                    raise NotFound(f"Item with id '{it.id}' not found.", param=f"{param}[{i}].id",
+                                   code="item_not_found")
+                item_id, type_, role, status, data, chat = row
+                out.append(NewItem(item_id, type_, role, status, {}, data, chat))
+            else:
+                out.append(witems.from_input(it))
+        witems.merge_tool_calls(out)
+        return out
