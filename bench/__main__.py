@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import math
 import os
 import platform
+import secrets
 import signal
 import sqlite3
 import sys
@@ -30,19 +32,30 @@ from bench import load, loadgen, tree_ops
 RESULTS = Path(__file__).parent / "results"
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 RUN_TIMEOUT_S = 300  # one database's load sections; a hung server fails that run, not the whole bench
+# Databases are named per run (pid and a random suffix): two runs at once, from two checkouts or
+# a test suite beside a benchmark, would otherwise drop each other's database mid-run. Each run
+# removes its own at exit.
+RUN_ID = f"{os.getpid()}_{secrets.token_hex(3)}"
+_made: list[tuple[str, str]] = []  # (kind, url) made by this run
 
 
-async def _pg_fresh(url: str, name: str = "branchwise_bench") -> str:
+async def _pg_admin(url: str, *statements: str) -> None:
     from sqlalchemy import text
 
     from branchwise.store.db import create_engine
 
     engine = create_engine(url)
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        await conn.execute(text(f"CREATE DATABASE {name}"))
-    await engine.dispose()
+    try:
+        async with engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            for sql in statements:
+                await conn.execute(text(sql))
+    finally:
+        await engine.dispose()
+
+
+async def _pg_fresh(url: str, name: str) -> str:
+    await _pg_admin(url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}")
     return url.rsplit("/", 1)[0] + "/" + name
 
 
@@ -54,7 +67,27 @@ def _sqlite_fresh(name: str) -> str:
 
 
 def _fresh(kind: str, name: str) -> str:
-    return _sqlite_fresh(name + ".db") if kind == "sqlite" else asyncio.run(_pg_fresh(PG_URL, name))
+    """A new, empty database for `name` (e.g. "branchwise_bench_load"), unique to this run."""
+    name = f"{name}_{RUN_ID}"
+    url = _sqlite_fresh(name + ".db") if kind == "sqlite" else asyncio.run(_pg_fresh(PG_URL, name))
+    if not _made:
+        atexit.register(_drop_made)
+    _made.append((kind, url))
+    return url
+
+
+def _drop_made() -> None:
+    """Removes the databases this run made (its servers are stopped by now)."""
+    for kind, url in _made:
+        try:
+            if kind == "sqlite":
+                for suffix in ("", "-wal", "-shm", ".branchwise-lock"):
+                    Path(url.removeprefix("sqlite:///") + suffix).unlink(missing_ok=True)
+            else:
+                asyncio.run(_pg_admin(PG_URL, f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)"))
+        except Exception as e:  # a leftover database is worth a line, not a traceback
+            print(f"could not remove {url}: {type(e).__name__}: {e}", file=sys.stderr)
+    _made.clear()
 
 
 def _f(x: float, nd: int = 2) -> str:

@@ -58,7 +58,9 @@ def main() -> int:
     if args.trace:
         traces.mkdir()
         env["BRANCHWISE_BENCH_TRACE"] = str(traces)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent / "trace"), env.get("PYTHONPATH")) if p)
+        # (in front of --src's, or else the caller's: the server must run the same package)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent / "trace"),
+                                                        env.get("PYTHONPATH", os.environ.get("PYTHONPATH"))) if p)
     bw = loadgen.Server("branchwise", [str(venv_bin / "branchwise"), "serve", "--host", "127.0.0.1", "--port",
                                        str(port), "--workers", str(args.workers)], port, logs, cwd=str(logs), env=env)
     c = args.concurrency

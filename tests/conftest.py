@@ -1,13 +1,19 @@
 """Fixtures: both real databases, the mock upstream over real HTTP, and the official SDK.
 
 Every test that takes `db_url` (directly or through `app` / `client`) runs twice: once on a
-SQLite file, once on PostgreSQL (a database made for this session on 127.0.0.1:5432).
+SQLite file, once on PostgreSQL (a database made for this session on the server that
+`BRANCHWISE_TEST_PG` names, 127.0.0.1:5432 by default).
+
+What the suite needs from outside the checkout, PostgreSQL and the forum's `../shared`
+directory (`BRANCHWISE_TEST_SHARED` names another), is checked once: a test that needs one that
+is missing is skipped with the reason, except under `CI=true`, where it fails instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -20,7 +26,7 @@ import httpx
 import httpx2
 import openai
 import pytest
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 
 from branchwise.app import create_app
 from branchwise.settings import Settings
@@ -28,9 +34,56 @@ from branchwise.store.db import create_engine
 from branchwise.testing.mock_upstream import MockUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("BRANCHWISE_TEST_SHARED") or ROOT.parent / "shared")
 PG_ADMIN_URL = os.environ.get("BRANCHWISE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-PG_DB = f"branchwise_test_{os.getpid()}"
+# unique per run: two runs at once (two checkouts, two engineers) must not share a database
+PG_DB = f"branchwise_test_{os.getpid()}_{secrets.token_hex(3)}"
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+PG_CONNECT_TIMEOUT_S = 3
+
+
+def unavailable(reason: str) -> None:
+    """Skip the current test for a missing outside resource; under CI=true, fail it instead
+    (a CI run that silently skipped the PostgreSQL half would pass for the wrong reason)."""
+    if IN_CI:
+        pytest.fail(f"{reason} [CI=true: required, not skipped]", pytrace=False)
+    pytest.skip(reason)
+
+
+_pg_problems: dict[str, str | None] = {}
+
+
+def pg_problem(url: str = PG_ADMIN_URL) -> str | None:
+    """Why PostgreSQL at `url` cannot be used (None when it can); asked once per session."""
+    if url not in _pg_problems:
+        import asyncpg
+
+        async def probe() -> None:
+            conn = await asyncpg.connect(make_url(url).set(drivername="postgresql").render_as_string(False),
+                                         timeout=PG_CONNECT_TIMEOUT_S)
+            await conn.close()
+
+        shown = make_url(url).render_as_string(hide_password=True)
+        try:
+            run_async(asyncio.wait_for(probe(), PG_CONNECT_TIMEOUT_S + 1))
+            _pg_problems[url] = None
+        except Exception as e:  # refused, timed out, unknown database, authentication ...
+            why = f"{type(e).__name__}: {e}".splitlines()[0][:160]
+            _pg_problems[url] = f"PostgreSQL not reachable at {shown} (set BRANCHWISE_TEST_PG) - {why}"
+    return _pg_problems[url]
+
+
+def require_pg(url: str = PG_ADMIN_URL) -> None:
+    if (problem := pg_problem(url)) is not None:
+        unavailable(problem)
+
+
+def require_shared(relative: str = "") -> Path:
+    """A path under the forum's shared directory; skips (fails under CI) when it is missing."""
+    path = SHARED / relative
+    if not path.exists():
+        unavailable(f"{path} not found (the forum's ../shared; set BRANCHWISE_TEST_SHARED)")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +100,8 @@ def run_async(coro):
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session."""
+    """A fresh PostgreSQL database for this test session (skipped when there is no server)."""
+    require_pg()
 
     async def admin(sql: str) -> None:
         engine = create_engine(PG_ADMIN_URL)
@@ -79,6 +133,23 @@ def db_url(request, tmp_path) -> str:
     url = request.getfixturevalue("pg_url")
     run_async(_truncate(url))
     return url
+
+
+@pytest.fixture
+def pg_empty(pg_url) -> str:
+    """The session's PostgreSQL database, emptied: for tests on PostgreSQL alone (two servers
+    sharing it)."""
+    run_async(_truncate(pg_url))
+    return pg_url
+
+
+@pytest.fixture
+async def db_engine(db_url):
+    """An engine of the test's own on its database: for rows that no API shows (what a refused
+    or failed request left in the tables), looked at without reaching into the app."""
+    engine = create_engine(db_url)
+    yield engine
+    await engine.dispose()
 
 
 @pytest.fixture

@@ -9,42 +9,14 @@ import signal
 
 import httpx
 import openai
-import orjson
 import pytest
-from pydantic import TypeAdapter
 
 from branchwise.store.db import create_engine
 from branchwise.store.leases import Leases
 
-EVENT = TypeAdapter(openai.types.responses.ResponseStreamEvent)
+from .helpers import new_conversation, read_events, until
+
 SLOW_WORDS = "[[words=40]] [[chunk_delay=0.02]] tell me"
-
-
-def parse_sse(text: str) -> list[dict]:
-    out = []
-    for block in text.split("\n\n"):
-        if not block.strip():
-            continue
-        lines = block.split("\n")
-        assert lines[0].startswith("event: ") and lines[1].startswith("data: ")
-        ev = orjson.loads(lines[1][6:])
-        assert lines[0][7:] == ev["type"]
-        EVENT.validate_python(ev)
-        out.append(ev)
-    return out
-
-
-async def read_events(response, limit: int | None = None) -> list[dict]:
-    """Events from a streaming httpx response, at most `limit` (then the stream is dropped)."""
-    events, buf = [], ""
-    async for chunk in response.aiter_text():
-        buf += chunk
-        while "\n\n" in buf:
-            block, buf = buf.split("\n\n", 1)
-            events += parse_sse(block + "\n\n")
-            if limit is not None and len(events) >= limit:
-                return events
-    return events
 
 
 async def wait_status(client, rid: str, statuses=("completed", "failed", "cancelled", "incomplete"),
@@ -112,11 +84,10 @@ async def test_stream_of_a_response_that_was_not_streamed(client):
 
 
 async def test_cancel_a_hung_background_response(client, mock):
-    conv = await client.conversations.create(items=[{"role": "user", "content": "start"}])
+    conv = await new_conversation(client, "start")
     before = [it.id async for it in client.conversations.items.list(conv.id)]
     r = await client.responses.create(model="m", conversation=conv.id, input="[[delay=30]] hang", background=True)
-    while not mock.requests:
-        await asyncio.sleep(0.01)
+    await until(lambda: mock.requests, "the upstream to get the request")
     cancelled = await asyncio.wait_for(client.responses.cancel(r.id), 5)  # a hang guard, not a timing
     assert cancelled.status == "cancelled"
     again = await client.responses.cancel(r.id)
@@ -144,7 +115,7 @@ async def test_cancel_refuses_foreground_and_unknown(client, raw):
 
 
 async def test_background_with_queue_policy_waits_its_turn(client, mock):
-    conv = await client.conversations.create(items=[{"role": "user", "content": "start"}])
+    conv = await new_conversation(client, "start")
     a = await client.responses.create(model="m", conversation=conv.id, input="[[delay=0.3]] a", background=True,
                                       extra_body={"concurrency": "queue"})
     b = await client.responses.create(model="m", conversation=conv.id, input="b", background=True,
@@ -190,14 +161,13 @@ async def test_crash_during_background_response(serve, db_url, mock):
     env = _env(db_url, mock, BRANCHWISE_LEASE_TTL="1")
     server = serve(env)
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
-    conv = await client.conversations.create(items=[{"role": "user", "content": "start"}])
+    conv = await new_conversation(client, "start")
     first = await client.responses.create(model="m", conversation=conv.id, input="one")
     before = [it.id async for it in client.conversations.items.list(conv.id)]
     head = (await client.conversations.retrieve(conv.id)).model_extra["head"]
     bg = await client.responses.create(model="m", conversation=conv.id, input="[[delay=30]] doomed",
                                        background=True, extra_body={"concurrency": "queue"})
-    while len(mock.requests) < 2:
-        await asyncio.sleep(0.01)
+    await until(lambda: len(mock.requests) >= 2, "the upstream to get the background request")
     os.kill(server.proc.pid, signal.SIGKILL)
     server.proc.wait()
     server2 = serve(env)
@@ -226,12 +196,9 @@ async def test_crash_during_background_response(serve, db_url, mock):
     assert events[-1].type == "response.failed"
 
 
-async def test_resume_from_another_process(serve, pg_url, mock):
-    from .conftest import _truncate, run_async
-
-    run_async(_truncate(pg_url))
-    a = serve(_env(pg_url, mock))
-    b = serve(_env(pg_url, mock))
+async def test_resume_from_another_process(serve, pg_empty, mock):
+    a = serve(_env(pg_empty, mock))
+    b = serve(_env(pg_empty, mock))
     ca = openai.AsyncOpenAI(base_url=f"{a.url}/v1", api_key="x")
     cb = openai.AsyncOpenAI(base_url=f"{b.url}/v1", api_key="x")
     bg = await ca.responses.create(model="m", input=SLOW_WORDS, background=True)
@@ -244,7 +211,6 @@ async def test_resume_from_another_process(serve, pg_url, mock):
     assert text == (await ca.responses.retrieve(bg.id)).output_text
     # and cancels A's work through the database
     hung = await ca.responses.create(model="m", input="[[delay=30]] hang", background=True)
-    while len(mock.requests) < 2:
-        await asyncio.sleep(0.01)
+    await until(lambda: len(mock.requests) >= 2, "the upstream to get the hung request")
     cancelled = await asyncio.wait_for(cb.responses.cancel(hung.id), 10)
     assert cancelled.status == "cancelled"

@@ -9,8 +9,11 @@ from typing import Any
 import openai
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from branchwise.store.tables import conversations, items, responses
+
+from .helpers import check_error, check_sdk_error, new_conversation
 
 MODEL = "mock"
 MISSING_RESP = "resp_" + "0" * 48
@@ -29,8 +32,10 @@ BAD_METADATA = [
 ]
 
 
-async def counts(app) -> dict[str, int]:
-    async with app.state.store.engine.connect() as conn:
+async def counts(db: AsyncEngine) -> dict[str, int]:
+    """Rows in each table, read from the database itself: "no trace" includes rows that no API
+    would list."""
+    async with db.connect() as conn:
         return {t.name: (await conn.execute(select(func.count()).select_from(t))).scalar_one()
                 for t in (conversations, items, responses)}
 
@@ -39,43 +44,18 @@ class Untouched:
     """On exit, asserts that no row was added to or removed from any table and that the model
     was never called. `case` names what is being tried, for the assertion messages."""
 
-    def __init__(self, app, mock, case: str = ""):
-        self.app, self.mock, self.case = app, mock, case
+    def __init__(self, db: AsyncEngine, mock, case: str = ""):
+        self.db, self.mock, self.case = db, mock, case
 
     async def __aenter__(self) -> Untouched:
-        self.before = await counts(self.app)
+        self.before = await counts(self.db)
         self.mock.clear()
         return self
 
     async def __aexit__(self, *exc) -> None:
         if exc[0] is None:
-            assert await counts(self.app) == self.before, f"{self.case}: something was stored"
+            assert await counts(self.db) == self.before, f"{self.case}: something was stored"
             assert self.mock.requests == [], f"{self.case}: the upstream was called"
-
-
-def check_error(resp, status: int, param: str | None, code: str | None = None,
-                case: str = "") -> dict[str, Any]:
-    """An OpenAI error reply: `{"error": {message, type, param, code}}`."""
-    assert resp.status_code == status, f"{case}: {resp.status_code} {resp.text}"
-    assert resp.headers["content-type"].startswith("application/json"), case
-    body = resp.json()
-    assert set(body) == {"error"}, f"{case}: {body}"
-    err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}, f"{case}: {err}"
-    assert isinstance(err["message"], str) and err["message"], f"{case}: {err}"
-    assert err["type"] == "invalid_request_error", f"{case}: {err}"
-    assert err["param"] == param, f"{case}: {err}"
-    if code is not None:
-        assert err["code"] == code, f"{case}: {err}"
-    return err
-
-
-def check_sdk_error(exc: openai.APIStatusError, status: int, param: str | None,
-                    code: str | None = None) -> dict[str, Any]:
-    err = check_error(exc.response, status, param, code)
-    assert exc.body == err
-    assert exc.param == param and exc.type == "invalid_request_error"
-    return err
 
 
 # ---------------------------------------------------------------- POST /v1/responses
@@ -133,18 +113,18 @@ RESPONSE_CASES = [
 ]
 
 
-async def test_create_response_rejected(app, raw, mock):
+async def test_create_response_rejected(db_engine, raw, mock):
     for case, body, param, code in RESPONSE_CASES:
         for stream in (False, True):
             if stream and "stream" not in body:
                 body = {**body, "stream": True}  # refused before any event, as plain JSON
-            async with Untouched(app, mock, case):
+            async with Untouched(db_engine, mock, case):
                 r = await raw.post("/v1/responses", json=body)
                 check_error(r, 400, param, code, case=f"{case} stream={stream}")
 
 
-async def test_create_response_rejected_through_sdk(app, client, mock):
-    async with Untouched(app, mock):
+async def test_create_response_rejected_through_sdk(db_engine, client, mock):
+    async with Untouched(db_engine, mock):
         with pytest.raises(openai.BadRequestError) as ei:
             await client.responses.create(model=MODEL, input="x", temperature="hot")
         check_sdk_error(ei.value, 400, "temperature", "invalid_value")
@@ -179,10 +159,10 @@ async def test_create_response_rejected_through_sdk(app, client, mock):
         check_sdk_error(ei.value, 400, "temperature", "invalid_value")
 
 
-async def test_limits_themselves_are_accepted(app, client, mock):
+async def test_limits_themselves_are_accepted(db_engine, client, mock):
     """The edges of every range are valid: the checks above refuse only what is past them.
     Also the control for `Untouched`: an accepted request does show up in the counts."""
-    before = await counts(app)
+    before = await counts(db_engine)
     metadata = {f"{i:02d}".ljust(64, "k"): "v" * 512 for i in range(16)}
     resp = await client.responses.create(model=MODEL, input="x", temperature=2, top_p=1,
                                          max_output_tokens=16, top_logprobs=20, metadata=metadata,
@@ -192,7 +172,7 @@ async def test_limits_themselves_are_accepted(app, client, mock):
     assert len(resp.model_extra["alternatives"]) == 7
     sent = mock.requests[-1]
     assert sent["temperature"] == 2 and sent["top_p"] == 1 and sent["n"] == 8
-    after = await counts(app)
+    after = await counts(db_engine)
     assert after["responses"] == before["responses"] + 8  # one row per alternative
     assert after["items"] == before["items"] + 1 + 8  # one shared input, eight outputs
 
@@ -200,10 +180,10 @@ async def test_limits_themselves_are_accepted(app, client, mock):
 # ---------------------------------------------------------------- references in POST /v1/responses
 
 
-async def test_previous_response_id_with_conversation(app, client, mock):
-    conv = await client.conversations.create(items=[{"role": "user", "content": "a"}])
+async def test_previous_response_id_with_conversation(db_engine, client, mock):
+    conv = await new_conversation(client, "a")
     prev = await client.responses.create(model=MODEL, input="b")
-    async with Untouched(app, mock):
+    async with Untouched(db_engine, mock):
         with pytest.raises(openai.BadRequestError) as ei:
             await client.responses.create(model=MODEL, input="c", conversation=conv.id,
                                           previous_response_id=prev.id)
@@ -213,8 +193,8 @@ async def test_previous_response_id_with_conversation(app, client, mock):
     assert (await client.conversations.retrieve(conv.id)).model_extra["head"] == conv.model_extra["head"]
 
 
-async def test_unknown_previous_response_id(app, client, raw, mock):
-    async with Untouched(app, mock):
+async def test_unknown_previous_response_id(db_engine, client, raw, mock):
+    async with Untouched(db_engine, mock):
         with pytest.raises(openai.BadRequestError) as ei:
             await client.responses.create(model=MODEL, input="x", previous_response_id=MISSING_RESP)
         err = check_sdk_error(ei.value, 400, "previous_response_id", "previous_response_not_found")
@@ -224,19 +204,19 @@ async def test_unknown_previous_response_id(app, client, raw, mock):
         check_error(r, 400, "previous_response_id", "previous_response_not_found")
 
 
-async def test_deleted_or_unstored_previous_response_id(app, client, mock):
+async def test_deleted_or_unstored_previous_response_id(db_engine, client, mock):
     deleted = await client.responses.create(model=MODEL, input="x")
     await client.responses.delete(deleted.id)
     unstored = await client.responses.create(model=MODEL, input="x", store=False)
     for prev in (deleted, unstored):
-        async with Untouched(app, mock):
+        async with Untouched(db_engine, mock):
             with pytest.raises(openai.BadRequestError) as ei:
                 await client.responses.create(model=MODEL, input="y", previous_response_id=prev.id)
             check_sdk_error(ei.value, 400, "previous_response_id", "previous_response_not_found")
 
 
-async def test_unknown_conversation(app, client, raw, mock):
-    async with Untouched(app, mock):
+async def test_unknown_conversation(db_engine, client, raw, mock):
+    async with Untouched(db_engine, mock):
         for conversation in (MISSING_CONV, {"id": MISSING_CONV}):
             with pytest.raises(openai.NotFoundError) as ei:
                 await client.responses.create(model=MODEL, input="x", conversation=conversation)
@@ -247,21 +227,21 @@ async def test_unknown_conversation(app, client, raw, mock):
         check_error(r, 404, "conversation")
 
 
-async def test_deleted_conversation(app, client, mock):
+async def test_deleted_conversation(db_engine, client, mock):
     conv = await client.conversations.create()
     await client.conversations.delete(conv.id)
-    async with Untouched(app, mock):
+    async with Untouched(db_engine, mock):
         with pytest.raises(openai.NotFoundError) as ei:
             await client.responses.create(model=MODEL, input="x", conversation=conv.id)
         check_sdk_error(ei.value, 404, "conversation")
 
 
-async def _unknown_reference_errors(client, app, mock) -> list[openai.APIStatusError]:
+async def _unknown_reference_errors(client, db_engine, mock) -> list[openai.APIStatusError]:
     """An unknown `item_reference` in each of the three places that take items."""
-    conv = await client.conversations.create(items=[{"role": "user", "content": "a"}])
+    conv = await new_conversation(client, "a")
     known = (await client.conversations.items.list(conv.id)).data[0].id
     errors = []
-    async with Untouched(app, mock):
+    async with Untouched(db_engine, mock):
         with pytest.raises(openai.APIStatusError) as ei:
             await client.responses.create(model=MODEL, input=[
                 {"type": "item_reference", "id": known},
@@ -279,23 +259,23 @@ async def _unknown_reference_errors(client, app, mock) -> list[openai.APIStatusE
     return errors
 
 
-async def test_item_reference_to_unknown_id(app, client, mock):
-    resp_err, create_err, add_err = await _unknown_reference_errors(client, app, mock)
+async def test_item_reference_to_unknown_id(db_engine, client, mock):
+    resp_err, create_err, add_err = await _unknown_reference_errors(client, db_engine, mock)
     for e, param in ((resp_err, "input[1].id"), (create_err, "items[0].id"), (add_err, "items[1].id")):
         err = check_sdk_error(e, e.status_code, param)
         assert e.status_code == 404
         assert MISSING_MSG in err["message"]
 
 
-async def test_item_reference_to_unknown_id_is_404(app, client, mock):
-    errors = await _unknown_reference_errors(client, app, mock)
+async def test_item_reference_to_unknown_id_is_404(db_engine, client, mock):
+    errors = await _unknown_reference_errors(client, db_engine, mock)
     assert [e.status_code for e in errors] == [404, 404, 404]
     assert all(isinstance(e, openai.NotFoundError) for e in errors)
 
 
 async def test_item_reference_to_known_id_works(client, mock):
     """The control for the test above: a reference to a stored item is resolved."""
-    conv = await client.conversations.create(items=[{"role": "user", "content": "remember me"}])
+    conv = await new_conversation(client, "remember me")
     known = (await client.conversations.items.list(conv.id)).data[0].id
     resp = await client.responses.create(model=MODEL, input=[{"type": "item_reference", "id": known}])
     assert resp.output_text == "[1 messages] Echo: remember me"
@@ -323,15 +303,15 @@ CONVERSATION_CASES = [
 ]
 
 
-async def test_create_conversation_rejected(app, raw, mock):
+async def test_create_conversation_rejected(db_engine, raw, mock):
     for case, body, param, code in CONVERSATION_CASES:
-        async with Untouched(app, mock, case):
+        async with Untouched(db_engine, mock, case):
             r = await raw.post("/v1/conversations", json=body)
             check_error(r, 400, param, code, case=case)
 
 
-async def test_create_conversation_rejected_through_sdk(app, client, mock):
-    async with Untouched(app, mock):
+async def test_create_conversation_rejected_through_sdk(db_engine, client, mock):
+    async with Untouched(db_engine, mock):
         with pytest.raises(openai.BadRequestError) as ei:
             await client.conversations.create(items=_msgs(21))
         check_sdk_error(ei.value, 400, "items", "invalid_value")
@@ -341,10 +321,10 @@ async def test_create_conversation_rejected_through_sdk(app, client, mock):
             check_sdk_error(ei.value, 400, "metadata", "invalid_value")
 
 
-async def test_update_conversation_rejected(app, client, raw, mock):
+async def test_update_conversation_rejected(db_engine, client, raw, mock):
     conv = await client.conversations.create(metadata={"keep": "me"})
     for case, metadata in BAD_METADATA:
-        async with Untouched(app, mock, case):
+        async with Untouched(db_engine, mock, case):
             r = await raw.post(f"/v1/conversations/{conv.id}", json={"metadata": metadata})
             param = "metadata.k" if metadata == {"k": 1} else "metadata"
             err = check_error(r, 400, param, "invalid_value", case=case)
@@ -356,9 +336,9 @@ async def test_update_conversation_rejected(app, client, raw, mock):
         assert (await client.conversations.retrieve(conv.id)).metadata == {"keep": "me"}, case
 
 
-async def test_update_conversation_other_bad_bodies(app, client, raw, mock):
+async def test_update_conversation_other_bad_bodies(db_engine, client, raw, mock):
     conv = await client.conversations.create(metadata={"keep": "me"})
-    async with Untouched(app, mock):
+    async with Untouched(db_engine, mock):
         r = await raw.post(f"/v1/conversations/{conv.id}", json={})
         check_error(r, 400, "metadata", "missing_required_parameter")
         r = await raw.post(f"/v1/conversations/{conv.id}", json={"metadata": {}, "items": []})
@@ -376,19 +356,19 @@ ADD_ITEMS_CASES = [
 ]
 
 
-async def test_add_items_rejected(app, client, raw, mock):
+async def test_add_items_rejected(db_engine, client, raw, mock):
     conv = await client.conversations.create(items=_msgs(2))
     head = conv.model_extra["head"]
     for case, body, param, code in ADD_ITEMS_CASES:
-        async with Untouched(app, mock, case):
+        async with Untouched(db_engine, mock, case):
             r = await raw.post(f"/v1/conversations/{conv.id}/items", json=body)
             check_error(r, 400, param, code, case=case)
         assert (await client.conversations.retrieve(conv.id)).model_extra["head"] == head, case
 
 
-async def test_add_items_rejected_through_sdk(app, client, mock):
+async def test_add_items_rejected_through_sdk(db_engine, client, mock):
     conv = await client.conversations.create(items=_msgs(2))
-    async with Untouched(app, mock):
+    async with Untouched(db_engine, mock):
         with pytest.raises(openai.BadRequestError) as ei:
             await client.conversations.items.create(conv.id, items=_msgs(21))
         check_sdk_error(ei.value, 400, "items", "invalid_value")
@@ -411,18 +391,18 @@ NOT_JSON_OBJECTS = [b"{not json", b'{"model": "mock", "input": "x"', b"\xff\xfe"
                     b"null", b"42"]
 
 
-async def test_malformed_json(app, client, raw, mock):
+async def test_malformed_json(db_engine, client, raw, mock):
     conv = await client.conversations.create(items=_msgs(1), metadata={"keep": "me"})
     for content in NOT_JSON_OBJECTS:
         for route in _routes(conv.id):
             case = f"{route} {content!r}"
-            async with Untouched(app, mock, case):
+            async with Untouched(db_engine, mock, case):
                 r = await raw.post(route, content=content, headers={"content-type": "application/json"})
                 check_error(r, 400, None, "invalid_json", case=case)
     assert (await client.conversations.retrieve(conv.id)).metadata == {"keep": "me"}
 
 
-async def test_wrong_content_type(app, client, raw, mock):
+async def test_wrong_content_type(db_engine, client, raw, mock):
     """A body that would be valid JSON, sent as something else, is refused unread."""
     conv = await client.conversations.create(items=_msgs(1), metadata={"keep": "me"})
     bodies = {
@@ -434,7 +414,7 @@ async def test_wrong_content_type(app, client, raw, mock):
     for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
         for route, content in bodies.items():
             case = f"{route} {ctype}"
-            async with Untouched(app, mock, case):
+            async with Untouched(db_engine, mock, case):
                 r = await raw.post(route, content=content, headers={"content-type": ctype})
                 err = check_error(r, 400, None, "unsupported_content_type", case=case)
                 assert ctype in err["message"]
@@ -461,20 +441,20 @@ BAD_PAGING = [
 ]
 
 
-async def test_bad_paging(app, client, raw, mock):
+async def test_bad_paging(db_engine, client, raw, mock):
     conv = await client.conversations.create(items=_msgs(2))
     resp = await client.responses.create(model=MODEL, input="x")
     for case, params, param in BAD_PAGING:
         for route in (f"/v1/conversations/{conv.id}/items", f"/v1/responses/{resp.id}/input_items"):
-            async with Untouched(app, mock, case):
+            async with Untouched(db_engine, mock, case):
                 r = await raw.get(route, params=params)
                 check_error(r, 400, param, "invalid_value", case=f"{route} {case}")
 
 
-async def test_bad_paging_through_sdk(app, client, mock):
+async def test_bad_paging_through_sdk(db_engine, client, mock):
     conv = await client.conversations.create(items=_msgs(2))
     resp = await client.responses.create(model=MODEL, input="x")
-    async with Untouched(app, mock):
+    async with Untouched(db_engine, mock):
         for kw, param in (({"limit": 0}, "limit"), ({"limit": 101}, "limit"),
                           ({"order": "sideways"}, "order")):
             with pytest.raises(openai.BadRequestError) as ei:
@@ -495,8 +475,8 @@ async def test_bad_paging_through_sdk(app, client, mock):
     assert len((await client.conversations.items.list(conv.id, limit=100)).data) == 2
 
 
-async def test_unknown_route_and_method(app, raw, mock):
-    async with Untouched(app, mock):
+async def test_unknown_route_and_method(db_engine, raw, mock):
+    async with Untouched(db_engine, mock):
         r = await raw.post("/v1/nothing-here", json={})
         check_error(r, 404, None)
         r = await raw.put("/v1/responses", json={"model": MODEL, "input": "x"})
@@ -508,8 +488,8 @@ async def test_unknown_route_and_method(app, raw, mock):
 # ---------------------------------------------------------------- upstream failure
 
 
-async def test_upstream_failure_leaves_conversation_unchanged(app, client, mock):
-    conv = await client.conversations.create(items=[{"role": "user", "content": "hello"}])
+async def test_upstream_failure_leaves_conversation_unchanged(client, mock):
+    conv = await new_conversation(client, "hello")
     ok = await client.responses.create(model=MODEL, conversation=conv.id, input="first")
     assert ok.status == "completed"
     before_items = [it.id async for it in client.conversations.items.list(conv.id, order="asc")]
@@ -549,8 +529,8 @@ async def test_upstream_failure_leaves_conversation_unchanged(app, client, mock)
     ]
 
 
-async def test_upstream_failure_streaming(app, client, mock):
-    conv = await client.conversations.create(items=[{"role": "user", "content": "hello"}])
+async def test_upstream_failure_streaming(client, mock):
+    conv = await new_conversation(client, "hello")
     head = conv.model_extra["head"]
     stream = await client.responses.create(model=MODEL, conversation=conv.id, input="boom [[fail=503]]",
                                            stream=True)

@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from .conftest import PG_ADMIN_URL, require_pg
+
 ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = [
     "added latency c=1 p50 <= 2 ms", "added latency c=1 p99 <= 8 ms",
@@ -22,9 +26,11 @@ BUDGETS = [
 ]
 
 
+@pytest.mark.timeout(660)  # the subprocess's own limit is 600 s
 def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
     env = dict(os.environ)
-    env.setdefault("BENCH_PG_URL", os.environ.get("BRANCHWISE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"))
+    env.setdefault("BENCH_PG_URL", PG_ADMIN_URL)
+    require_pg(env["BENCH_PG_URL"])  # the smoke pass covers both databases
     done = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--results", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     # 1: a budget missed, which phases this short may well do; anything else is a failure
@@ -68,6 +74,7 @@ def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
         assert f"### {title}" in md, title
 
 
+@pytest.mark.timeout(360)  # the subprocess's own limit is 300 s
 def test_a_traced_phase_reports_each_step_of_a_stored_response():
     """`python -m bench.phase --trace` (the A/B tool): the server times its steps and grouped
     statements, and the phase prints them after its own line."""

@@ -3,12 +3,12 @@ PostgreSQL."""
 
 from __future__ import annotations
 
-import httpx2
 import openai
 import pytest
 
-from branchwise.app import create_app
 from branchwise.settings import Settings
+
+from .helpers import serving
 
 
 def msg(text: str, role: str = "user") -> dict:
@@ -144,13 +144,15 @@ async def test_tree_pages(client, raw):
     assert set(node) == {"id", "parent_id", "type", "role", "response_id", "status", "created_at"}
     assert node["parent_id"] == full["data"][2]["id"] and full["data"][0]["parent_id"] is None
     seen, after = [], None
-    while True:
+    for _ in range(len(full["data"])):  # 3 pages; one per node at most, or the paging loops
         params = {"limit": 3, **({"after": after} if after else {})}
         page = await tree(raw, conv.id, **params)
         seen += [n["id"] for n in page["data"]]
         if not page["has_more"]:
             break
         after = page["last_id"]
+    else:
+        pytest.fail(f"tree paging did not end after {len(full['data'])} pages: {seen}")
     assert seen == [n["id"] for n in full["data"]]
     for bad in ({"limit": 0}, {"limit": 1001}, {"limit": "x"}):
         r = await raw.get(f"/v1/conversations/{conv.id}/tree", params=bad)
@@ -187,11 +189,9 @@ async def test_n_alternatives_one_upstream_call(client, raw, mock):
 
 
 async def test_n_without_upstream_support_calls_n_times(db_url, mock):
-    app = create_app(Settings(database_url=db_url, upstream_base_url=mock.url, upstream_supports_n=False))
-    async with app.router.lifespan_context(app):
-        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test")
-        async with openai.AsyncOpenAI(api_key="x", base_url="http://test/v1", http_client=http) as client:
-            r = await client.responses.create(model="m", input="hi", extra_body={"n": 3})
+    async with serving(Settings(database_url=db_url, upstream_base_url=mock.url, upstream_supports_n=False)) \
+            as (_, client, _):
+        r = await client.responses.create(model="m", input="hi", extra_body={"n": 3})
     assert len(mock.requests) == 3 and all("n" not in q for q in mock.requests)
     assert len({r.id, *[a["id"] for a in r.model_extra["alternatives"]]}) == 3
 

@@ -9,12 +9,14 @@ import asyncio
 import openai
 import pytest
 
+from .helpers import new_conversation, serving, until
+
 N = 16
 DELAY = "[[delay=0.3]]"  # long enough for every request to overlap with the first
 
 
 async def _conversation(client, text="We plan a trip."):
-    return await client.conversations.create(items=[{"type": "message", "role": "user", "content": text}])
+    return await new_conversation(client, text)
 
 
 async def _all_items(client, conv_id):
@@ -90,8 +92,7 @@ async def test_reject_refuses_while_one_runs(client, raw, mock):
     conv = await _conversation(client)
     first = asyncio.create_task(client.responses.create(
         model="m", conversation=conv.id, input="[[delay=1.0]] the slow one", extra_body={"concurrency": "reject"}))
-    while not mock.requests:  # the first is running upstream now
-        await asyncio.sleep(0.01)
+    await until(lambda: mock.requests, "the first request to reach the upstream")  # it runs upstream now
     others = await asyncio.gather(*(
         client.responses.create(model="m", conversation=conv.id, input=f"other {i}",
                                 extra_body={"concurrency": "reject"})
@@ -122,21 +123,24 @@ async def test_reject_refuses_while_one_runs(client, raw, mock):
     assert after.status == "completed"
 
 
-async def test_queue_timeout_leaves_the_line(app, client, raw, mock):
-    app.state.settings.queue_timeout = 0.3
-    conv = await _conversation(client)
-    slow = asyncio.create_task(client.responses.create(
-        model="m", conversation=conv.id, input="[[delay=1.0]] slow", extra_body={"concurrency": "queue"}))
-    while not mock.requests:
-        await asyncio.sleep(0.01)
-    r = await raw.post("/v1/responses", json={"model": "m", "conversation": conv.id, "input": "late",
-                                              "concurrency": "queue"})
-    assert r.status_code == 409
-    assert r.json()["error"]["code"] == "conversation_queue_timeout"
-    assert r.headers["x-should-retry"] == "false"
-    assert (await slow).status == "completed"
-    assert await app.state.policies.leases.live(conv.id) == []
-    assert len(mock.requests) == 1
+async def test_queue_timeout_leaves_the_line(settings, mock):
+    async with serving(settings.model_copy(update={"queue_timeout": 0.3})) as (_, client, raw):
+        conv = await _conversation(client)
+        slow = asyncio.create_task(client.responses.create(
+            model="m", conversation=conv.id, input="[[delay=1.0]] slow", extra_body={"concurrency": "queue"}))
+        await until(lambda: mock.requests, "the slow request to reach the upstream")
+        r = await raw.post("/v1/responses", json={"model": "m", "conversation": conv.id, "input": "late",
+                                                  "concurrency": "queue"})
+        assert r.status_code == 409
+        assert r.json()["error"]["code"] == "conversation_queue_timeout"
+        assert r.headers["x-should-retry"] == "false"
+        assert (await slow).status == "completed"
+        assert len(mock.requests) == 1
+        # the line is empty: the one that timed out left no place in it behind, so a request
+        # that refuses to wait (`reject`) goes through at once
+        after = await client.responses.create(model="m", conversation=conv.id, input="next",
+                                              extra_body={"concurrency": "reject"})
+        assert after.status == "completed"
 
 
 async def test_same_previous_response_id_in_parallel(client, mock):
@@ -157,8 +161,7 @@ async def test_items_append_follows_the_policy(client, raw, mock, policy):
     conv = await _conversation(client)
     slow = asyncio.create_task(client.responses.create(
         model="m", conversation=conv.id, input="[[delay=0.5]] slow", extra_body={"concurrency": "queue"}))
-    while not mock.requests:
-        await asyncio.sleep(0.01)
+    await until(lambda: mock.requests, "the slow request to reach the upstream")
     r = await raw.post(f"/v1/conversations/{conv.id}/items",
                        json={"items": [{"role": "user", "content": "appended"}], "concurrency": policy})
     assert r.status_code == 200

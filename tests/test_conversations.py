@@ -8,22 +8,9 @@ import re
 import openai
 import pytest
 
-MODEL = "mock"
+from .helpers import MODEL, check_sdk_error, new_conversation
+
 ID_RE = re.compile(r"^(conv|msg|resp)_[0-9a-f]{48}$")
-
-
-def assert_error_shape(e: openai.APIStatusError, status: int) -> dict:
-    """The OpenAI error body, checked both as the SDK parsed it and on the wire."""
-    assert e.status_code == status
-    wire = e.response.json()
-    assert set(wire) == {"error"}
-    err = wire["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert isinstance(err["message"], str) and err["message"]
-    assert err["type"] == "invalid_request_error"
-    assert e.body == err  # the SDK unwraps `error`
-    assert e.type == err["type"] and e.param == err["param"] and e.code == err["code"]
-    return err
 
 
 def texts(items) -> list[str]:
@@ -121,7 +108,7 @@ async def test_create_with_twenty_items(client):
 
 
 async def test_delete_conversation(client):
-    conv = await client.conversations.create(items=[{"role": "user", "content": "first"}])
+    conv = await new_conversation(client, "first")
     resp = await client.responses.create(model=MODEL, conversation=conv.id, input="second")
     assert resp.status == "completed"
 
@@ -132,7 +119,7 @@ async def test_delete_conversation(client):
 
     with pytest.raises(openai.NotFoundError) as ei:
         await client.conversations.retrieve(conv.id)
-    err = assert_error_shape(ei.value, 404)
+    err = check_sdk_error(ei.value, 404)
     assert conv.id in err["message"]
     with pytest.raises(openai.NotFoundError):
         await client.conversations.items.list(conv.id)
@@ -151,7 +138,7 @@ async def test_delete_conversation(client):
 
 
 async def test_items_create_returns_list_and_appends(client):
-    conv = await client.conversations.create(items=[{"role": "user", "content": "a"}])
+    conv = await new_conversation(client, "a")
     created = await client.conversations.items.create(
         conv.id,
         items=[
@@ -173,7 +160,7 @@ async def test_items_create_returns_list_and_appends(client):
 
 
 async def test_items_list_limit_order_after(client):
-    conv = await client.conversations.create(items=[{"role": "user", "content": f"m{i}"} for i in range(5)])
+    conv = await new_conversation(client, *(f"m{i}" for i in range(5)))
     asc = await client.conversations.items.list(conv.id, order="asc")
     ids = [it.id for it in asc.data]
     assert texts(asc.data) == ["m0", "m1", "m2", "m3", "m4"]
@@ -264,7 +251,7 @@ async def test_item_delete_returns_conversation(client):
     assert got.head == ids[3]
     with pytest.raises(openai.NotFoundError) as ei:
         await client.conversations.items.retrieve(ids[1], conversation_id=conv.id)
-    assert_error_shape(ei.value, 404)
+    check_sdk_error(ei.value, 404)
 
     # the last item: the head moves up
     got = await client.conversations.items.delete(ids[3], conversation_id=conv.id)
@@ -279,7 +266,7 @@ async def test_item_delete_returns_conversation(client):
     # deleting it again is a 404
     with pytest.raises(openai.NotFoundError) as ei:
         await client.conversations.items.delete(ids[0], conversation_id=conv.id)
-    assert_error_shape(ei.value, 404)
+    check_sdk_error(ei.value, 404)
 
     # everything: the conversation is empty and still usable
     got = await client.conversations.items.delete(ids[2], conversation_id=conv.id)
@@ -379,25 +366,25 @@ async def test_unknown_conversation_is_404(client):
     for call in calls:
         with pytest.raises(openai.NotFoundError) as ei:
             await call
-        err = assert_error_shape(ei.value, 404)
+        err = check_sdk_error(ei.value, 404)
         assert missing in err["message"]
 
 
 async def test_unknown_item_is_404(client):
-    conv = await client.conversations.create(items=[{"role": "user", "content": "x"}])
-    other = await client.conversations.create(items=[{"role": "user", "content": "y"}])
+    conv = await new_conversation(client, "x")
+    other = await new_conversation(client, "y")
     foreign = (await client.conversations.items.list(other.id)).data[0].id
     for item_id in ("msg_" + "f" * 48, foreign):  # unknown, and an item of another conversation
         with pytest.raises(openai.NotFoundError) as ei:
             await client.conversations.items.retrieve(item_id, conversation_id=conv.id)
-        err = assert_error_shape(ei.value, 404)
+        err = check_sdk_error(ei.value, 404)
         assert item_id in err["message"]
         with pytest.raises(openai.NotFoundError) as ei:
             await client.conversations.items.delete(item_id, conversation_id=conv.id)
-        assert_error_shape(ei.value, 404)
+        check_sdk_error(ei.value, 404)
         with pytest.raises(openai.NotFoundError) as ei:
             await client.conversations.items.list(conv.id, after=item_id)
-        assert_error_shape(ei.value, 404)
+        check_sdk_error(ei.value, 404)
     # neither conversation changed
     assert texts(await all_items(client, conv.id)) == ["x"]
     assert texts(await all_items(client, other.id)) == ["y"]

@@ -18,11 +18,12 @@ from branchwise.store.db import create_engine
 from branchwise.store.leases import Leases
 from branchwise.testing.mock_upstream import MockUpstream
 
-from .conftest import SHARED
+from .conftest import require_shared
+from .helpers import new_conversation, until
 
 pytestmark = pytest.mark.e2e
 
-DEMO = SHARED / "examples" / "forum_branching_demo.py"
+DEMO = "examples/forum_branching_demo.py"  # under the forum's shared directory
 
 
 def _env(db_url: str, mock=None, **extra: str) -> dict[str, str]:
@@ -33,10 +34,12 @@ def _env(db_url: str, mock=None, **extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.timeout(240)  # a server start (60 s at most) and the script (120 s at most)
 def test_forum_demo_runs_unchanged(serve, db_url, mock):
+    demo = require_shared(DEMO)
     server = serve(_env(db_url, mock))
     env = {**os.environ, "OPENAI_BASE_URL": f"{server.url}/v1", "OPENAI_API_KEY": "anything"}
-    out = subprocess.run([sys.executable, str(DEMO)], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(demo)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Base conversation id: conv_" in out.stdout
     assert "First answer:\n[2 messages] Echo: Give me a quick 3-bullet itinerary." in out.stdout
@@ -64,6 +67,7 @@ def slow_mock():
         yield m
 
 
+@pytest.mark.timeout(240)  # a server start (60 s at most) and the script (120 s at most)
 def test_parallel_branches_example(serve, db_url, slow_mock):
     mock = slow_mock
     server = serve(_env(db_url, mock))
@@ -98,19 +102,16 @@ def test_healthz_and_models(serve, db_url, mock, tmp_path):
 
 
 @pytest.fixture
-def two_servers(serve, pg_url, mock):
-    from .conftest import _truncate, run_async
-
-    run_async(_truncate(pg_url))
-    a = serve(_env(pg_url, mock))
-    b = serve(_env(pg_url, mock))
+def two_servers(serve, pg_empty, mock):
+    a = serve(_env(pg_empty, mock))
+    b = serve(_env(pg_empty, mock))
     clients = [openai.AsyncOpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0) for s in (a, b)]
     clients[1].test_url = b.url
     return clients
 
 
 async def _new_conv(client):
-    return await client.conversations.create(items=[{"role": "user", "content": "shared start"}])
+    return await new_conversation(client, "shared start")
 
 
 async def test_two_processes_branch(two_servers, mock):
@@ -148,8 +149,7 @@ async def test_two_processes_reject(two_servers, mock):
     conv = await _new_conv(a)
     slow = asyncio.create_task(a.responses.create(model="m", conversation=conv.id, input="[[delay=1.0]] slow",
                                                   extra_body={"concurrency": "reject"}))
-    while not mock.requests:
-        await asyncio.sleep(0.01)
+    await until(lambda: mock.requests, "the slow request to reach the upstream")
     others = await asyncio.gather(*(
         (b, a)[i % 2].responses.create(model="m", conversation=conv.id, input=f"o{i}",
                                        extra_body={"concurrency": "reject"})
@@ -189,8 +189,7 @@ async def test_client_disconnect_leaves_the_queue(serve, db_url, mock):
     conv = await _new_conv(client)
     slow = asyncio.create_task(client.responses.create(
         model="m", conversation=conv.id, input="[[delay=2.0]] slow", extra_body={"concurrency": "queue"}))
-    while not mock.requests:
-        await asyncio.sleep(0.01)
+    await until(lambda: mock.requests, "the slow request to reach the upstream")
     engine = create_engine(db_url)
     leases = Leases(engine)
     try:

@@ -231,5 +231,6 @@ async def test_nothing_listening_is_a_connect_error():
 def test_only_http_urls():
     with pytest.raises(ValueError):
         Pool("ftp://example.com/v1", {})
+    # private: the Host line for an https host or a bracketed IPv6 one is not reachable from a test
     assert Pool("https://api.example.com/v1", {})._host_line == b"host: api.example.com\r\n"
     assert Pool("http://[::1]:8080/v1", {})._host_line == b"host: [::1]:8080\r\n"

@@ -50,6 +50,7 @@ async def test_cached_histories_match_the_tree_while_another_process_changes_it(
     cached = create_app(Settings(database_url=db_url, upstream_base_url=mock.url))
     plain = create_app(Settings(database_url=db_url, upstream_base_url=mock.url, path_cache_mb=0))
     async with cached.router.lifespan_context(cached), plain.router.lifespan_context(plain):
+        # private: no API tells whether a cache is on; this pins that the two apps differ in it
         assert cached.state.store.paths is not None and plain.state.store.paths is None
         ha = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=cached), base_url="http://test")
         hb = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=plain), base_url="http://test")

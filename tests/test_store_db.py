@@ -93,6 +93,7 @@ async def test_hot_write_polls_while_another_process_holds_the_flock(tmp_path, m
     """Another process in a hot-path write holds the flock: this one retries from the loop
     (no thread) and lands once the flock is free."""
     tries = 0
+    # private: the number of inline tries is the property, and nothing public counts them
     real = dbmod.Database._write_inline
 
     def counting(self, writes):
@@ -115,6 +116,7 @@ async def test_hot_write_polls_while_another_process_holds_the_flock(tmp_path, m
         fcntl.flock(other, fcntl.LOCK_UN)
         rid, moved = await asyncio.wait_for(task, 5)
         assert moved and (await a.response(rid)).status == "completed"
+        # private: no interface shows which connection served a write
         assert a.db._thread_conn is None  # it never needed the writer thread
     finally:
         os.close(other)
@@ -171,6 +173,7 @@ async def test_sqlite_wal_starts_over_under_steady_writes(tmp_path, monkeypatch,
         conv_id = new_id("conv")
         await a.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
         conv = await a.conversation(conv_id)
+        # private: the checkpoint schedule is internal; nothing public runs or reports it
         a.db._next_checkpoint = a.db._commits + 10
         a.db._next_restart = a.db._commits + 30
         size_before = wal.stat().st_size
@@ -198,6 +201,7 @@ async def test_sqlite_read_refused_on_the_loop_retries_then_uses_the_writer_thre
     try:
         conv_id = new_id("conv")
         await a.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
+        # private: a refused read on the loop's connection cannot be caused from outside
         real = a.db._loop_conn
         refused = 0
 
@@ -221,6 +225,7 @@ async def test_sqlite_read_refused_on_the_loop_retries_then_uses_the_writer_thre
 async def test_finding_an_item_in_a_tree_is_an_index_search_not_a_tree_scan(tmp_path):
     """Head moves and forks at an item look the item up in its tree. SQLite once answered that
     from the (tree, seq) index, reading the whole tree, so they slowed as a conversation grew."""
+    # private: the statements' plans are the property; no interface exposes the SQL it runs
     from branchwise.store.queries import _RAW_CANDIDATES, _TREE_AFTER
 
     (a,) = stores = await _stores(f"sqlite:///{tmp_path / 'p.db'}", 1)
@@ -279,6 +284,7 @@ async def test_sqlite_writes_of_one_loop_pass_commit_together_and_fail_alone(tmp
     one transaction; every one lands, the compare-and-swap of each sees the ones before it (one
     head move out of 20 from the same base), and a write that fails fails alone."""
     groups: list[int] = []
+    # private: which writes shared a transaction shows in no result, only in this call
     real = dbmod.Database._write_inline
 
     def recording(self, writes):
@@ -333,6 +339,7 @@ async def test_group_commit_of_many_conversations_keeps_every_compare_and_swap(d
     fails alone."""
     monkeypatch.setattr(queries, "_PG_VALUES_COMMITS_MAX", 0 if form == "unnest" else 100)
     sizes: list[int] = []
+    # private: how commits are grouped into statements shows in no result, only in this call
     real = Store._pg_commit_many
 
     async def recording(self, entries):
@@ -472,7 +479,9 @@ async def test_pass_batch_sends_the_next_group_in_the_turn_the_last_result_came_
     waiting = [call(2), call(3)]
     await asyncio.sleep(0)
     gates[0].set_result(None)  # the lone flush ends: [2, 3] goes, in a task
-    while len(groups) < 2:
+    for _ in range(100):  # a few passes of the loop; a bound, not a timing
+        if len(groups) >= 2:
+            break
         await asyncio.sleep(0)
     later = [call(4), call(5)]
     await asyncio.sleep(0)
@@ -482,7 +491,12 @@ async def test_pass_batch_sends_the_next_group_in_the_turn_the_last_result_came_
     assert groups == [[1], [2, 3], [4, 5]]
     gates[2].set_result(None)
     assert [await f for f in (alone, *waiting, *later)] == [10, 20, 30, 40, 50]
-    assert batch._running == 0 and batch._waiting is None
+    # idle again (no flush running, nobody waiting): the next call goes at once, alone
+    idle = call(6)
+    await asyncio.sleep(0)
+    assert groups[-1] == [6] and len(groups) == 4
+    gates[3].set_result(None)
+    assert await idle == 60
 
 
 async def test_pass_batch_flushes_alone_when_idle_and_groups_what_waits_for_a_running_flush():

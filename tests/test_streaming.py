@@ -7,24 +7,15 @@ from __future__ import annotations
 
 import json
 import re
-import typing
 
 import openai
 import pytest
-from openai.types.responses import ResponseStreamEvent
-from pydantic import TypeAdapter, ValidationError
 
-MODEL = "mock"
+from .helpers import MODEL, post_sse, validate_event
+
 RESP_ID = re.compile(r"^resp_[0-9a-f]{48}$")
 MSG_ID = re.compile(r"^msg_[0-9a-f]{48}$")
 RS_ID = re.compile(r"^rs_[0-9a-f]{48}$")
-
-EVENT = TypeAdapter(ResponseStreamEvent)
-# the SDK's own class for each event type, for readable errors (the union has ~60 members)
-EVENT_CLASSES = {
-    cls.model_fields["type"].annotation.__args__[0]: cls
-    for cls in typing.get_args(typing.get_args(ResponseStreamEvent)[0])
-}
 
 
 def text_events(n_deltas: int, terminal: str = "response.completed") -> list[str]:
@@ -46,34 +37,12 @@ async def sdk_events(client, **kwargs) -> list:
     return [ev async for ev in stream]
 
 
-async def raw_sse(raw, body: dict) -> list[tuple[str, dict]]:
-    """POST with stream true; every event as (event line, parsed data), checked for framing."""
-    resp = await raw.post("/v1/responses", json={"model": MODEL, "stream": True, **body})
-    assert resp.status_code == 200
-    assert resp.headers["content-type"].startswith("text/event-stream")
-    text = resp.text
-    assert text.endswith("\n\n")
-    out = []
-    for block in text.split("\n\n")[:-1]:
-        lines = block.split("\n")
-        assert len(lines) == 2, block
-        assert lines[0].startswith("event: ") and lines[1].startswith("data: "), block
-        out.append((lines[0][len("event: "):], json.loads(lines[1][len("data: "):])))
-    return out
-
-
 def check_raw_events(events: list[tuple[str, dict]]) -> list:
-    """Each event validates as the SDK's ResponseStreamEvent and names its type in `event:`."""
+    """Each event validates as the SDK's ResponseStreamEvent and names its type in `event:`;
+    sequence numbers count from 0."""
     parsed = []
     for i, (name, data) in enumerate(events):
-        assert name == data["type"], (i, name, data["type"])
-        assert "error" not in data or data["type"] == "error"  # the SDK raises on a top-level `error`
-        try:
-            parsed.append(EVENT.validate_python(data))
-        except ValidationError:
-            assert data["type"] in EVENT_CLASSES, f"unknown event type {data['type']}"
-            EVENT_CLASSES[data["type"]].model_validate(data)  # raises the one relevant error
-            raise
+        parsed.append(validate_event(name, data))
         assert data["sequence_number"] == i
     return parsed
 
@@ -156,7 +125,7 @@ async def test_stream_helper_with_reasoning(client):
 
 
 async def test_raw_sse_events_validate_against_sdk_types(raw):
-    events = await raw_sse(raw, {"input": "validate me", "instructions": "sys", "metadata": {"k": "v"}})
+    events = await post_sse(raw, {"input": "validate me", "instructions": "sys", "metadata": {"k": "v"}})
     parsed = check_raw_events(events)
     assert [p.type for p in parsed] == text_events(len(parsed) - 8)
     final = events[-1][1]["response"]
@@ -168,7 +137,7 @@ async def test_raw_sse_events_validate_against_sdk_types(raw):
 
 
 async def test_raw_sse_reasoning_events_validate(raw):
-    events = await raw_sse(raw, {"input": "[[reasoning=some thoughts]] think"})
+    events = await post_sse(raw, {"input": "[[reasoning=some thoughts]] think"})
     parsed = check_raw_events(events)
     types = [p.type for p in parsed]
     assert "response.reasoning_text.delta" in types
@@ -176,13 +145,13 @@ async def test_raw_sse_reasoning_events_validate(raw):
 
 
 async def test_raw_sse_incomplete_events_validate(raw):
-    events = await raw_sse(raw, {"input": "[[words=40]] long", "max_output_tokens": 16})
+    events = await post_sse(raw, {"input": "[[words=40]] long", "max_output_tokens": 16})
     parsed = check_raw_events(events)
     assert parsed[-1].type == "response.incomplete"
 
 
 async def test_raw_sse_failed_events_validate(raw):
-    events = await raw_sse(raw, {"input": "[[fail=500]] boom"})
+    events = await post_sse(raw, {"input": "[[fail=500]] boom"})
     parsed = check_raw_events(events)
     assert [p.type for p in parsed] == ["response.created", "response.in_progress", "response.failed"]
     assert parsed[-1].response.error is not None
@@ -191,7 +160,7 @@ async def test_raw_sse_failed_events_validate(raw):
 async def test_raw_sse_json_schema_events_validate(raw):
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
               "additionalProperties": False}
-    events = await raw_sse(raw, {"input": "where?", "text": {"format": {
+    events = await post_sse(raw, {"input": "where?", "text": {"format": {
         "type": "json_schema", "name": "place", "schema": schema, "strict": True}}})
     parsed = check_raw_events(events)
     assert parsed[-1].type == "response.completed"
@@ -265,7 +234,7 @@ async def test_stored_stream_is_retrievable_with_same_output(client, raw):
     assert [it.content[0].text for it in items] == ["remember"]
 
     # byte for byte: the stored object is the terminal event's response
-    sse = await raw_sse(raw, {"input": "[[reasoning=a b c]] again", "metadata": {"via": "raw"}})
+    sse = await post_sse(raw, {"input": "[[reasoning=a b c]] again", "metadata": {"via": "raw"}})
     terminal = sse[-1][1]["response"]
     stored = (await raw.get(f"/v1/responses/{terminal['id']}")).json()
     assert stored == terminal
@@ -371,7 +340,7 @@ async def test_stream_helper_with_text_format(client, mock):
 
 @pytest.mark.parametrize("directive", ["[[cut]]", "[[malformed]]"])
 async def test_stream_broken_upstream_mid_stream_ends_with_failed(raw, client, directive):
-    events = await raw_sse(raw, {"input": f"[[words=20]] {directive} go"})
+    events = await post_sse(raw, {"input": f"[[words=20]] {directive} go"})
     parsed = check_raw_events(events)
     types = [p.type for p in parsed]
     assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",

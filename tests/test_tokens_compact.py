@@ -12,15 +12,14 @@ from __future__ import annotations
 import math
 import re
 
-import httpx2
 import openai
 import pytest
 
-from branchwise.app import create_app
 from branchwise.services.compact import COMPACT_PROMPT, COMPACT_REQUEST, SUMMARY_HEADER
 from branchwise.settings import Settings
 
-MODEL = "mock"
+from .helpers import MODEL, new_conversation, serving
+
 RESP_ID = re.compile(r"^resp_[0-9a-f]{48}$")
 MSG_ID = re.compile(r"^msg_[0-9a-f]{48}$")
 
@@ -78,7 +77,7 @@ async def test_count_item_list_and_instructions(client, mock):
 
 
 async def test_count_grows_with_the_conversation(client, mock):
-    conv = await client.conversations.create(items=[{"role": "user", "content": "My name is Ada."}])
+    conv = await new_conversation(client, "My name is Ada.")
     first = await count(client, conversation=conv.id, input="What is my name?")
     assert first == estimate("My name is Ada.", "What is my name?")
     assert await count(client, conversation={"id": conv.id}, input="What is my name?") == first
@@ -209,7 +208,7 @@ async def test_compact_bad_input_and_upstream_failure(client, raw, mock):
     assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_parameter"
     assert mock.requests == []
 
-    conv = await client.conversations.create(items=[{"role": "user", "content": "hello [[fail=500]]"}])
+    conv = await new_conversation(client, "hello [[fail=500]]")
     with pytest.raises(openai.InternalServerError) as e:
         await client.responses.compact(model=MODEL, extra_body={"conversation": conv.id})
     assert e.value.status_code == 502
@@ -224,18 +223,16 @@ async def test_compact_bad_input_and_upstream_failure(client, raw, mock):
 
 @pytest.mark.embedded
 async def test_embedded_count_is_exact(db_url):
-    app = create_app(Settings(database_url=db_url, upstream_base_url=None, upstreams=[]))
-    async with app.router.lifespan_context(app):
-        assert app.state.router.embedded
-        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test")
-        async with openai.AsyncOpenAI(api_key="x", base_url="http://test/v1", http_client=http,
-                                      max_retries=0) as client:
-            question = dict(input="What is the capital of France?", instructions="Answer in one word.")
-            n = await count(client, model="any", **question)
-            r = await client.responses.create(model="any", max_output_tokens=16, temperature=0, **question)
-            assert n == r.usage.input_tokens > 10
-            # a follow-up: the history, with the model's own answer, counts exactly too
-            follow = dict(previous_response_id=r.id, input=[{"role": "user", "content": "And of Spain?"}])
-            n2 = await count(client, model="any", **follow)
-            r2 = await client.responses.create(model="any", max_output_tokens=16, temperature=0, **follow)
-            assert n2 == r2.usage.input_tokens > n
+    settings = Settings(database_url=db_url, upstream_base_url=None, upstreams=[])
+    async with serving(settings) as (_, client, _):
+        # no upstream configured: the embedded model is the one model there is
+        assert [m.id async for m in client.models.list()] == ["SmolLM2-135M-Instruct"]
+        question = dict(input="What is the capital of France?", instructions="Answer in one word.")
+        n = await count(client, model="any", **question)
+        r = await client.responses.create(model="any", max_output_tokens=16, temperature=0, **question)
+        assert n == r.usage.input_tokens > 10
+        # a follow-up: the history, with the model's own answer, counts exactly too
+        follow = dict(previous_response_id=r.id, input=[{"role": "user", "content": "And of Spain?"}])
+        n2 = await count(client, model="any", **follow)
+        r2 = await client.responses.create(model="any", max_output_tokens=16, temperature=0, **follow)
+        assert n2 == r2.usage.input_tokens > n

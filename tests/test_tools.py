@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 
-import httpx2
 import openai
 import orjson
 import pytest
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel
 
-from branchwise.app import create_app
 from branchwise.settings import Settings
+
+from .helpers import new_conversation, serving, sse_events
 
 WEATHER = {
     "type": "function",
@@ -23,7 +23,6 @@ WEATHER = {
                    "additionalProperties": False},
     "strict": True,
 }
-EVENT = TypeAdapter(openai.types.responses.ResponseStreamEvent)
 
 
 async def test_tool_loop_with_previous_response_id(client, mock):
@@ -53,9 +52,8 @@ async def test_tool_loop_streaming_with_conversation(client, raw, mock):
     body = {"model": "m", "conversation": conv.id, "input": "Weather?", "tools": [WEATHER],
             "tool_choice": {"type": "function", "name": "get_weather"}, "stream": True}
     r = await raw.post("/v1/responses", json=body)
-    events = [orjson.loads(b.split("\ndata: ", 1)[1]) for b in r.text.split("\n\n") if b.strip()]
-    for ev in events:
-        EVENT.validate_python(ev)
+    assert r.status_code == 200, r.text
+    events = sse_events(r.text)  # each validated as the SDK's event types
     kinds = [e["type"] for e in events]
     assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
     assert events[2]["item"]["type"] == "function_call" and events[2]["item"]["arguments"] == ""
@@ -91,7 +89,7 @@ async def test_parallel_calls_reach_the_upstream_as_one_assistant_turn(client, m
 
 
 async def test_unanswered_call_is_refused_and_branching_gets_out(client, raw, mock):
-    conv = await client.conversations.create(items=[{"role": "user", "content": "Weather?"}])
+    conv = await new_conversation(client, "Weather?")
     r = await client.responses.create(model="m", conversation=conv.id, input="please", tools=[WEATHER],
                                       tool_choice="required")
     call = r.output[0]
@@ -184,31 +182,28 @@ async def test_pass_through_fields(client, mock):
 
 
 async def test_truncation_both_ways(db_url, mock):
-    app = create_app(Settings(database_url=db_url, upstream_base_url=mock.url, upstream_context_window=120))
-    async with app.router.lifespan_context(app):
-        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test")
-        async with openai.AsyncOpenAI(api_key="x", base_url="http://test/v1", http_client=http,
-                                      max_retries=0) as client:
-            conv = await client.conversations.create(items=[
-                {"role": "user", "content": f"old message number {i} " + "padding " * 10} for i in range(6)])
-            before = [it.id async for it in client.conversations.items.list(conv.id)]
-            with pytest.raises(openai.BadRequestError) as e:
-                await client.responses.create(model="m", conversation=conv.id, input="new question")
-            assert e.value.code == "context_length_exceeded" and e.value.param == "input"
-            assert mock.requests == []
-            assert [it.id async for it in client.conversations.items.list(conv.id)] == before
-            r = await client.responses.create(model="m", conversation=conv.id, input="new question",
-                                              truncation="auto", instructions="be brief")
-            assert r.status == "completed" and r.truncation == "auto"
-            msgs = mock.requests[-1]["messages"]
-            assert msgs[0] == {"role": "system", "content": "be brief"}  # instructions are kept
-            assert msgs[-1]["content"] == "new question"  # the new input is kept
-            assert 2 < len(msgs) < 8  # the oldest history was dropped
-            kept = [m["content"] for m in msgs[1:-1]]
-            assert kept == [f"old message number {i} " + "padding " * 10 for i in range(6 - len(kept), 6)]
-            assert len(orjson.dumps(msgs)) / 4 <= 120
-            # the conversation itself keeps everything
-            assert len([it async for it in client.conversations.items.list(conv.id)]) == 8
+    settings = Settings(database_url=db_url, upstream_base_url=mock.url, upstream_context_window=120)
+    async with serving(settings) as (_, client, _):
+        conv = await client.conversations.create(items=[
+            {"role": "user", "content": f"old message number {i} " + "padding " * 10} for i in range(6)])
+        before = [it.id async for it in client.conversations.items.list(conv.id)]
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.responses.create(model="m", conversation=conv.id, input="new question")
+        assert e.value.code == "context_length_exceeded" and e.value.param == "input"
+        assert mock.requests == []
+        assert [it.id async for it in client.conversations.items.list(conv.id)] == before
+        r = await client.responses.create(model="m", conversation=conv.id, input="new question",
+                                          truncation="auto", instructions="be brief")
+        assert r.status == "completed" and r.truncation == "auto"
+        msgs = mock.requests[-1]["messages"]
+        assert msgs[0] == {"role": "system", "content": "be brief"}  # instructions are kept
+        assert msgs[-1]["content"] == "new question"  # the new input is kept
+        assert 2 < len(msgs) < 8  # the oldest history was dropped
+        kept = [m["content"] for m in msgs[1:-1]]
+        assert kept == [f"old message number {i} " + "padding " * 10 for i in range(6 - len(kept), 6)]
+        assert len(orjson.dumps(msgs)) / 4 <= 120
+        # the conversation itself keeps everything
+        assert len([it async for it in client.conversations.items.list(conv.id)]) == 8
 
 
 # ------------------------------------------------------------------ the embedded model, for real
@@ -216,12 +211,8 @@ async def test_truncation_both_ways(db_url, mock):
 
 @pytest.fixture
 async def embedded(tmp_path):
-    app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'e.db'}"))
-    async with app.router.lifespan_context(app):
-        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test")
-        async with openai.AsyncOpenAI(api_key="x", base_url="http://test/v1", http_client=http,
-                                      max_retries=0) as client:
-            yield client
+    async with serving(Settings(database_url=f"sqlite:///{tmp_path / 'e.db'}")) as (_, client, _):
+        yield client
 
 
 @pytest.mark.embedded

@@ -10,49 +10,27 @@ ever sent twice. Every test runs on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx2
 import openai
 import pytest
-from openai.types.responses import Response, ResponseStreamEvent
-from pydantic import TypeAdapter
+from openai.types.responses import Response
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from branchwise.app import create_app
 from branchwise.settings import Settings
 from branchwise.store.tables import items as items_table
 from branchwise.testing.mock_upstream import MockUpstream
-from tests.conftest import free_port
 
-MODEL = "mock"
-EVENT = TypeAdapter(ResponseStreamEvent)
+from .conftest import free_port
+from .helpers import MODEL, new_conversation, post_sse, serving, validate_event
+
 HANG_GUARD = 10  # seconds: a fault must never hang a request (this is a guard, not a timing)
 
 
 # ---------------------------------------------------------------- helpers
-
-
-@asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[tuple[Any, openai.AsyncOpenAI, httpx2.AsyncClient]]:
-    """An app of its own (for settings the shared fixtures don't have), with an SDK and a raw client."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        async with (
-            httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test") as raw,
-            httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test") as http,
-            openai.AsyncOpenAI(api_key="x", base_url="http://test/v1", http_client=http, max_retries=0) as client,
-        ):
-            yield app, client, raw
-
-
-async def new_conversation(client: openai.AsyncOpenAI) -> str:
-    conv = await client.conversations.create(items=[{"type": "message", "role": "user", "content": "hello"}])
-    return conv.id
 
 
 async def snapshot(client: openai.AsyncOpenAI, conv_id: str) -> dict[str, Any]:
@@ -67,16 +45,7 @@ def item_texts(item: dict[str, Any]) -> list[str]:
 
 async def sse(raw: httpx2.AsyncClient, body: dict[str, Any]) -> list:
     """POST a streaming response; every event validated as the SDK's ResponseStreamEvent."""
-    resp = await raw.post("/v1/responses", json={"model": MODEL, "stream": True, **body})
-    assert resp.status_code == 200
-    assert resp.headers["content-type"].startswith("text/event-stream")
-    events = []
-    for block in resp.text.split("\n\n")[:-1]:
-        name, data = block.split("\n")
-        assert name.startswith("event: ") and data.startswith("data: "), block
-        payload = json.loads(data[len("data: "):])
-        assert name[len("event: "):] == payload["type"]
-        events.append(EVENT.validate_python(payload))
+    events = [validate_event(name, data) for name, data in await post_sse(raw, body)]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     return events
 
@@ -106,7 +75,7 @@ async def fail_turn(client: openai.AsyncOpenAI, raw: httpx2.AsyncClient, conv_id
     return failed
 
 
-async def check_failed(app, client: openai.AsyncOpenAI, conv_id: str, before: dict[str, Any],
+async def check_failed(db: AsyncEngine, client: openai.AsyncOpenAI, conv_id: str, before: dict[str, Any],
                        failed: Response, *needles: str) -> None:
     """The message names the fault, the response is stored failed, the conversation is unchanged."""
     message = failed.error.message.lower()
@@ -125,8 +94,9 @@ async def check_failed(app, client: openai.AsyncOpenAI, conv_id: str, before: di
         assert item.get("status") not in ("in_progress", "incomplete")
         assert item.get("role") != "assistant"  # the only item is the user's "hello"
 
-    # in the store: the failed response kept its input, and not a single output item
-    async with app.state.store.engine.connect() as conn:
+    # in the store: the failed response kept its input, and not a single output item (read from
+    # the database itself: no API lists the rows of a response that has no output)
+    async with db.connect() as conn:
         rows = (await conn.execute(
             select(items_table.c.role, items_table.c.status).where(items_table.c.response_id == failed.id)
         )).all()
@@ -165,15 +135,15 @@ MOCK_FAULTS = [
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 @pytest.mark.parametrize(("directive", "code", "needles", "partial"), MOCK_FAULTS)
-async def test_upstream_fault(app, client, raw, mock, stream, directive, code, needles, partial):
-    conv_id = await new_conversation(client)
+async def test_upstream_fault(db_engine, client, raw, mock, stream, directive, code, needles, partial):
+    conv_id = (await new_conversation(client, "hello")).id
     before = await snapshot(client, conv_id)
 
     failed = await fail_turn(client, raw, conv_id, f"boom {directive}", stream, code=code,
                              partial=partial and stream)
     # the request reached the upstream, so it was sent exactly once: never retried
     assert len(mock.requests) == 1
-    await check_failed(app, client, conv_id, before, failed, *needles)
+    await check_failed(db_engine, client, conv_id, before, failed, *needles)
     await check_next_turn(client, mock, conv_id, before)
 
 
@@ -193,14 +163,14 @@ TIMEOUTS = [
 
 
 @pytest.mark.parametrize(("timeout", "directive", "stream", "partial"), TIMEOUTS)
-async def test_upstream_timeout(db_url, mock, timeout, directive, stream, partial):
+async def test_upstream_timeout(db_url, db_engine, mock, timeout, directive, stream, partial):
     settings = Settings(database_url=db_url, upstream_base_url=mock.url, upstream_timeout=timeout)
-    async with serving(settings) as (app, client, raw):
-        conv_id = await new_conversation(client)
+    async with serving(settings) as (_, client, raw):
+        conv_id = (await new_conversation(client, "hello")).id
         before = await snapshot(client, conv_id)
         failed = await fail_turn(client, raw, conv_id, f"slow {directive}", stream, partial=partial)
         assert len(mock.requests) == 1
-        await check_failed(app, client, conv_id, before, failed, "timed out")
+        await check_failed(db_engine, client, conv_id, before, failed, "timed out")
         await check_next_turn(client, mock, conv_id, before)
 
 
@@ -208,14 +178,14 @@ async def test_upstream_timeout(db_url, mock, timeout, directive, stream, partia
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
-async def test_connection_refused(db_url, stream):
+async def test_connection_refused(db_url, db_engine, stream):
     port = free_port()  # nothing listens there
     settings = Settings(database_url=db_url, upstream_base_url=f"http://127.0.0.1:{port}/v1")
-    async with serving(settings) as (app, client, raw):
-        conv_id = await new_conversation(client)
+    async with serving(settings) as (_, client, raw):
+        conv_id = (await new_conversation(client, "hello")).id
         before = await snapshot(client, conv_id)
         failed = await fail_turn(client, raw, conv_id, "anyone there?", stream)
-        await check_failed(app, client, conv_id, before, failed, "connect")
+        await check_failed(db_engine, client, conv_id, before, failed, "connect")
         # once the upstream is up, the conversation goes on from where it was
         with MockUpstream(port=port) as upstream:
             await check_next_turn(client, upstream, conv_id, before)
@@ -229,8 +199,8 @@ async def test_connect_retried_with_backoff(db_url, stream):
     settings = Settings(database_url=db_url, upstream_base_url=f"http://127.0.0.1:{port}/v1")
     timer = threading.Timer(0.25, upstream.start)
     try:
-        async with serving(settings) as (app, client, raw):
-            conv_id = await new_conversation(client)
+        async with serving(settings) as (_, client, raw):
+            conv_id = (await new_conversation(client, "hello")).id
             timer.start()
             if stream:
                 events = await asyncio.wait_for(sse(raw, {"input": "knock", "conversation": conv_id}),
