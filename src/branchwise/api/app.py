@@ -1,10 +1,14 @@
 """The HTTP application: one route table and one request path.
 
-Every request goes through the same layers, outermost first: `Errors` (OpenAI-shaped errors),
-`Auth` (the API key), then Starlette's `Router`, whose routes call plain handlers
-`handler(request, **path_params) -> Response`. There is no framework layer in between: the
-hot routes (`POST /v1/responses`, `POST /v1/conversations/{id}/head`) come first in the table
-and cost a regex match each.
+Every request takes the same path: `Auth` (a pure ASGI middleware, present when an API key is
+set), then `Routing`, which calls the route's plain handler `handler(request, **path_params)`
+through `middleware.reply`, the one place where errors become OpenAI-shaped replies. There is
+no framework layer in between.
+
+`Routing` finds a route by a dictionary lookup of (method, path) for exact paths and by the
+route's compiled pattern for the others, in `ROUTES` order (the hot routes first); what matches
+nothing goes to Starlette's `Router`, built from the same table, for its 404, 405 and HEAD
+answers and for the lifespan. docs/decisions/0027 has the numbers behind this shape.
 """
 
 from __future__ import annotations
@@ -12,28 +16,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from starlette.datastructures import State
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, Router
+from starlette.routing import Route, Router, compile_path
 
 from branchwise.api import conversations, responses
 from branchwise.api.common import json_response
-from branchwise.api.middleware import Auth, Errors
+from branchwise.api.middleware import Auth, http_exception_reply, reply
 
 Handler = Callable[..., Awaitable[Response]]
-
-
-class Endpoint:
-    """A route's ASGI app: the handler's reply to the request."""
-
-    __slots__ = ("handler",)
-
-    def __init__(self, handler: Handler):
-        self.handler = handler
-
-    async def __call__(self, scope, receive, send) -> None:
-        response = await self.handler(Request(scope, receive), **scope["path_params"])
-        await response(scope, receive, send)
 
 
 async def healthz(request: Request) -> Response:
@@ -47,7 +39,7 @@ async def models(request: Request) -> Response:
 
 
 ROUTES: list[tuple[str, str, Handler]] = [
-    # the hot paths first: the router tries routes in order
+    # the hot routes first: patterns are tried in this order
     ("POST", "/v1/responses", responses.create_response),
     ("POST", "/v1/conversations/{conversation_id}/head", conversations.move_head),
     ("GET", "/healthz", healthz),
@@ -57,23 +49,59 @@ ROUTES: list[tuple[str, str, Handler]] = [
 ]
 
 
-def routes() -> list[Route]:
-    by_path: dict[str, dict[str, Handler]] = {}
-    for method, path, handler in ROUTES:
-        by_path.setdefault(path, {})[method] = handler
-    out = []
-    for path, methods in by_path.items():
-        if len(methods) == 1:
-            (method, handler), = methods.items()
-            out.append(Route(path, Endpoint(handler), methods=[method]))
-        else:  # one path, several methods: one route that picks the handler by method
-            out.append(Route(path, Endpoint(_by_method(methods)), methods=list(methods)))
-    return out
+class Endpoint:
+    """A route's handler as an ASGI app, for Starlette's router (HEAD requests)."""
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: Handler):
+        self.handler = handler
+
+    async def __call__(self, scope, receive, send) -> None:
+        await reply(self.handler(Request(scope, receive), **scope["path_params"]), scope, receive, send)
 
 
-def _by_method(methods: dict[str, Handler]) -> Handler:
+class Routing:
+    def __init__(self, lifespan):
+        self.exact: dict[tuple[str, str], Handler] = {}
+        self.patterns: list[tuple[str, Callable, Handler]] = []
+        by_path: dict[str, list[str]] = {}
+        for method, path, handler in ROUTES:
+            by_path.setdefault(path, []).append(method)
+            if "{" in path:
+                self.patterns.append((method, compile_path(path)[0].match, handler))
+            else:
+                self.exact[(method, path)] = handler
+        # Starlette's router answers what the table does not: 404, 405 with `Allow`, HEAD
+        self.router = Router(routes=[Route(path, Endpoint(_by_method(path)), methods=methods)
+                                     for path, methods in by_path.items()],
+                             lifespan=lifespan, redirect_slashes=False)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            method, path = scope["method"], scope["path"]
+            handler = self.exact.get((method, path))
+            if handler is not None:
+                await reply(handler(Request(scope, receive)), scope, receive, send)
+                return
+            for wanted, match, handler in self.patterns:
+                if wanted == method and (found := match(path)) is not None:
+                    scope["path_params"] = params = found.groupdict()
+                    await reply(handler(Request(scope, receive), **params), scope, receive, send)
+                    return
+            try:
+                await self.router(scope, receive, send)
+            except HTTPException as exc:
+                await http_exception_reply(exc)(scope, receive, send)
+            return
+        await self.router(scope, receive, send)
+
+
+def _by_method(path: str) -> Handler:
+    table = {method: handler for method, p, handler in ROUTES if p == path}
+
     async def handler(request: Request, **params) -> Response:
-        return await methods[request.method](request, **params)
+        return await table["GET" if request.method == "HEAD" else request.method](request, **params)
     return handler
 
 
@@ -83,9 +111,10 @@ class API:
 
     def __init__(self, lifespan, api_key: str | None = None):
         self.state = State()
-        self.router = Router(routes=routes(), lifespan=lifespan, redirect_slashes=False)
-        self._stack = Errors(Auth(self.router, api_key))
+        routing = Routing(lifespan)
+        self.router = routing.router  # (its `lifespan_context` runs the lifespan in tests)
+        self._app = Auth(routing, api_key) if api_key else routing
 
     async def __call__(self, scope, receive, send) -> None:
-        scope["app"] = self  # (also makes the router raise 404/405 for `Errors` to shape)
-        await self._stack(scope, receive, send)
+        scope["app"] = self  # (also makes Starlette's router raise 404/405 for `Routing` to shape)
+        await self._app(scope, receive, send)

@@ -46,8 +46,9 @@ def _timed(response: Response, started: float, upstream_s: float = 0.0) -> Respo
 async def create_response(request: Request) -> Response:
     started = time.perf_counter()
     req = await parse_body(request, CreateResponse)
-    responses, streams = _responses(request), _streams(request)
+    responses = _responses(request)
     if req.background:
+        streams = _streams(request)
         run = await streams.start_background(await responses.validate(req))
         if req.stream:
             return _timed(_sse(run.follow()), started)
@@ -59,6 +60,7 @@ async def create_response(request: Request) -> Response:
     if not req.stream:
         body = await responses.complete(plan)
         return _timed(json_response(plan.body or body), started, plan.upstream_s)
+    streams = _streams(request)
     if req.store is False:
         return _timed(_sse(streams.stream(plan)), started)
     return _timed(_sse((await streams.start_stream(plan)).follow()), started)
