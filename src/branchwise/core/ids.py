@@ -3,15 +3,13 @@
 Every id starts with the time it was made (microseconds, 14 hex characters), then random hex.
 New rows' keys therefore land at the right-hand edge of each index instead of anywhere in it:
 with fully random ids, a stored response wrote a different leaf page of every index, which the
-database's page cache held less and less of as the tables grew (SQLite's CPU per response rose
-by two thirds over 18,000 responses). The random part (136 bits in public ids, 72 in node ids)
-keeps them unguessable.
+database's page cache held less and less of as the tables grew. The random part (136 bits in
+public ids, 72 in node ids) keeps them unguessable.
 
 The random parts come from the operating system's generator 128 at a time (`_random_hex`): a
-stored response makes about six ids, and each `os.urandom` call is a `getrandom` system call
-(4.4 per response at concurrency 64, 3% of the server's CPU in py-spy's native stacks). Each
-part is handed out once, whatever the thread, and a forked child starts afresh, so no two ids
-share random digits.
+stored response makes about six ids, and each `os.urandom` call is a system call. Each part is
+handed out once, whatever the thread, and a forked child starts afresh, so no two ids share
+random digits. docs/decisions/0005 has the measurements.
 """
 
 from __future__ import annotations
