@@ -35,7 +35,7 @@ RUN_TIMEOUT_S = 300  # one database's load sections; a hung server fails that ru
 async def _pg_fresh(url: str, name: str = "branchwise_bench") -> str:
     from sqlalchemy import text
 
-    from branchwise.store.db import create_engine
+    from branchwise.store.connect import create_engine
 
     engine = create_engine(url)
     async with engine.connect() as conn:

@@ -13,7 +13,7 @@ import orjson
 import pytest
 from pydantic import TypeAdapter
 
-from branchwise.store.db import create_engine
+from branchwise.store.connect import create_engine
 from branchwise.store.leases import Leases
 
 EVENT = TypeAdapter(openai.types.responses.ResponseStreamEvent)
