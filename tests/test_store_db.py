@@ -235,9 +235,10 @@ async def test_finding_an_item_in_a_tree_is_an_index_search_not_a_tree_scan(tmp_
 
 
 async def test_commits_of_every_shape_store_everything(db_url):
-    """The commit is one statement on PostgreSQL, columns as unnest'ed arrays, whatever the
-    numbers of items and rows (here up to 400 items). Each shape stores every item and row and
-    moves the head by compare-and-swap (SQLite runs the same calls through its own path)."""
+    """The commit as one statement takes two forms on PostgreSQL: VALUES rows up to 4,000
+    parameters (and eight commits), unnest'ed arrays past that (here 400 items). Each shape
+    stores every item and row and moves the head by compare-and-swap (SQLite runs the same calls
+    through its own path)."""
     engine = create_engine(db_url)
     await migrate(engine)
     store = Repository(engine, 0)  # no history cache: every path below is read from the database
@@ -323,13 +324,16 @@ async def test_sqlite_writes_of_one_loop_pass_commit_together_and_fail_alone(tmp
         await _close(stores)
 
 
-async def test_group_commit_of_many_conversations_keeps_every_compare_and_swap(db_url, monkeypatch):
+@pytest.mark.parametrize("form", ["values", "unnest"])
+async def test_group_commit_of_many_conversations_keeps_every_compare_and_swap(db_url, monkeypatch, form):
     """Two responses on each of ten conversations, all from the same heads and all committed in
     one pass of the loop: on PostgreSQL the first goes alone and the others, which wait for it,
-    as one statement per round (each conversation once a round); on SQLite all as one
+    as one statement per round (each conversation once a round; a VALUES row per row for a
+    small group, unnest'ed arrays for a larger one: each form forced here); on SQLite all as one
     transaction. Every response is stored, and on every conversation exactly one of its two moved
     the head, to that response's last node. A commit that breaks a constraint in such a group
     fails alone."""
+    monkeypatch.setattr(statements, "PG_VALUES_COMMITS_MAX", 0 if form == "unnest" else 100)
     sizes: list[int] = []
     real = Repository._pg_commit_many
 

@@ -75,6 +75,12 @@ class PgDatabase:
                 count = await tx.execute(sql, params)
             return count
 
+    async def fetch_numbered(self, text: str, args: Sequence[Any]) -> list[tuple]:
+        """A statement built already numbered `$1 ..` (the commit, `statements.pg_commit`), in its
+        own transaction: its rows."""
+        pool = await self._pg()
+        return [tuple(r) for r in await pool.fetch(text, *args)]
+
     async def write_returning(self, sql: SQL, params: dict) -> list[tuple]:
         """One data-modifying statement with RETURNING, in its own transaction: its rows."""
         return await self.all(sql, params)

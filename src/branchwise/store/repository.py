@@ -411,12 +411,10 @@ class Repository:
         once and in conversation order, in one statement: the conversations whose head moved."""
         rows = [r for e in entries for r in e[0]]
         response_rows = [r for e in entries for r in e[1]]
-        moves = [e for e in entries if e[2] is not None]  # (in conversation order)
-        params: dict = {p: [r[c] for r in rows] for p, c in zip(q.PG_COMMIT_ITEM_PARAMS, q.ITEM_COLUMNS, strict=True)}
-        for p, c in zip(q.PG_COMMIT_RESPONSE_PARAMS, q.RESPONSE_COLUMNS, strict=True):
-            params[p] = [r[c] for r in response_rows]
-        params.update(m_id=[e[2] for e in moves], m_base=[e[3] for e in moves], m_head=[e[4] for e in moves])
-        return {r[0] for r in await self.db.write_returning(q.PG_COMMIT, params)}
+        moves = [(e[2], e[3], e[4]) for e in entries if e[2] is not None]  # (in conversation order)
+        arrays = q.commit_in_arrays(len(entries), len(rows), len(response_rows), len(moves))
+        text = q.pg_commit(len(rows), len(response_rows), len(moves), arrays)
+        return {r[0] for r in await self.db.fetch_numbered(text, q.commit_args(rows, response_rows, moves, arrays))}
 
 
 async def _find_on_path(reader: SqliteWriter | PgDatabase | Tx, conv: Conversation, item_id: str) -> PathRow | None:

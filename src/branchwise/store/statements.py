@@ -195,27 +195,74 @@ MOVE_HEAD = {
 }
 
 
-def _unnest(table: str, columns: Sequence[str], types: Sequence[str], prefix: str) -> str:
-    arrays = ", ".join(f":{prefix}{c}::{t}[]" for c, t in zip(columns, types, strict=True))
-    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays})"
-
-
 # PostgreSQL: stored responses (their items, their rows, each head's compare-and-swap) in one
 # statement, so one round trip and its own transaction; each conversation at most once
 # (`Repository._pg_commit_group`), the heads moved in conversation order (one lock order for all
 # such transactions, so two of them never wait for each other in a cycle); RETURNING names the
-# conversations whose head moved. Columns go as arrays (unnest), so the text is the same
-# whatever the group's size: one prepared statement per connection
-# (docs/decisions/0013-postgresql-commit-values-unnest.md, 0019).
-PG_COMMIT = SQL(
-    "WITH new_items AS (" + _unnest("items", ITEM_COLUMNS, _ITEM_TYPES, "i_")
-    + "), new_responses AS (" + _unnest("responses", RESPONSE_COLUMNS, _RESPONSE_TYPES, "r_")
-    + ") UPDATE conversations c SET head = m.head"
-    " FROM unnest(:m_id::text[], :m_base::text[], :m_head::text[]) AS m(id, base, head)"
-    " WHERE c.id = m.id AND c.head IS NOT DISTINCT FROM m.base RETURNING c.id"
-)
-PG_COMMIT_ITEM_PARAMS = tuple(f"i_{c}" for c in ITEM_COLUMNS)
-PG_COMMIT_RESPONSE_PARAMS = tuple(f"r_{c}" for c in RESPONSE_COLUMNS)
+# conversations whose head moved. One builder, from one description of the columns, in two
+# forms (docs/decisions/0013-postgresql-commit-values-unnest.md, 0020): a VALUES row per row
+# for a lone commit and small groups (scalars encode for far less client CPU than arrays), and
+# unnest'ed arrays for larger ones (one short text whatever the group's size, so one prepared
+# statement per connection instead of a parse and a plan per new shape). Built, not written, it
+# is the one statement numbered `$n` directly, its arguments in `commit_args`'s order.
+_COMMIT_INSERTS = (("items", ITEM_COLUMNS, _ITEM_TYPES), ("responses", RESPONSE_COLUMNS, _RESPONSE_TYPES))
+_MOVE_COLUMNS = ("id", "base", "head")
+PG_VALUES_PARAMS_MAX = 4000  # (a lone commit of ~300 items, or eight of ~35)
+PG_VALUES_COMMITS_MAX = 8
+_COMMIT_TEXTS: dict[tuple[int, int, int], str] = {}
+
+
+def pg_commit(n_items: int, n_rows: int, n_moves: int, arrays: bool) -> str:
+    """The commit of `n_items` items, `n_rows` response rows and `n_moves` head moves: as
+    unnest'ed arrays (one text for every size), or as VALUES rows (a text per shape, cached)."""
+    key = (-1, -1, -1) if arrays else (n_items, n_rows, n_moves)
+    text = _COMMIT_TEXTS.get(key)
+    if text is not None:
+        return text
+    k = 0
+
+    def source(columns: Sequence[str], types: Sequence[str], n: int) -> str:
+        nonlocal k
+        if arrays:
+            out = ", ".join(f"${k + j + 1}::{t}[]" for j, t in enumerate(types))
+            k += len(columns)
+            return f"SELECT * FROM unnest({out})"
+        rows = []
+        for _ in range(n):
+            rows.append("(" + ", ".join(f"${k + j + 1}::{t}" for j, t in enumerate(types)) + ")")
+            k += len(columns)
+        return "VALUES " + ", ".join(rows)
+
+    ctes = [f"new_{table} AS (INSERT INTO {table} ({', '.join(columns)}) {source(columns, types, n)})"
+            for (table, columns, types), n in zip(_COMMIT_INSERTS, (n_items, n_rows), strict=True) if arrays or n]
+    text = f"WITH {', '.join(ctes)} " if ctes else ""
+    if arrays or n_moves:
+        moves = source(_MOVE_COLUMNS, ("text",) * 3, n_moves)
+        text += (f"UPDATE conversations c SET head = m.head FROM ({moves}) AS m(id, base, head)"
+                 " WHERE c.id = m.id AND c.head IS NOT DISTINCT FROM m.base RETURNING c.id")
+    else:
+        text += "SELECT NULL WHERE false"
+    _COMMIT_TEXTS[key] = text
+    return text
+
+
+def commit_args(rows: Sequence[dict], response_rows: Sequence[dict], moves: Sequence[tuple], arrays: bool) -> list:
+    """`pg_commit`'s arguments, in its order: column by column (arrays) or row by row."""
+    if arrays:
+        args = [[r[c] for r in rows] for c in ITEM_COLUMNS]
+        args += [[r[c] for r in response_rows] for c in RESPONSE_COLUMNS]
+        args += [[m[j] for m in moves] for j in range(3)]
+        return args
+    args = [r[c] for r in rows for c in ITEM_COLUMNS]
+    args += [r[c] for r in response_rows for c in RESPONSE_COLUMNS]
+    args += [v for m in moves for v in m]
+    return args
+
+
+def commit_in_arrays(n_commits: int, n_items: int, n_rows: int, n_moves: int) -> bool:
+    return (n_commits > PG_VALUES_COMMITS_MAX or n_items * len(ITEM_COLUMNS) + n_rows * len(RESPONSE_COLUMNS)
+            + 3 * n_moves > PG_VALUES_PARAMS_MAX)
+
 
 # Move a conversation's head to the newest node holding an item of its tree, in one statement
 # (no row: no such conversation, or the item is not in its tree; see `core.tree.head_target`).
