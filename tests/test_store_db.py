@@ -519,3 +519,35 @@ async def test_one_in_flight_flushes_alone_when_idle_and_groups_what_waits_for_a
         await later[1]
     assert groups == [[1], [2, 3, "bad", 4, 5]]
     assert await batch.submit(6) == 12 and groups[-1] == [6]  # idle again: alone, at once
+
+
+def test_tree_rules_the_repository_executes():
+    """`core.tree`'s rules, without a database: a delete re-hangs the rows below as new nodes in
+    a line under the deleted item's parent; a fork points at the source's head or an item on its
+    path; a page of a path reads one item more than it returns; the newest node holding an item
+    is where a head moved to it goes."""
+    from branchwise.core.tree import (
+        Conversation,
+        PathRow,
+        fork_point,
+        head_target,
+        on_path,
+        page_bounds,
+        rehang,
+    )
+
+    below = [{"node": "n3", "parent": "n2", "depth": 3, "item_id": "c"},
+             {"node": "n4", "parent": "n3", "depth": 4, "item_id": "d"}]
+    copies, head = rehang(below, "n1", 2)
+    assert [(c["item_id"], c["depth"]) for c in copies] == [("c", 2), ("d", 3)]
+    assert copies[0]["parent"] == "n1" and copies[1]["parent"] == copies[0]["node"]
+    assert head == copies[1]["node"] and {c["node"] for c in copies}.isdisjoint({"n3", "n4"})
+    assert rehang([], "n1", 2) == ([], "n1")
+    src = Conversation("conv_a", "t", "n4", "d", 4, "message", 1, "{}", None, None)
+    assert fork_point(src, None) == ("n4", ("conv_a", "d"))
+    assert fork_point(src, PathRow("n2", 2, "b", b"{}")) == ("n2", ("conv_a", "b"))
+    assert page_bounds(4, 2, "asc", None) == (0, 2) and page_bounds(4, 2, "desc", None) == (2, 4)
+    assert page_bounds(4, 2, "desc", 0) is None
+    assert head_target([("new", 3), ("old", 1)]) == "new" and head_target([]) is None
+    path = [PathRow("n4", 4, "d", b""), PathRow("n3", 3, "c", b"")]
+    assert on_path([("x", 3), ("n3", 3)], path) == path[1] and on_path([("x", 3)], path) is None
