@@ -42,7 +42,7 @@ _made: list[tuple[str, str]] = []  # (kind, url) made by this run
 async def _pg_admin(url: str, *statements: str) -> None:
     from sqlalchemy import text
 
-    from branchwise.store.db import create_engine
+    from branchwise.store.connect import create_engine
 
     engine = create_engine(url)
     try:

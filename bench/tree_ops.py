@@ -15,7 +15,6 @@ import httpx
 import orjson
 
 from branchwise.app import create_app
-from branchwise.core.tree import place
 from branchwise.settings import Settings
 from branchwise.wire import items as witems
 from branchwise.wire import models as m
@@ -33,16 +32,7 @@ def _chain(n: int) -> list[witems.NewItem]:
 
 async def _seed(store, conv_id: str, n: int) -> None:
     """A conversation of n items, written in bulk (the API caps a create at 20 items)."""
-    from sqlalchemy import update
-
-    from branchwise.store.tables import conversations
-
-    await store.create_conversation(conv_id, conv_id, {}, [])
-    placed = place(_chain(n), None, -1)
-    async with store.writer.begin() as conn:
-        for k in range(0, n, 1000):
-            await store._insert_items(conn, conv_id, placed[k:k + 1000], 0)
-        await conn.execute(update(conversations).where(conversations.c.id == conv_id).values(head=placed[-1].node))
+    await store.create_conversation(conv_id, conv_id, {}, _chain(n))
 
 
 async def _interleaved(fns: dict[int, object], repeat: dict[int, int]) -> dict[int, list[float]]:

@@ -30,7 +30,7 @@ from sqlalchemy import make_url, text
 
 from branchwise.app import create_app
 from branchwise.settings import Settings
-from branchwise.store.db import create_engine
+from branchwise.store.connect import create_engine
 from branchwise.testing.mock_upstream import MockUpstream
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from branchwise.store.db import create_engine
+from branchwise.store.connect import create_engine
 from branchwise.store.leases import Leases
 
 from .helpers import new_conversation, read_events, until

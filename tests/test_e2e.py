@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from branchwise.store.db import create_engine
+from branchwise.store.connect import create_engine
 from branchwise.store.leases import Leases
 from branchwise.testing.mock_upstream import MockUpstream
 

@@ -1,4 +1,4 @@
-"""The history cache (`store.paths`): bounded, and never the cause of a wrong history, even
+"""The history cache (`store.history_cache`): bounded, and never the cause of a wrong history, even
 when another process (here: a second app on the same database, without the cache) moves heads,
 adds items and deletes items on the path. SQLite and PostgreSQL."""
 
@@ -9,7 +9,7 @@ import openai
 
 from branchwise.app import create_app
 from branchwise.settings import Settings
-from branchwise.store.paths import ENTRY_OVERHEAD, PathCache, extend
+from branchwise.store.history_cache import ENTRY_OVERHEAD, PathCache, extend
 
 
 def test_cache_is_bounded_by_bytes_least_recently_used_first():
@@ -50,8 +50,7 @@ async def test_cached_histories_match_the_tree_while_another_process_changes_it(
     cached = create_app(Settings(database_url=db_url, upstream_base_url=mock.url))
     plain = create_app(Settings(database_url=db_url, upstream_base_url=mock.url, path_cache_mb=0))
     async with cached.router.lifespan_context(cached), plain.router.lifespan_context(plain):
-        # private: no API tells whether a cache is on; this pins that the two apps differ in it
-        assert cached.state.store.paths is not None and plain.state.store.paths is None
+        assert cached.state.store.caches_histories and not plain.state.store.caches_histories
         ha = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=cached), base_url="http://test")
         hb = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=plain), base_url="http://test")
         async with ha, hb, openai.AsyncOpenAI(api_key="k", base_url="http://test/v1", http_client=ha,
@@ -83,7 +82,7 @@ async def test_cached_histories_match_the_tree_while_another_process_changes_it(
                 _texts(mock.requests[-1]["messages"])
             # this process still knows the head, but its history has left the cache
             await turn("a4b")
-            cached.state.store.paths = PathCache(1 << 20)
+            cached.state.store.forget_histories()
             await turn("a4c")
             await turn("a4d")  # and from the cache again
             # back to the seed, through the other process, then on from there

@@ -1,5 +1,6 @@
-"""The hot path's raw-driver layer (`store.db.Database`): statements written once for both
-drivers, and writes from several processes on one database. Each "process" here is a Store on
+"""The repository on the raw drivers (`store.statements`, `store.sqlite_writer`,
+`store.postgres`, `store.group_commit`): statements written once for both drivers, and writes
+from several processes on one database. Each "process" here is a Repository on
 an engine of its own: on SQLite it has its own connections, write lock and flock descriptor,
 which is what another process would have."""
 
@@ -16,10 +17,12 @@ from sqlalchemy import text
 
 from branchwise.core.ids import new_id
 from branchwise.core.tree import place
-from branchwise.store import db as dbmod
-from branchwise.store import queries
-from branchwise.store.db import SQL, create_engine, migrate
-from branchwise.store.queries import Store
+from branchwise.store import statements
+from branchwise.store.connect import create_engine, migrate, writer
+from branchwise.store.group_commit import OneInFlight
+from branchwise.store.repository import Repository
+from branchwise.store.sqlite_writer import SqliteWriter
+from branchwise.store.statements import SQL
 from branchwise.wire import items as witems
 from branchwise.wire import models as m
 
@@ -36,19 +39,19 @@ def _message(role: str, text_: str) -> witems.NewItem:
     return witems.from_input(m.Message(role=role, content=text_))
 
 
-async def _stores(url: str, n: int) -> list[Store]:
+async def _stores(url: str, n: int) -> list[Repository]:
     engines = [create_engine(url) for _ in range(n)]
     await migrate(engines[0])
-    return [Store(e) for e in engines]
+    return [Repository(e) for e in engines]
 
 
-async def _close(stores: list[Store]) -> None:
+async def _close(stores: list[Repository]) -> None:
     for s in stores:
-        await s.db.close()
+        await s.close()
         await s.engine.dispose()
 
 
-async def _commit(store: Store, conv_id: str, tree: str, base: str, base_depth: int, k: int) -> tuple[str, bool]:
+async def _commit(store: Repository, conv_id: str, tree: str, base: str, base_depth: int, k: int) -> tuple[str, bool]:
     rid = new_id("resp")
     placed = place([_message("user", f"q{k}"), _message("assistant", f"a{k}")], base, base_depth, rid)
     row = {"id": rid, "status": "completed", "created_at": 1, "conversation_id": conv_id,
@@ -94,14 +97,14 @@ async def test_hot_write_polls_while_another_process_holds_the_flock(tmp_path, m
     (no thread) and lands once the flock is free."""
     tries = 0
     # private: the number of inline tries is the property, and nothing public counts them
-    real = dbmod.Database._write_inline
+    real = SqliteWriter._write_inline
 
     def counting(self, writes):
         nonlocal tries
         tries += 1
         return real(self, writes)
 
-    monkeypatch.setattr(dbmod.Database, "_write_inline", counting)
+    monkeypatch.setattr(SqliteWriter, "_write_inline", counting)
     url = f"sqlite:///{tmp_path / 'f.db'}"
     (a,) = stores = await _stores(url, 1)
     other = os.open(str(tmp_path / "f.db") + ".branchwise-lock", os.O_RDWR)  # another process's descriptor
@@ -124,8 +127,8 @@ async def test_hot_write_polls_while_another_process_holds_the_flock(tmp_path, m
 
 
 async def test_hot_write_waits_for_a_writer_outside_the_flock(tmp_path):
-    """A transaction that does not queue on the flock (a `Writer` one, as the conversation routes
-    use) holds SQLite's write lock: a hot-path write from another process waits for it to end,
+    """A transaction that does not queue on the flock (a SQLAlchemy `Writer` one, as leases,
+    runs and migrations use) holds SQLite's write lock: a hot-path write from another process waits for it to end,
     then lands, and the open transaction's own write is not lost."""
     url = f"sqlite:///{tmp_path / 'w.db'}"
     a, b = stores = await _stores(url, 2)
@@ -137,7 +140,7 @@ async def test_hot_write_waits_for_a_writer_outside_the_flock(tmp_path):
         started = asyncio.Event()
 
         async def outside() -> None:
-            async with b.writer.begin() as conn:
+            async with writer(b.engine).begin() as conn:
                 await conn.execute(text("UPDATE conversations SET metadata = '{\"k\": 1}' WHERE id = :id"),
                                    {"id": conv_id})
                 started.set()
@@ -163,9 +166,9 @@ async def test_sqlite_wal_starts_over_under_steady_writes(tmp_path, monkeypatch,
     every write (it did: 500 MB in 8 s). On a slow disk (every first pass too slow) the short
     pass that lets it start over is put off, but only five times in a row."""
     if disk == "slow":
-        monkeypatch.setattr(dbmod.Database, "SLOW_CHECKPOINT_S", -1.0)
-    monkeypatch.setattr(dbmod.Database, "CHECKPOINT_EVERY", 10)
-    monkeypatch.setattr(dbmod.Database, "RESTART_EVERY", 30)
+        monkeypatch.setattr(SqliteWriter, "SLOW_CHECKPOINT_S", -1.0)
+    monkeypatch.setattr(SqliteWriter, "CHECKPOINT_EVERY", 10)
+    monkeypatch.setattr(SqliteWriter, "RESTART_EVERY", 30)
     url = f"sqlite:///{tmp_path / 'wal.db'}"
     wal = tmp_path / "wal.db-wal"
     (a,) = stores = await _stores(url, 1)
@@ -226,11 +229,9 @@ async def test_finding_an_item_in_a_tree_is_an_index_search_not_a_tree_scan(tmp_
     """Head moves and forks at an item look the item up in its tree. SQLite once answered that
     from the (tree, seq) index, reading the whole tree, so they slowed as a conversation grew."""
     # private: the statements' plans are the property; no interface exposes the SQL it runs
-    from branchwise.store.queries import _RAW_CANDIDATES, _TREE_AFTER
-
     (a,) = stores = await _stores(f"sqlite:///{tmp_path / 'p.db'}", 1)
     try:
-        for q in (_RAW_CANDIDATES, _TREE_AFTER):
+        for q in (statements.CANDIDATES, statements.TREE_AFTER):
             plan = " ".join(r[-1] for r in a.db._loop_conn.execute(
                 "EXPLAIN QUERY PLAN " + q.text, {"tree": "t", "item_id": "i"}).fetchall())
             assert "ix_items_item_tree_seq (item_id=? AND tree=?)" in plan, plan
@@ -240,11 +241,12 @@ async def test_finding_an_item_in_a_tree_is_an_index_search_not_a_tree_scan(tmp_
 
 async def test_commits_of_every_shape_store_everything(db_url):
     """The commit as one statement takes two forms on PostgreSQL: VALUES rows up to 4,000
-    parameters (and eight commits), unnest'ed arrays past that (here 400 items). Each shape stores every item and row
-    and moves the head by compare-and-swap (SQLite runs the same calls through its own path)."""
+    parameters (and eight commits), unnest'ed arrays past that (here 400 items). Each shape
+    stores every item and row and moves the head by compare-and-swap (SQLite runs the same calls
+    through its own path)."""
     engine = create_engine(db_url)
     await migrate(engine)
-    store = Store(engine, 0)  # no history cache: every path below is read from the database
+    store = Repository(engine, 0)  # no history cache: every path below is read from the database
     try:
         conv_id = new_id("conv")
         await store.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
@@ -275,7 +277,7 @@ async def test_commits_of_every_shape_store_everything(db_url):
                 row = await store.response(rid)
                 assert row is not None and row.last_node == last and row.input_count == n_items
     finally:
-        await store.db.close()
+        await store.close()
         await engine.dispose()
 
 
@@ -285,13 +287,13 @@ async def test_sqlite_writes_of_one_loop_pass_commit_together_and_fail_alone(tmp
     head move out of 20 from the same base), and a write that fails fails alone."""
     groups: list[int] = []
     # private: which writes shared a transaction shows in no result, only in this call
-    real = dbmod.Database._write_inline
+    real = SqliteWriter._write_inline
 
     def recording(self, writes):
         groups.append(len(writes))
         return real(self, writes)
 
-    monkeypatch.setattr(dbmod.Database, "_write_inline", recording)
+    monkeypatch.setattr(SqliteWriter, "_write_inline", recording)
     (a,) = stores = await _stores(f"sqlite:///{tmp_path / 'g.db'}", 1)
     try:
         conv_id = new_id("conv")
@@ -312,7 +314,7 @@ async def test_sqlite_writes_of_one_loop_pass_commit_together_and_fail_alone(tmp
         groups.clear()
         dup = results[0][0]
         good = asyncio.ensure_future(_commit(a, conv_id, conv.tree, after.head, after.head_depth, 100))
-        bad = asyncio.ensure_future(a.db.write([(dbmod.SQL(
+        bad = asyncio.ensure_future(a.db.write([(SQL(
             "INSERT INTO responses (id, status, created_at, tree, input_count, body)"
             " VALUES (:id, 'completed', 1, :tree, 0, x'00')"), {"id": dup, "tree": conv.tree})]))
         late = asyncio.ensure_future(_commit(a, conv_id, conv.tree, after.head, after.head_depth, 101))
@@ -337,16 +339,16 @@ async def test_group_commit_of_many_conversations_keeps_every_compare_and_swap(d
     transaction. Every response is stored, and on every conversation exactly one of its two moved
     the head, to that response's last node. A commit that breaks a constraint in such a group
     fails alone."""
-    monkeypatch.setattr(queries, "_PG_VALUES_COMMITS_MAX", 0 if form == "unnest" else 100)
+    monkeypatch.setattr(statements, "PG_VALUES_COMMITS_MAX", 0 if form == "unnest" else 100)
     sizes: list[int] = []
     # private: how commits are grouped into statements shows in no result, only in this call
-    real = Store._pg_commit_many
+    real = Repository._pg_commit_many
 
     async def recording(self, entries):
         sizes.append(len(entries))
         return await real(self, entries)
 
-    monkeypatch.setattr(Store, "_pg_commit_many", recording)
+    monkeypatch.setattr(Repository, "_pg_commit_many", recording)
     (a,) = stores = await _stores(db_url, 1)
     try:
         convs = []
@@ -406,13 +408,13 @@ async def test_reads_and_head_moves_of_one_loop_pass(db_url, monkeypatch):
     or of a missing conversation moves nothing."""
     sizes: dict[str, list[int]] = {"read": [], "move": []}
     for kind, name in (("read", "_pg_read_group"), ("move", "_pg_move_group")):
-        real = getattr(Store, name)
+        real = getattr(Repository, name)
 
         def recording(self, entries, _real=real, _kind=kind):
             sizes[_kind].append(len(entries))
             return _real(self, entries)
 
-        monkeypatch.setattr(Store, name, recording)
+        monkeypatch.setattr(Repository, name, recording)
     a, b = stores = await _stores(db_url, 2)
     try:
         convs = []
@@ -458,7 +460,7 @@ async def test_reads_and_head_moves_of_one_loop_pass(db_url, monkeypatch):
         await _close(stores)
 
 
-async def test_pass_batch_sends_the_next_group_in_the_turn_the_last_result_came_in():
+async def test_one_in_flight_sends_the_next_group_in_the_turn_the_last_result_came_in():
     """Groups that gather while one is out go one after another in the same task: the next
     group's flush starts as the last one's result is handled, without waiting for another pass
     of the loop (a task per group would start it one pass later)."""
@@ -472,7 +474,7 @@ async def test_pass_batch_sends_the_next_group_in_the_turn_the_last_result_came_
         await gate
         return [i * 10 for i in items]
 
-    batch = dbmod.PassBatch(flush)
+    batch = OneInFlight(flush)
     call = lambda i: asyncio.ensure_future(batch.submit(i))  # noqa: E731
     alone = call(1)
     await asyncio.sleep(0)
@@ -499,8 +501,8 @@ async def test_pass_batch_sends_the_next_group_in_the_turn_the_last_result_came_
     assert await idle == 60
 
 
-async def test_pass_batch_flushes_alone_when_idle_and_groups_what_waits_for_a_running_flush():
-    """PassBatch: a call that finds no flush running goes at once, alone; the calls made while
+async def test_one_in_flight_flushes_alone_when_idle_and_groups_what_waits_for_a_running_flush():
+    """OneInFlight: a call that finds no flush running goes at once, alone; the calls made while
     it runs (in this pass of the loop or later ones) wait and go together when it ends; each
     caller gets its own result or exception, and a caller that gives up cancels nobody else's."""
     groups: list[list] = []
@@ -512,7 +514,7 @@ async def test_pass_batch_flushes_alone_when_idle_and_groups_what_waits_for_a_ru
             await release.wait()
         return [ValueError(i) if i == "bad" else i * 2 for i in items]
 
-    batch = dbmod.PassBatch(flush)
+    batch = OneInFlight(flush)
     call = lambda i: asyncio.ensure_future(batch.submit(i))  # noqa: E731
     first, second = call(1), call(2)
     await asyncio.sleep(0)
@@ -531,3 +533,35 @@ async def test_pass_batch_flushes_alone_when_idle_and_groups_what_waits_for_a_ru
         await later[1]
     assert groups == [[1], [2, 3, "bad", 4, 5]]
     assert await batch.submit(6) == 12 and groups[-1] == [6]  # idle again: alone, at once
+
+
+def test_tree_rules_the_repository_executes():
+    """`core.tree`'s rules, without a database: a delete re-hangs the rows below as new nodes in
+    a line under the deleted item's parent; a fork points at the source's head or an item on its
+    path; a page of a path reads one item more than it returns; the newest node holding an item
+    is where a head moved to it goes."""
+    from branchwise.core.tree import (
+        Conversation,
+        PathRow,
+        fork_point,
+        head_target,
+        on_path,
+        page_bounds,
+        rehang,
+    )
+
+    below = [{"node": "n3", "parent": "n2", "depth": 3, "item_id": "c"},
+             {"node": "n4", "parent": "n3", "depth": 4, "item_id": "d"}]
+    copies, head = rehang(below, "n1", 2)
+    assert [(c["item_id"], c["depth"]) for c in copies] == [("c", 2), ("d", 3)]
+    assert copies[0]["parent"] == "n1" and copies[1]["parent"] == copies[0]["node"]
+    assert head == copies[1]["node"] and {c["node"] for c in copies}.isdisjoint({"n3", "n4"})
+    assert rehang([], "n1", 2) == ([], "n1")
+    src = Conversation("conv_a", "t", "n4", "d", 4, "message", 1, "{}", None, None)
+    assert fork_point(src, None) == ("n4", ("conv_a", "d"))
+    assert fork_point(src, PathRow("n2", 2, "b", b"{}")) == ("n2", ("conv_a", "b"))
+    assert page_bounds(4, 2, "asc", None) == (0, 2) and page_bounds(4, 2, "desc", None) == (2, 4)
+    assert page_bounds(4, 2, "desc", 0) is None
+    assert head_target([("new", 3), ("old", 1)]) == "new" and head_target([]) is None
+    path = [PathRow("n4", 4, "d", b""), PathRow("n3", 3, "c", b"")]
+    assert on_path([("x", 3), ("n3", 3)], path) == path[1] and on_path([("x", 3)], path) is None

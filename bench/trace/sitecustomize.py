@@ -19,7 +19,7 @@ if os.environ.get("BRANCHWISE_BENCH_TRACE"):
     import time
 
     from branchwise.services import responses
-    from branchwise.store import db, queries
+    from branchwise.store import repository, sqlite_writer
 
     _OUT = os.environ["BRANCHWISE_BENCH_TRACE"]
     _now = time.perf_counter
@@ -55,9 +55,9 @@ if os.environ.get("BRANCHWISE_BENCH_TRACE"):
 
     _step(responses.Responses, "validate", "start")
     _step(responses.Responses, "complete", "reply")
-    _step(queries.Store, "conversation_with_history", "read")
+    _step(repository.Repository, "conversation_with_history", "read")
     _step(responses.Responses, "_generate_now", "model")
-    _step(queries.Store, "commit_response", "commit")
+    _step(repository.Repository, "commit_response", "commit")
 
     def _group(cls, name: str, kind: str, is_async: bool = True) -> None:
         inner = getattr(cls, name)
@@ -77,11 +77,11 @@ if os.environ.get("BRANCHWISE_BENCH_TRACE"):
                     _groups.append((kind, t, _now(), len(a[0]) if kind == "sqlite write" else 0))
         setattr(cls, name, timed)
 
-    _group(queries.Store, "_pg_read_group", "pg read")
-    _group(queries.Store, "_pg_commit_group", "pg commit")
-    _group(queries.Store, "_pg_move_group", "pg head move")
-    _group(db.Database, "_write_inline", "sqlite write", is_async=False)
-    _group(db.Database, "_checkpoint", "sqlite checkpoint", is_async=False)
+    _group(repository.Repository, "_pg_read_group", "pg read")
+    _group(repository.Repository, "_pg_commit_group", "pg commit")
+    _group(repository.Repository, "_pg_move_group", "pg head move")
+    _group(sqlite_writer.SqliteWriter, "_write_inline", "sqlite write", is_async=False)
+    _group(sqlite_writer.SqliteWriter, "_checkpoint", "sqlite checkpoint", is_async=False)
 
     def _write(*_) -> None:
         with open(os.path.join(_OUT, f"trace-{os.getpid()}.json"), "w") as fh:

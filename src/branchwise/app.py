@@ -12,13 +12,14 @@ from contextlib import asynccontextmanager
 from branchwise.api.app import API
 from branchwise.backends.router import Router
 from branchwise.services.concurrency import Policies
+from branchwise.services.conversations import Conversations
 from branchwise.services.responses import Responses
 from branchwise.services.runs import Runs
 from branchwise.services.streams import Streams
 from branchwise.settings import Settings
-from branchwise.store.db import create_engine, migrate
+from branchwise.store.connect import create_engine, migrate
 from branchwise.store.leases import Leases
-from branchwise.store.queries import Store
+from branchwise.store.repository import Repository
 from branchwise.store.runs import RunStore
 
 
@@ -30,13 +31,14 @@ def create_app(settings: Settings | None = None) -> API:
         db = create_engine(settings.database_url)
         await migrate(db)
         router = Router(settings)
-        store = Store(db, settings.path_cache_mb << 20)
+        store = Repository(db, settings.path_cache_mb << 20)
         policies = Policies(Leases(db), settings)
         runs = Runs(RunStore(db), settings)
         responses = Responses(store, router, settings, policies, runs)
         s = app.state
         s.settings, s.store, s.router, s.policies, s.runs = settings, store, router, policies, runs
         s.responses, s.streams = responses, Streams(responses, runs)
+        s.conversations = Conversations(store, responses.context, policies, settings)
         await runs.start()
         # Everything made so far (modules, app, pools) lives as long as the process: keep it out
         # of the collector's full passes, which would otherwise walk it all again and again.
@@ -50,7 +52,7 @@ def create_app(settings: Settings | None = None) -> API:
         finally:
             await runs.stop()
             await router.aclose()
-            await store.db.close()
+            await store.close()
             await db.dispose()
 
     return API(lifespan, api_key=settings.api_key)

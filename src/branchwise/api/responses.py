@@ -14,7 +14,7 @@ from branchwise.services.concurrency import ClientGone
 from branchwise.services.responses import Responses
 from branchwise.services.streams import Streams
 from branchwise.services.tokens import count_input_tokens
-from branchwise.store.queries import Store
+from branchwise.store.repository import Repository
 from branchwise.wire.models import CompactRequest, CountInputTokens, CreateResponse
 from branchwise.wire.objects import item_list
 
@@ -29,7 +29,7 @@ def _streams(request: Request) -> Streams:
     return request.app.state.streams
 
 
-def _store(request: Request) -> Store:
+def _store(request: Request) -> Repository:
     return request.app.state.store
 
 

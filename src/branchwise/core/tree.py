@@ -87,3 +87,69 @@ def place(chain: Sequence[NewItem], parent: str | None, parent_depth: int,
     return out
 
 
+
+
+# A branch is the path from a tree's root to one of its nodes: what a model sees as history and
+# what a conversation's head names. Branches share their common nodes; a new branch is a new
+# line of nodes hung under a node of an existing one (`place`), never a copy.
+
+
+def on_path_bounds(candidates: Sequence[tuple[str, int]], head_depth: int) -> int | None:
+    """The shallowest depth at which one of `candidates` (nodes holding an item, with their
+    depths) could lie on a path of `head_depth`; None when none can."""
+    if not candidates:
+        return None
+    lo = min(d for _, d in candidates)
+    return None if lo > head_depth else lo
+
+
+def on_path(candidates: Sequence[tuple[str, int]], path: Sequence[PathRow]) -> PathRow | None:
+    """The row of `path` (deepest first) that holds one of `candidates`: an item id may stand on
+    several nodes of a tree (a re-hung copy, a forked line), and the one that counts is the
+    one on this path."""
+    nodes = {n for n, _ in candidates}
+    return next((row for row in path if row.node in nodes), None)
+
+
+def page_bounds(head_depth: int, limit: int, order: str, after_depth: int | None) -> tuple[int, int] | None:
+    """The depths [lo, hi] to read for a page of `limit` items of a path of `head_depth`
+    (one more than the page, to tell whether there is more), from the root ("asc") or the head
+    ("desc"), after the item at `after_depth`; None for an empty page."""
+    if order == "asc":
+        lo = after_depth + 1 if after_depth is not None else 0
+        hi = lo + limit
+    else:
+        hi = after_depth - 1 if after_depth is not None else head_depth
+        lo = hi - limit
+    if hi < lo or hi < 0:
+        return None
+    return lo, hi
+
+
+def head_target(candidates: Sequence[tuple[str, int]]) -> str | None:
+    """Where a conversation's head goes when moved to an item: the newest node holding that item
+    in the conversation's tree (`candidates`, newest first); an item of another tree, or none,
+    is no valid target (None). The repository runs this rule as one statement."""
+    return candidates[0][0] if candidates else None
+
+
+def fork_point(source: Conversation, at: PathRow | None) -> tuple[str | None, tuple[str, str | None]]:
+    """A fork of `source`: the new conversation's head (the source's head, or the node `at` of
+    an item on its path) and what it was forked from (conversation, item). Nothing is copied:
+    the new pointer shares the source's tree."""
+    if at is None:
+        return source.head, (source.id, source.head_item)
+    return at.node, (source.id, at.item_id)
+
+
+def rehang(below: Sequence[dict[str, Any]], parent: str | None, depth: int) -> tuple[list[dict[str, Any]], str | None]:
+    """Deleting an item from a path without touching a shared node: the items `below` it (whole
+    rows, in path order from the one under it to the head) are copied, same item ids and
+    content, in a new line under its `parent` (at `depth`, the deleted item's own). Returns the
+    copies to insert and the path's new head (the parent itself when nothing was below)."""
+    copies = []
+    for row in below:
+        node = new_node()
+        copies.append({**row, "node": node, "parent": parent, "depth": depth})
+        parent, depth = node, depth + 1
+    return copies, parent

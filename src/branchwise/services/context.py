@@ -9,7 +9,7 @@ import orjson
 
 from branchwise.core.errors import InvalidRequest, NotFound
 from branchwise.core.tree import NewItem
-from branchwise.store.queries import Store
+from branchwise.store.repository import Repository
 from branchwise.wire import items as witems
 from branchwise.wire import models as m
 
@@ -23,7 +23,7 @@ def estimate_tokens(messages: bytes) -> int:
 
 
 class Context:
-    def __init__(self, store: Store):
+    def __init__(self, store: Repository):
         self.store = store
 
     async def check_tool_output(self, base: str, inputs: list[NewItem]) -> None:

@@ -30,8 +30,7 @@ from branchwise.services.concurrency import Lease, Policies
 from branchwise.services.context import Context
 from branchwise.services.runs import Run, Runs
 from branchwise.settings import Settings
-from branchwise.store.paths import extend as extend_path
-from branchwise.store.queries import Store
+from branchwise.store.repository import Repository
 from branchwise.wire import items as witems
 from branchwise.wire import models as m
 from branchwise.wire.chat import chat_params
@@ -69,7 +68,7 @@ class Responses:
     """One response's life up to its commit: validate, take its place (lease), build the
     context, generate (with `n` fanned out when the backend cannot), commit."""
 
-    def __init__(self, store: Store, router: Router, settings: Settings, policies: Policies, runs: Runs):
+    def __init__(self, store: Repository, router: Router, settings: Settings, policies: Policies, runs: Runs):
         self.store = store
         self.policies = policies
         self.router = router
@@ -255,15 +254,15 @@ class Responses:
         usages = self._usages(plan, usage)
         # the new branches' histories, for the path cache once they are stored
         with_inputs = None
-        if self.store.paths is not None and plan.history is not None:
-            with_inputs = extend_path(plan.history, [p.item.chat for p in placed_inputs])
+        if plan.history is not None:  # (None when the store keeps no histories)
+            with_inputs = self.store.history_after(plan.history, [p.item.chat for p in placed_inputs])
         paths: list[tuple[str, bytes]] = []
         for i, (choice, out) in enumerate(zip(choices, outputs, strict=True)):
             chain = place(out, input_node, input_depth, plan.ids[i])
             placed.extend(chain)
             lasts.append(chain[-1].node if chain else input_node)
             if with_inputs is not None and lasts[-1] is not None:
-                paths.append((lasts[-1], extend_path(with_inputs, [p.item.chat for p in chain])))
+                paths.append((lasts[-1], self.store.history_after(with_inputs, [p.item.chat for p in chain])))
             reason = INCOMPLETE.get(choice.finish_reason or "")
             objs.append(response_object(
                 req, id=plan.ids[i], created_at=plan.created_at,
@@ -307,12 +306,8 @@ class Responses:
                 tree=plan.tree, placed=placed if keep_items else [], response_rows=rows,
                 conversation_id=plan.conversation.id if move and plan.conversation else None,
                 base=plan.base, new_head=lasts[0] if move else None,
-                update_existing=plan.run is not None, events=events,
+                update_existing=plan.run is not None, events=events, histories=paths,
             )
-            if keep_items and placed:  # (`paths` is empty when the cache is off)
-                for node, history in paths:
-                    if history:
-                        self.store.paths.put(node, history)
         return objs
 
     async def fail(self, plan: Plan, code: str, message: str | None, status: str = "failed",

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from branchwise.store.db import reader, writer
+from branchwise.store.connect import reader, writer
 from branchwise.store.tables import conversations, leases
 
 

@@ -10,7 +10,7 @@ import orjson
 from sqlalchemy import and_, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from branchwise.store.db import reader, writer
+from branchwise.store.connect import reader, writer
 from branchwise.store.tables import events, responses
 
 RUNNING = ("queued", "in_progress")

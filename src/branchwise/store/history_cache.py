@@ -1,4 +1,4 @@
-"""A bounded in-memory cache of histories: node -> the Chat Completions messages of the path
+"""The history cache, bounded, in memory: node -> the Chat Completions messages of the path
 root..node, comma-joined, exactly as the path query builds them from the database.
 
 Correct across processes and without invalidation because a node never changes: items are only

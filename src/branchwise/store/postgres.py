@@ -1,0 +1,97 @@
+"""PostgreSQL: the repository's statements on a raw asyncpg pool of its own, which prepares and
+caches each statement per connection. Every call is one round trip in its own transaction,
+except `write` (a few steps) and `transaction` (reads that decide the writes)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from branchwise.store.connect import open_pg_pool
+from branchwise.store.statements import SQL, Step, Tx
+
+
+class PgTx(Tx):
+    """A transaction's statements on one asyncpg connection."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    async def one(self, sql: SQL, params: dict) -> tuple | None:
+        row = await self.conn.fetchrow(sql.pg, *sql.args(params))
+        return None if row is None else tuple(row)
+
+    async def all(self, sql: SQL, params: dict) -> list[tuple]:
+        return [tuple(r) for r in await self.conn.fetch(sql.pg, *sql.args(params))]
+
+    async def execute(self, sql: SQL, params: dict | list[dict]) -> int:
+        if isinstance(params, list):
+            if params:
+                await self.conn.executemany(sql.pg, [sql.args(p) for p in params])
+            return len(params)
+        return int((await self.conn.execute(sql.pg, *sql.args(params))).rsplit(" ", 1)[-1])
+
+
+class PgDatabase:
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        self._pool = None
+        self._pool_lock = asyncio.Lock()
+
+    async def _pg(self):
+        return self._pool or await self._open_pool()
+
+    async def _open_pool(self):
+        async with self._pool_lock:
+            if self._pool is None:
+                self._pool = await open_pg_pool(self.engine)
+        return self._pool
+
+    async def one(self, sql: SQL, params: dict) -> tuple | None:
+        pool = await self._pg()
+        row = await pool.fetchrow(sql.pg, *sql.args(params))
+        return None if row is None else tuple(row)
+
+    async def all(self, sql: SQL, params: dict) -> list[tuple]:
+        pool = await self._pg()
+        return [tuple(r) for r in await pool.fetch(sql.pg, *sql.args(params))]
+
+    async def value(self, sql: SQL, params: dict) -> Any:
+        row = await self.one(sql, params)
+        return None if row is None else row[0]
+
+    async def write(self, steps: Sequence[Step]) -> int:
+        """`steps` in one transaction; returns the row count of the last one."""
+        pool = await self._pg()
+        async with pool.acquire() as conn, conn.transaction():
+            tx = PgTx(conn)
+            count = 0
+            for sql, params in steps:
+                count = await tx.execute(sql, params)
+            return count
+
+    async def fetch_numbered(self, text: str, args: Sequence[Any]) -> list[tuple]:
+        """A statement built already numbered `$1 ..` (the commit, `statements.pg_commit`), in its
+        own transaction: its rows."""
+        pool = await self._pg()
+        return [tuple(r) for r in await pool.fetch(text, *args)]
+
+    async def write_returning(self, sql: SQL, params: dict) -> list[tuple]:
+        """One data-modifying statement with RETURNING, in its own transaction: its rows."""
+        return await self.all(sql, params)
+
+    async def transaction(self, fn: Callable[[Tx], Awaitable[Any]]) -> Any:
+        """`fn(tx)` in one transaction on one connection."""
+        pool = await self._pg()
+        async with pool.acquire() as conn, conn.transaction():
+            return await fn(PgTx(conn))
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None

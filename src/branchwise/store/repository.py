@@ -1,0 +1,429 @@
+"""The repository: the one store API that services and routes see. Conversations (pointers
+into trees), their histories, items, responses, and the commit of a finished response by
+compare-and-swap of the head. The tree's rules are `core.tree`'s pure functions; this module
+executes what they compute, on one database (`sqlite_writer` or `postgres`), with the
+statements of `statements`. Write transactions are short and never span a model call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from branchwise.core.ids import now
+from branchwise.core.tree import (
+    Conversation,
+    NewItem,
+    PathRow,
+    Placed,
+    ResponseRow,
+    on_path,
+    on_path_bounds,
+    page_bounds,
+    place,
+    rehang,
+)
+from branchwise.store import statements as q
+from branchwise.store.connect import is_sqlite
+from branchwise.store.group_commit import OneInFlight, in_rounds
+from branchwise.store.history_cache import PathCache, extend
+from branchwise.store.postgres import PgDatabase
+from branchwise.store.sqlite_writer import SqliteWriter
+from branchwise.store.statements import Tx
+
+
+def _joined(value: str | bytes | None) -> bytes:
+    """An aggregated path from the database (TEXT on SQLite, bytea on PostgreSQL) as bytes."""
+    if value is None:
+        return b""
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _item_rows(tree: str, placed: Sequence[Placed], created: int) -> list[dict]:
+    return [
+        {
+            "node": p.node, "parent": p.parent, "depth": p.depth, "tree": tree,
+            "item_id": p.item.item_id, "type": p.item.type, "role": p.item.role,
+            "status": p.item.status, "response_id": p.response_id, "created_at": created,
+            "data": p.item.data, "chat": p.item.chat,
+        }
+        for p in placed
+    ]
+
+
+class Repository:
+    def __init__(self, engine: AsyncEngine, history_cache_bytes: int = 16 << 20):
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self.db: SqliteWriter | PgDatabase = SqliteWriter(engine) if is_sqlite(engine) else PgDatabase(engine)
+        # PostgreSQL: the hot path's reads, commits (SQLite's group commit is the writer's) and
+        # head moves, each kind grouped (see `group_commit`)
+        self._pg_reads = OneInFlight(self._pg_read_group)
+        self._pg_commits = OneInFlight(self._pg_commit_group)
+        self._pg_moves = OneInFlight(self._pg_move_group)
+        self._history_cache_bytes = history_cache_bytes
+        # node -> its path's messages (see `history_cache`); None when switched off
+        self._histories = PathCache(history_cache_bytes) if history_cache_bytes > 0 else None
+        # conversation -> the head this process last read or set (a hint: always checked)
+        self._heads: dict[str, str] = {}
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # ------------------------------------------------------------------ the history cache
+
+    @property
+    def caches_histories(self) -> bool:
+        return self._histories is not None
+
+    def forget_histories(self) -> None:
+        """Empty the history cache (every history is read from the database again)."""
+        if self._histories is not None:
+            self._histories = PathCache(self._history_cache_bytes)
+
+    def history_after(self, history: bytes, chats: list[bytes | None]) -> bytes | None:
+        """`history` followed by the messages `chats`, as the path query would read it back once
+        they are stored; None when the cache is off (nothing will keep it)."""
+        return extend(history, chats) if self._histories is not None else None
+
+    def _note_head(self, conv_id: str, head: str | None) -> None:
+        if self._histories is None:
+            return
+        if head is None:
+            self._heads.pop(conv_id, None)
+            return
+        if len(self._heads) >= 100_000:
+            self._heads.clear()
+        self._heads[conv_id] = head
+
+    # ------------------------------------------------------------------ reads
+
+    async def conversation(self, conv_id: str) -> Conversation | None:
+        row = await self.db.one(q.CONVERSATION, {"id": conv_id})
+        return None if row is None else Conversation(*row)
+
+    async def conversation_with_history(self, conv_id: str) -> tuple[Conversation | None, bytes]:
+        """The conversation and the comma-joined messages of its current path, in one query. When
+        the head is still the one this process last saw and its history is cached, the query
+        skips the walk and the history comes from the cache."""
+        known = self._heads.get(conv_id)
+        cached = self._histories.get(known) if known is not None and self._histories is not None else None
+        if cached is None:
+            known = None
+        if self.dialect == "postgresql":
+            row = await self._pg_reads.submit((conv_id, known))
+        elif known is None:
+            row = await self.db.one(q.CONVERSATION_HISTORY[self.dialect], {"id": conv_id})
+        else:
+            row = await self.db.one(q.CONVERSATION_HISTORY_UNLESS[self.dialect], {"id": conv_id, "known": known})
+        if row is None:
+            self._heads.pop(conv_id, None)
+            return None, b""
+        conv = Conversation(*row[:-1])
+        if known is not None and conv.head == known:  # the walk was skipped
+            history = cached
+        else:
+            history = _joined(row[-1])
+            if self._histories is not None and conv.head is not None and history:
+                self._histories.put(conv.head, history)
+        self._note_head(conv_id, conv.head)
+        return conv, history
+
+    async def path_chat(self, node: str | None) -> bytes:
+        """The Chat Completions messages of the path root..node, in order, comma-joined
+        (b"" for an empty path)."""
+        if node is None:
+            return b""
+        if self._histories is not None:
+            hit = self._histories.get(node)
+            if hit is not None:
+                return hit
+        history = _joined(await self.db.value(q.PATH_CHAT[self.dialect], {"node": node}))
+        if self._histories is not None and history:  # (empty: perhaps a node not written yet)
+            self._histories.put(node, history)
+        return history
+
+    async def walk(self, head: str, lo: int, hi: int, order: str = "asc") -> list[PathRow]:
+        """The items of the path ending at `head` whose depth lies in [lo, hi]."""
+        rows = await self.db.all(q.WALK[order], {"node": head, "lo": max(lo, 0), "hi": hi})
+        return [PathRow(*r) for r in rows]
+
+    async def candidates(self, tree: str, item_id: str) -> list[tuple[str, int]]:
+        """Nodes holding `item_id` in `tree`: (node, depth), newest first."""
+        return [tuple(r) for r in await self.db.all(q.CANDIDATES, {"tree": tree, "item_id": item_id})]
+
+    async def in_tree(self, tree: str, item_id: str) -> bool:
+        """Whether some node of `tree` holds `item_id`."""
+        return bool(await self.candidates(tree, item_id))
+
+    async def find_on_path(self, conv: Conversation, item_id: str) -> PathRow | None:
+        """The node holding `item_id` on the conversation's current path, if any."""
+        return await _find_on_path(self.db, conv, item_id)
+
+    async def list_path(self, conv: Conversation, *, limit: int, order: str,
+                        after: PathRow | None) -> tuple[list[PathRow], bool]:
+        """A page of the conversation's path, and whether there is more."""
+        if conv.head is None:
+            return [], False
+        bounds = page_bounds(conv.head_depth, limit, order, after.depth if after else None)
+        if bounds is None:
+            return [], False
+        rows = await self.walk(conv.head, *bounds, order)
+        return rows[:limit], len(rows) > limit
+
+    async def response(self, resp_id: str) -> ResponseRow | None:
+        row = await self.db.one(q.RESPONSE, {"id": resp_id})
+        return None if row is None else ResponseRow(*row)
+
+    async def node_depth(self, node: str | None) -> int:
+        return (await self.node_info(node))[0]
+
+    async def node_info(self, node: str | None) -> tuple[int, str | None]:
+        """(depth, item type) of a node; (-1, None) for no node."""
+        if node is None:
+            return -1, None
+        row = await self.db.one(q.NODE_INFO, {"node": node})
+        return (-1, None) if row is None else (row[0], row[1])
+
+    async def node_data(self, node: str) -> bytes | None:
+        return await self.db.value(q.NODE_DATA, {"node": node})
+
+    async def items_by_id(self, ids: Sequence[str]) -> dict[str, tuple]:
+        """Content of existing items, for `item_reference` inputs."""
+        ids = list(dict.fromkeys(ids))
+        sql, names = q.items_by_id(len(ids))
+        return {r[0]: tuple(r) for r in await self.db.all(sql, dict(zip(names, ids, strict=True)))}
+
+    async def tree_page(self, tree: str, *, limit: int, after: str | None) -> tuple[list[tuple], bool]:
+        """A page of every item of `tree` in the order they were stored; none when `after` is
+        not in the tree."""
+        after_seq = 0
+        if after is not None:
+            s = await self.db.value(q.TREE_AFTER, {"tree": tree, "item_id": after})
+            if s is None:
+                return [], False
+            after_seq = s
+        rows = await self.db.all(q.TREE_PAGE, {"tree": tree, "after": after_seq, "limit": limit + 1})
+        return [tuple(r) for r in rows[:limit]], len(rows) > limit
+
+    # ------------------------------------------------------------------ conversation writes
+
+    async def create_conversation(self, conv_id: str, tree: str, metadata: dict, chain: Sequence[NewItem],
+                                  *, head: str | None = None, forked_from: tuple[str, str | None] | None = None,
+                                  ) -> None:
+        """A new conversation: `chain` as a new root line of `tree` and the head at its end, or
+        (a fork) no items and the head at `head`."""
+        created = now()
+        placed = place(chain, None, -1)
+        if placed:
+            head = placed[-1].node
+        steps: list = []
+        if placed:
+            steps.append((q.INSERT_ITEMS, _item_rows(tree, placed, created)))
+        steps.append((q.INSERT_CONVERSATION, {
+            "id": conv_id, "tree": tree, "head": head, "created_at": created,
+            "metadata": orjson.dumps(metadata).decode(),
+            "forked_from_conversation": forked_from[0] if forked_from else None,
+            "forked_from_item": forked_from[1] if forked_from else None,
+        }))
+        await self.db.write(steps)
+
+    async def update_metadata(self, conv_id: str, metadata: dict) -> bool:
+        return await self.db.write([(q.UPDATE_METADATA, {"id": conv_id,
+                                                         "metadata": orjson.dumps(metadata).decode()})]) > 0
+
+    async def delete_conversation(self, conv_id: str) -> bool:
+        return await self.db.write([(q.DELETE_CONVERSATION, {"id": conv_id})]) > 0
+
+    async def _locked_conversation(self, tx: Tx, conv_id: str) -> Conversation | None:
+        if await tx.one(q.LOCK_CONVERSATION[self.dialect], {"id": conv_id}) is None:
+            return None
+        return Conversation(*await tx.one(q.CONVERSATION, {"id": conv_id}))
+
+    async def append_items(self, conv_id: str, chain: Sequence[NewItem]) -> Conversation | None:
+        """Hang `chain` under the conversation's head and move the head to its end, atomically.
+        The conversation as it was; None when there is no such conversation."""
+        async def append(tx: Tx) -> Conversation | None:
+            conv = await self._locked_conversation(tx, conv_id)
+            if conv is None:
+                return None
+            placed = place(chain, conv.head, conv.head_depth)
+            if placed:
+                await tx.execute(q.INSERT_ITEMS, _item_rows(conv.tree, placed, now()))
+                await tx.execute(q.SET_HEAD, {"id": conv_id, "head": placed[-1].node})
+            return conv
+
+        return await self.db.transaction(append)
+
+    async def move_head_to_item(self, conv_id: str, item_id: str) -> tuple | None:
+        """Point the head at the newest node holding `item_id` in the conversation's tree
+        (`core.tree.head_target`): one statement, one round trip. The conversation's
+        (created_at, metadata, forked_from_conversation, forked_from_item) after the move, or
+        None when there is no such conversation or the item is not in its tree."""
+        if self.dialect == "postgresql":
+            row = await self._pg_moves.submit((conv_id, item_id))
+        else:
+            rows = await self.db.write_returning(q.SET_HEAD_TO_ITEM, {"id": conv_id, "item_id": item_id})
+            row = rows[0] if rows else None
+        if row is None:
+            return None
+        head, *rest = row
+        self._note_head(conv_id, head)
+        return tuple(rest)
+
+    async def delete_from_path(self, conv_id: str, item_id: str) -> bool | None:
+        """Take `item_id` out of the conversation's path without touching any shared node: the
+        nodes below it are re-hung (copied, same item ids) under its parent (`core.tree.rehang`).
+        None: no such conversation; False: the item is not on its path."""
+        async def delete(tx: Tx) -> bool | None:
+            conv = await self._locked_conversation(tx, conv_id)
+            if conv is None:
+                return None
+            target = await _find_on_path(tx, conv, item_id)
+            if target is None:
+                return False
+            path = await tx.all(q.WALK["asc"], {"node": conv.head, "lo": target.depth, "hi": conv.head_depth})
+            below_nodes = [r[0] for r in path][1:]  # the first row is the target itself
+            parent = (await tx.one(q.NODE_PARENT, {"node": target.node}))[0]
+            below: list[dict] = []
+            if below_nodes:
+                sql, names = q.item_rows(len(below_nodes))
+                rows = await tx.all(sql, dict(zip(names, below_nodes, strict=True)))
+                by_node = {r[0]: dict(zip(q.ITEM_COLUMNS, r, strict=True)) for r in rows}
+                below = [by_node[n] for n in below_nodes]
+            copies, new_head = rehang(below, parent, target.depth)
+            if copies:
+                await tx.execute(q.INSERT_ITEMS, copies)
+            await tx.execute(q.SET_HEAD, {"id": conv_id, "head": new_head})
+            return True
+
+        return await self.db.transaction(delete)
+
+    # ------------------------------------------------------------------ responses
+
+    async def commit_response(
+        self,
+        *,
+        tree: str,
+        placed: Sequence[Placed],
+        response_rows: Sequence[dict],
+        conversation_id: str | None,
+        base: str | None,
+        new_head: str | None,
+        update_existing: bool = False,
+        events: Sequence[dict] = (),
+        histories: Sequence[tuple[str, bytes | None]] = (),
+    ) -> bool:
+        """Store a finished response in one short transaction: its items, its row(s), and the
+        conversation head moved from `base` to `new_head` if it is still at `base`
+        (compare-and-swap). `histories`: (node, its history) of the new branches'
+        ends (see `history_after`), kept once the items are stored. Returns whether the head
+        moved."""
+        if self.dialect == "postgresql" and not events and not update_existing:
+            conv = conversation_id if new_head is not None else None
+            entry = (_item_rows(tree, placed, now()), list(response_rows), conv, base, new_head)
+            moved = await self._pg_commits.submit(entry)
+        else:
+            moved = await self._commit_steps(tree, placed, response_rows, conversation_id, base, new_head,
+                                             update_existing, events)
+        if moved and conversation_id is not None:
+            self._note_head(conversation_id, new_head)
+        if placed and self._histories is not None:
+            for node, history in histories:
+                if history:
+                    self._histories.put(node, history)
+        return moved
+
+    async def _commit_steps(self, tree: str, placed: Sequence[Placed], response_rows: Sequence[dict],
+                            conversation_id: str | None, base: str | None, new_head: str | None,
+                            update_existing: bool, events: Sequence[dict]) -> bool:
+        steps: list = []
+        if placed:
+            steps.append((q.INSERT_ITEMS, _item_rows(tree, placed, now())))
+        if events:
+            steps.append((q.INSERT_EVENTS, list(events)))
+        if update_existing:
+            steps.append((q.FINISH_RESPONSE, list(response_rows)))
+        elif response_rows:
+            steps.append((q.INSERT_RESPONSES, list(response_rows)))
+        move = conversation_id is not None and new_head is not None
+        if move:
+            steps.append((q.MOVE_HEAD[self.dialect], {"id": conversation_id, "base": base, "head": new_head}))
+        if not steps:
+            return False
+        count = await self.db.write(steps)
+        return move and count > 0
+
+    async def delete_response(self, resp_id: str) -> bool:
+        return await self.db.write([(q.DELETE_RESPONSE, {"id": resp_id})]) > 0
+
+    # ------------------------------------------------------------------ PostgreSQL's groups
+
+    async def _pg_read_group(self, entries: list[tuple[str, str | None]]) -> list:
+        """A group of conversation reads (conversation id, known head), one statement for all of
+        them when there are several: each one's row or None."""
+        if len(entries) == 1:  # (no known head: `c.head = NULL` is not true, so it walks)
+            conv_id, known = entries[0]
+            return [await self.db.one(q.CONVERSATION_HISTORY_UNLESS["postgresql"], {"id": conv_id, "known": known})]
+        out: list = [None] * len(entries)
+        rows = await self.db.all(q.PG_CONVERSATION_HISTORY_MANY, {"ids": [e[0] for e in entries],
+                                                                  "known": [e[1] for e in entries]})
+        for row in rows:
+            out[row[0] - 1] = row[1:]
+        return out
+
+    async def _pg_move_group(self, entries: list[tuple[str, str]]) -> list:
+        """A group of head moves (conversation id, item id), in rounds (see `in_rounds`; a second
+        move of one conversation sees the first): each one's (head, created_at, metadata,
+        forked_from...) or None when it did not move."""
+        async def together(group: list[int]) -> list:
+            rows = await self.db.write_returning(q.PG_SET_HEADS_TO_ITEMS, {
+                "ids": [entries[i][0] for i in group], "item_ids": [entries[i][1] for i in group]})
+            out: list = [None] * len(group)
+            for row in rows:
+                out[row[0] - 1] = row[1:]
+            return out
+
+        async def alone(i: int):
+            rows = await self.db.write_returning(q.SET_HEAD_TO_ITEM, {"id": entries[i][0], "item_id": entries[i][1]})
+            return rows[0] if rows else None
+
+        return await in_rounds([e[0] for e in entries], together, alone)
+
+    async def _pg_commit_group(self, entries: list[tuple]) -> list:
+        """The group commit: commits (items, response rows, conversation, base, new head) in
+        rounds (see `in_rounds`; a conversation named twice, parallel branches, waits for the
+        next round, so that each compare-and-swap sees the one before it): whether each one
+        moved its head."""
+        async def together(group: list[int]) -> list:
+            moved = await self._pg_commit_many([entries[i] for i in group])
+            return [entries[i][2] in moved for i in group]
+
+        async def alone(i: int) -> bool:
+            moved = await self._pg_commit_many([entries[i]])
+            return entries[i][2] is not None and entries[i][2] in moved
+
+        return await in_rounds([e[2] for e in entries], together, alone)
+
+    async def _pg_commit_many(self, entries: list[tuple]) -> set[str]:
+        """Commits (items, response rows, conversation, base, new head), each conversation at most
+        once and in conversation order, in one statement: the conversations whose head moved."""
+        rows = [r for e in entries for r in e[0]]
+        response_rows = [r for e in entries for r in e[1]]
+        moves = [(e[2], e[3], e[4]) for e in entries if e[2] is not None]  # (in conversation order)
+        arrays = q.commit_in_arrays(len(entries), len(rows), len(response_rows), len(moves))
+        text = q.pg_commit(len(rows), len(response_rows), len(moves), arrays)
+        return {r[0] for r in await self.db.fetch_numbered(text, q.commit_args(rows, response_rows, moves, arrays))}
+
+
+async def _find_on_path(reader: SqliteWriter | PgDatabase | Tx, conv: Conversation, item_id: str) -> PathRow | None:
+    """`Repository.find_on_path`, on the database or inside a transaction."""
+    if conv.head is None:
+        return None
+    cands = [tuple(r) for r in await reader.all(q.CANDIDATES, {"tree": conv.tree, "item_id": item_id})]
+    lo = on_path_bounds(cands, conv.head_depth)
+    if lo is None:
+        return None
+    path = await reader.all(q.WALK["desc"], {"node": conv.head, "lo": lo, "hi": conv.head_depth})
+    return on_path(cands, [PathRow(*r) for r in path])
