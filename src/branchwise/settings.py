@@ -40,8 +40,8 @@ from pydantic_settings import (
 )
 
 DEFAULT_MAX_CONNECTIONS = 100
-"""Per upstream, as httpx and aiohttp: more than a server process has calls in flight at its
-busiest, few enough that a proxy or a small upstream is not flooded."""
+"""Per upstream, as httpx's and aiohttp's default: enough for a busy server process, few enough
+that a proxy or a small upstream is not flooded."""
 
 
 class UpstreamConfig(BaseModel):

@@ -339,7 +339,7 @@ class Pool:
                     self._wake()
             raise
         finally:
-            if not waiter.done():
+            if waiter.cancelled() and waiter in self._waiters:  # still in line: leave it
                 self._waiters.remove(waiter)
 
     def _wake(self) -> None:
