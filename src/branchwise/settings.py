@@ -17,6 +17,12 @@ model routing live in the file:
     base_url = "https://api.openai.com/v1"
     api_key = "sk-..."
     models = ["gpt-*"]
+    ca_bundle = "/etc/company/ca.pem"      # optional: trust these CAs instead of the system's
+
+    [[upstreams]]
+    name = "embedded"
+    kind = "local"                          # the embedded model, for the names that match
+    models = ["smol*"]
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -33,17 +39,20 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+DEFAULT_MAX_CONNECTIONS = 100
+"""Per upstream, as httpx's and aiohttp's default: enough for a busy server process, few enough
+that a proxy or a small upstream is not flooded."""
+
 
 class UpstreamConfig(BaseModel):
-    name: str = "upstream"
-    base_url: str
-    background_workers: int = 8
-    """Background responses generated at once by one server process; the rest wait, `queued`."""
-    event_flush_interval: float = 0.05
-    """Seconds between writes of a running response's events to the database."""
-    event_poll_interval: float = 0.1
-    """How often a reader tailing a response that runs in another process looks for new events."""
+    """One `[[upstreams]]` entry: what one backend needs, nothing more."""
 
+    name: str = "upstream"
+    kind: str = "chat_completions"
+    """The backend that serves it: `chat_completions` (an OpenAI-compatible server at `base_url`)
+    or `local` (the embedded model). More kinds register in `backends.registry`."""
+    base_url: str | None = None
+    """Required for `chat_completions`."""
     api_key: str | None = None
     models: list[str] = Field(default_factory=lambda: ["*"])
     supports_n: bool = True
@@ -53,7 +62,20 @@ class UpstreamConfig(BaseModel):
     context_window: int | None = None
     """Tokens the served models take (input + output). When set, `truncation` is enforced
     before the upstream is called (token counts are estimated for remote models); when unset, an
-    input that is too long is left to the upstream to refuse."""
+    input that is too long is left to the upstream to refuse. For `local`, the embedded model's
+    context window (default `local_n_ctx`)."""
+    ca_bundle: str | None = None
+    """PEM file of the certificate authorities to trust for https (instead of the system's);
+    default `upstream_ca_bundle`, then `SSL_CERT_FILE`."""
+    max_connections: int | None = Field(None, ge=1)
+    """Connections open to this upstream at most (idle and busy; a call waits for one beyond
+    that); default `upstream_max_connections`."""
+
+    @model_validator(mode="after")
+    def _needs_base_url(self) -> UpstreamConfig:
+        if self.kind == "chat_completions" and not self.base_url:
+            raise ValueError(f"upstream {self.name!r}: kind 'chat_completions' needs a base_url")
+        return self
 
 
 def _config_file() -> Path | None:
@@ -79,6 +101,12 @@ class Settings(BaseSettings):
     upstream_supports_n: bool = True
     upstream_timeout: float = 600.0
     upstream_context_window: int | None = None
+    upstream_ca_bundle: str | None = None
+    """PEM file of the certificate authorities the upstreams' https is checked against, instead of
+    the system's (`SSL_CERT_FILE` when unset). Proxies come from `HTTPS_PROXY`, `HTTP_PROXY` and
+    `NO_PROXY`."""
+    upstream_max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1)
+    """Connections open to one upstream at most; calls beyond that wait for one."""
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
 
     local_model_path: str | None = None
@@ -126,7 +154,8 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     def routes(self) -> list[UpstreamConfig]:
-        """The upstream routing table, single-upstream shortcut first."""
+        """The upstream routing table, single-upstream shortcut first; an entry's unset transport
+        settings take the `upstream_*` defaults."""
         table = list(self.upstreams)
         if self.upstream_base_url:
             table.insert(
@@ -140,4 +169,6 @@ class Settings(BaseSettings):
                     context_window=self.upstream_context_window,
                 ),
             )
-        return table
+        defaults = {"ca_bundle": self.upstream_ca_bundle, "max_connections": self.upstream_max_connections}
+        return [cfg.model_copy(update={k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+                for cfg in table]

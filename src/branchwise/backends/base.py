@@ -4,12 +4,18 @@ A backend speaks Chat Completions semantics. The engine hands it a `ChatRequest`
 `messages` is already-serialised JSON (a JSON array of Chat Completions messages, built by
 splicing stored per-item blobs, never re-parsed on the hot path) and gets back either one
 `ChatResult` or, when streaming, an async iterator of `ChatDelta`.
+
+What a backend can do beyond that is declared, not probed: `capabilities` says whether it
+honours `n` in one call, whether `count_tokens` gives exact counts, and its context window.
+Every method exists on every backend (`BaseBackend` has the defaults), so callers read
+`backend.capabilities` and never ask `hasattr`.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from branchwise.core.chat import ChatDelta, ChatRequest, ChatResult
 
@@ -24,15 +30,53 @@ class BackendError(Exception):
         self.status = status
 
 
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    supports_n: bool = False
+    """`n` > 1 is answered in one call; otherwise the engine makes n calls at once."""
+    count_tokens: bool = False
+    """`count_tokens` gives the exact count the model will report as `usage.input_tokens`;
+    otherwise callers estimate."""
+    context_window: int | None = None
+    """Tokens the model takes (input + output), when known: `truncation` is enforced before the
+    call. None: an input that is too long is left to the model to refuse."""
+
+
 class Backend(Protocol):
     """A model provider. Implementations: `ChatCompletionsBackend` (any OpenAI-compatible
-    upstream over HTTP) and `LocalBackend` (the embedded llama.cpp model)."""
+    upstream over HTTP) and `LocalBackend` (the embedded llama.cpp model); see
+    `backends.registry` for how a kind of backend is added."""
 
     name: str
-    supports_n: bool
+    capabilities: Capabilities
+
+    @property
+    def supports_n(self) -> bool: ...
 
     async def complete(self, request: ChatRequest) -> ChatResult: ...
 
     def stream(self, request: ChatRequest) -> AsyncIterator[ChatDelta]: ...
 
+    async def count_tokens(self, messages_json: bytes, params: dict[str, Any] | None = None) -> int:
+        """Exact prompt tokens of these messages; only when `capabilities.count_tokens`."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+class BaseBackend:
+    """Defaults for the optional parts of `Backend`; a backend subclasses it and overrides what
+    its `capabilities` declare."""
+
+    name: str = "backend"
+    capabilities: Capabilities = Capabilities()
+
+    @property
+    def supports_n(self) -> bool:
+        return self.capabilities.supports_n
+
+    async def count_tokens(self, messages_json: bytes, params: dict[str, Any] | None = None) -> int:
+        raise BackendError(f"The backend {self.name!r} cannot count tokens.", code="unsupported")
+
+    async def aclose(self) -> None:
+        return None

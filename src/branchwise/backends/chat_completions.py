@@ -1,6 +1,7 @@
 """Any OpenAI-compatible Chat Completions upstream (vLLM, Ollama, llama.cpp server, OpenAI).
 
-One pooled HTTP client per upstream. The request body is spliced from the pre-serialised
+One transport (`backends.transport`: pooled connections, proxy, CA bundle) per upstream. The
+request body is spliced from the pre-serialised
 messages; the reply is parsed once.
 
 Faults. Every failure of the upstream ends as a `BackendError` (never a bare HTTP client or
@@ -27,8 +28,16 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from branchwise.backends.base import BackendError
-from branchwise.backends.http1 import BadReply, ConnectError, Disconnected, HTTPError, Pool, Reply
+from branchwise.backends.base import BackendError, BaseBackend, Capabilities
+from branchwise.backends.transport import (
+    BadReply,
+    ConnectError,
+    Disconnected,
+    HTTPError,
+    Reply,
+    Transport,
+    for_upstream,
+)
 from branchwise.core.chat import ChatDelta, ChatRequest, ChatResult, Choice, ToolCall, Usage
 
 CONNECT_RETRIES = 3
@@ -71,24 +80,26 @@ def _malformed(what: str) -> BackendError:
     return BackendError(f"The upstream sent a malformed {what}.", code="upstream_malformed")
 
 
-class ChatCompletionsBackend:
-    """The HTTP client is `backends.http1`: pooled keep-alive connections, a fifth of aiohttp's
-    CPU per call and less still of httpx's (see its docstring and docs/performance.md)."""
-
-    supports_n: bool
+class ChatCompletionsBackend(BaseBackend):
+    """The upstream at `base_url`, reached through `transport` (default: the one
+    `transport.for_upstream` picks, with `ca_bundle` and `max_connections`)."""
 
     def __init__(self, base_url: str, api_key: str | None = None, *, name: str = "upstream",
-                 supports_n: bool = True, timeout: float = 600.0):
+                 supports_n: bool = True, timeout: float = 600.0, context_window: int | None = None,
+                 ca_bundle: str | None = None, max_connections: int | None = None,
+                 transport: Transport | None = None):
         self.name = name
-        self.supports_n = supports_n
+        self.capabilities = Capabilities(supports_n=supports_n, context_window=context_window)
         self.timeout = timeout
         self.base_url = base_url.rstrip("/")
         self._path = urlsplit(self.base_url).path + "/chat/completions"
-        headers = {"content-type": "application/json", "accept": "application/json, text/event-stream",
-                   "user-agent": "branchwise"}
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        self._pool = Pool(self.base_url, headers)
+        if transport is None:
+            headers = {"content-type": "application/json", "accept": "application/json, text/event-stream",
+                       "user-agent": "branchwise"}
+            if api_key:
+                headers["authorization"] = f"Bearer {api_key}"
+            transport = for_upstream(self.base_url, headers, ca_bundle=ca_bundle, max_connections=max_connections)
+        self._transport = transport
 
     def _body(self, request: ChatRequest, stream: bool) -> bytes:
         params = dict(request.params)
@@ -131,8 +142,8 @@ class ChatCompletionsBackend:
             conn = None
             try:
                 async with asyncio.timeout_at(deadline):
-                    conn = await self._pool.connection()
-                    reply = await self._pool.post(conn, self._path, body)
+                    conn = await self._transport.connection()
+                    reply = await self._transport.post(conn, self._path, body)
                     if not read:
                         return reply, b""
                     raw = await reply.read()
@@ -239,7 +250,7 @@ class ChatCompletionsBackend:
                 resp.close()  # cancelled or broken: drop the connection, so the upstream stops too
 
     async def aclose(self) -> None:
-        self._pool.close()
+        self._transport.close()
 
 
 def _logprobs(lp: Any) -> list[dict[str, Any]] | None:

@@ -2,15 +2,16 @@
 
 The routing table comes from settings (`upstreams` in the config file, plus the
 single-upstream shortcut `BRANCHWISE_UPSTREAM_BASE_URL`). Patterns are fnmatch globs, first
-match wins. With no upstream configured at all, the embedded model answers every name.
+match wins. Each entry's backend is built by its `kind` (`backends.registry`). With no upstream
+configured at all, the embedded model answers every name.
 """
 
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
+from branchwise.backends import registry
 from branchwise.backends.base import Backend
-from branchwise.backends.chat_completions import ChatCompletionsBackend
 from branchwise.settings import Settings, UpstreamConfig
 
 LOCAL_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -19,25 +20,21 @@ LOCAL_MODEL_ID = "SmolLM2-135M-Instruct"
 class Router:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.routes: list[tuple[UpstreamConfig, ChatCompletionsBackend]] = [
-            (cfg, ChatCompletionsBackend(cfg.base_url, cfg.api_key, name=cfg.name,
-                                         supports_n=cfg.supports_n, timeout=cfg.timeout))
-            for cfg in settings.routes()
+        self.routes: list[tuple[UpstreamConfig, Backend]] = [
+            (cfg, registry.build(cfg, settings)) for cfg in settings.routes()
         ]
         self._local: Backend | None = None
-        self._matched: dict[str, tuple[UpstreamConfig, ChatCompletionsBackend] | None] = {}
+        self._matched: dict[str, tuple[UpstreamConfig, Backend] | None] = {}
 
     @property
     def embedded(self) -> bool:
+        """No upstream is configured: the embedded model answers every name."""
         return not self.routes
 
     def local(self) -> Backend:
+        """The embedded model that answers when no upstream is configured (built on first use)."""
         if self._local is None:
-            from branchwise.backends.local import LocalBackend
-
-            s = self.settings
-            self._local = LocalBackend(model_path=s.local_model_path, n_ctx=s.local_n_ctx,
-                                       repeat_penalty=s.local_repeat_penalty)
+            self._local = registry.build(UpstreamConfig(name="local", kind="local"), self.settings)
         return self._local
 
     def _route(self, model: str):
@@ -62,10 +59,8 @@ class Router:
 
     def context_window(self, model: str) -> int | None:
         """The context window of `model`, when known (always, for the embedded model)."""
-        if self.embedded:
-            return self.settings.local_n_ctx
-        route = self._route(model)
-        return None if route is None else route[0].context_window
+        backend = self.backend(model)
+        return None if backend is None else backend.capabilities.context_window
 
     def model_ids(self) -> list[str]:
         if self.embedded:

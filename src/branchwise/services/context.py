@@ -37,9 +37,8 @@ class Context:
                                  code="tool_output_missing")
 
     async def count(self, plan: Plan, messages: bytes) -> int:
-        count = getattr(plan.backend, "count_tokens", None)
-        if count is not None:
-            return await count(messages, plan.params)
+        if plan.backend.capabilities.count_tokens:
+            return await plan.backend.count_tokens(messages, plan.params)
         return estimate_tokens(messages)
 
     async def fit(self, plan: Plan, window: int, fixed_head: int, fixed_tail: int) -> None:

@@ -166,7 +166,7 @@ class Responses:
         parts += new
         plan.chat = ChatRequest(model=req.model, messages=b"[" + b",".join(parts) + b"]", params=plan.params,
                                 n=req.n)
-        window = self.router.context_window(req.model)
+        window = plan.backend.capabilities.context_window
         if window:
             try:
                 await self.context.fit(plan, window, fixed_head=1 if req.instructions else 0, fixed_tail=len(new))
@@ -190,7 +190,7 @@ class Responses:
 
     async def _generate_now(self, plan: Plan) -> ChatResult:
         backend, chat = plan.backend, plan.chat
-        if plan.n == 1 or backend.supports_n:
+        if plan.n == 1 or backend.capabilities.supports_n:
             result = await backend.complete(chat)
             if len(result.choices) < plan.n:
                 raise BackendError(f"The upstream returned {len(result.choices)} choices for n={plan.n}.",

@@ -104,10 +104,9 @@ async def count_input_tokens(engine: Responses, body: Any) -> dict[str, Any]:
     shared = {k: getattr(body, k) for k in body.model_fields_set if k not in ("model", "personality")}
     plan = await messages_for(engine, model=model, **shared)
     chat = plan.chat
-    count_tokens = getattr(plan.backend, "count_tokens", None)
-    if engine.router.embedded and count_tokens is not None:
+    if plan.backend.capabilities.count_tokens:
         try:
-            n = await count_tokens(chat.messages, chat.params)
+            n = await plan.backend.count_tokens(chat.messages, chat.params)
         except BackendError as e:
             if e.status == 400:
                 raise InvalidRequest(f"The input cannot be counted: {e.message}") from None
