@@ -15,6 +15,7 @@ from branchwise.services.concurrency import Policies
 from branchwise.services.conversations import Conversations
 from branchwise.services.responses import Responses
 from branchwise.services.runs import Runs
+from branchwise.services.stored import StoredResponses
 from branchwise.services.streams import Streams
 from branchwise.settings import Settings
 from branchwise.store.connect import create_engine, migrate
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None) -> API:
         s.settings, s.store, s.router, s.policies, s.runs = settings, store, router, policies, runs
         s.responses, s.streams = responses, Streams(responses, runs)
         s.conversations = Conversations(store, responses.context, policies, settings)
+        s.stored = StoredResponses(store)
         await runs.start()
         # Everything made so far (modules, app, pools) lives as long as the process: keep it out
         # of the collector's full passes, which would otherwise walk it all again and again.

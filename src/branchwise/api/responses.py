@@ -12,9 +12,9 @@ from branchwise.core.errors import InvalidRequest, not_found
 from branchwise.services.compact import compact
 from branchwise.services.concurrency import ClientGone
 from branchwise.services.responses import Responses
+from branchwise.services.stored import StoredResponses
 from branchwise.services.streams import Streams
 from branchwise.services.tokens import count_input_tokens
-from branchwise.store.repository import Repository
 from branchwise.wire.models import CompactRequest, CountInputTokens, CreateResponse
 from branchwise.wire.objects import item_list
 
@@ -29,8 +29,8 @@ def _streams(request: Request) -> Streams:
     return request.app.state.streams
 
 
-def _store(request: Request) -> Repository:
-    return request.app.state.store
+def _stored(request: Request) -> StoredResponses:
+    return request.app.state.stored
 
 
 def _timed(response: Response, started: float, upstream_s: float = 0.0) -> Response:
@@ -82,17 +82,14 @@ async def retrieve_response(request: Request, response_id: str) -> Response:
         except ValueError:
             raise InvalidRequest("Invalid value for 'starting_after': expected an integer.",
                                  param="starting_after", code="invalid_value") from None
-    row = await _store(request).response(response_id)
-    if row is None:
-        raise not_found("Response", response_id)
+    row = await _stored(request).get(response_id)
     if stream in ("true", "1"):
         return _sse(_streams(request).runs.replay(response_id, after))
     return json_response(row.body)
 
 
 async def delete_response(request: Request, response_id: str) -> Response:
-    if not await _store(request).delete_response(response_id):
-        raise not_found("Response", response_id)
+    await _stored(request).delete(response_id)
     return json_response({"id": response_id, "object": "response", "deleted": True})
 
 
@@ -105,21 +102,7 @@ async def cancel_response(request: Request, response_id: str) -> Response:
 
 async def input_items(request: Request, response_id: str) -> Response:
     limit, order, after = paging(request)
-    store = _store(request)
-    row = await store.response(response_id)
-    if row is None:
-        raise not_found("Response", response_id)
-    if row.input_node is None or row.input_count == 0:
-        return json_response(item_list([], None, None, False))
-    top = await store.node_depth(row.input_node)
-    low = top - row.input_count + 1
-    rows = await store.walk(row.input_node, low, top, order)
-    if after is not None:
-        idx = next((i for i, r in enumerate(rows) if r.item_id == after), None)
-        if idx is None:
-            raise not_found("Item", after)
-        rows = rows[idx + 1:]
-    page, has_more = rows[:limit], len(rows) > limit
+    page, has_more = await _stored(request).input_items(response_id, limit=limit, order=order, after=after)
     return json_response(item_list([r.data for r in page], page[0].item_id if page else None,
                                    page[-1].item_id if page else None, has_more))
 
