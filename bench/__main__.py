@@ -60,6 +60,7 @@ async def _pg_fresh(url: str, name: str) -> str:
 
 
 def _sqlite_fresh(name: str) -> str:
+    RESULTS.mkdir(parents=True, exist_ok=True)  # (git keeps no bench/results/ in a fresh clone)
     db = RESULTS / name
     for suffix in ("", "-wal", "-shm"):
         Path(str(db) + suffix).unlink(missing_ok=True)
