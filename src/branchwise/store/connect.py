@@ -61,9 +61,9 @@ def sqlite_settings(conn: sqlite3.Connection, busy_ms: int, raw: bool) -> None:
         return
     # Checkpoints are the writer thread's (see `sqlite_writer`): never inside a commit.
     conn.execute("PRAGMA wal_autocheckpoint=0")
-    # 16 MB of page cache instead of SQLite's 2 MB: a conversation's history lies on pages
-    # written over its whole life, and with 2 MB they were read back from the OS more and more
-    # often as the database grew. 64 MB cost more CPU than it saved.
+    # A page cache larger than SQLite's default: a conversation's history lies on pages written
+    # over its whole life, and a small cache reads them back from the OS more and more often as
+    # the database grows; a much larger one costs more CPU than it saves (decision 0006).
     conn.execute("PRAGMA cache_size=-16384")
 
 

@@ -1,8 +1,8 @@
 """Group commit for statements that are round trips (PostgreSQL's reads, commits and head
 moves): one statement of a kind in flight at a time, and the calls that arrive meanwhile go
-together as the next one, so the groups grow with the database's latency. A lone statement
-cost postgres ~200 us of CPU and asyncpg ~140 us; ten in one, ~40 and ~20 us each
-(docs/decisions/0012-postgresql-grouped-statements.md)."""
+together as the next one, so the groups grow with the database's latency. A statement's fixed
+cost (parsing, planning, a round trip, the driver's work) is paid once per group instead of
+once per call (docs/decisions/0012-postgresql-grouped-statements.md has the numbers)."""
 
 from __future__ import annotations
 

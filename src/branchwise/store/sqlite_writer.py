@@ -244,8 +244,8 @@ class SqliteWriter:
     async def _flush_slowly(self, group: _Group, busy: bool) -> None:
         """`group` when the write lock was taken: while a `Writer` transaction of this process
         holds it, poll every millisecond (a queue on the asyncio lock hands it on one waiter per
-        loop iteration: 64 waiters behind a 10 ms hold waited up to 400 ms; the writer thread
-        was worse, each write waiting for the GIL in turn); while another process's hot-path
+        loop iteration, so many waiters behind one hold waited many times its length; the writer
+        thread was worse, each write waiting for the GIL in turn); while another process's hot-path
         write holds the flock, try again after 0.5, 1, 2, 4 ms. After `POLL_FOR_S`, or when a
         writer outside the flock holds SQLite's lock, the writer thread waits its turn."""
         lock = self._lock
@@ -345,17 +345,14 @@ class SqliteWriter:
 
     def _checkpoint(self, restart: bool, overdue: bool) -> bool:
         """A passive checkpoint. It races the writes and never catches up, though, so the WAL
-        never starts over: it grew by ~65 kB a response (500 MB in 8 s at 600/s), slowing every
-        read with it. So with `restart` (every `RESTART_EVERY` commits) a second, short pass
-        (what landed during the first) follows at once, holding the flock: the writes poll for
-        it as for another process's write, and the next one starts the WAL over from its
-        beginning. That holds the writes back for the second pass, its copy and its two fsyncs
-        (~2-5 ms here); the loop runs on. (It used to run behind this process's asyncio write
-        lock: the thread waited for the GIL to start and to finish, then the loop took an
-        iteration to see it done, ~15-25 ms in all at concurrency 64, and the requests caught
-        behind it made up the 99th percentile. On the loop itself the pass blocked everything
-        for ~8 ms: what lands during the first pass takes fsyncs of ~1 MB. Holding the writes
-        back for the whole copy stalled them ~150 ms.) A slow first pass (over
+        never starts over: it grows by every page of every write, slowing every read with it. So
+        with `restart` (every `RESTART_EVERY` commits) a second, short pass (what landed during
+        the first) follows at once, holding the flock: the writes poll for it as for another
+        process's write, and the next one starts the WAL over from its beginning. That holds the
+        writes back only for the second pass, its copy and its two fsyncs; the loop runs on.
+        Neither behind this process's asyncio write lock (the thread's GIL waits and the loop's
+        iteration made the 99th percentile) nor on the loop itself (it blocked everything), nor
+        holding the writes back for the whole copy: decision 0007 has the numbers. A slow first pass (over
         `SLOW_CHECKPOINT_S`) means a busy disk, and the second pass's fsyncs would hold the
         writes back as long: skip it, up to five times in a row (`overdue`). True when the
         second pass ran."""
