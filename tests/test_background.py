@@ -34,17 +34,31 @@ def parse_sse(text: str) -> list[dict]:
     return out
 
 
+class EventReader:
+    """Reads a streaming httpx response's events in several goes."""
+
+    def __init__(self, response):
+        self.chunks = response.aiter_text()
+        self.buf = ""
+
+    async def read(self, limit: int | None = None) -> list[dict]:
+        """The next events, at most `limit`; without one, up to the end of the stream."""
+        events: list[dict] = []
+        while True:
+            while "\n\n" in self.buf:
+                block, self.buf = self.buf.split("\n\n", 1)
+                events += parse_sse(block + "\n\n")
+                if limit is not None and len(events) >= limit:
+                    return events
+            try:
+                self.buf += await anext(self.chunks)
+            except StopAsyncIteration:
+                return events
+
+
 async def read_events(response, limit: int | None = None) -> list[dict]:
     """Events from a streaming httpx response, at most `limit` (then the stream is dropped)."""
-    events, buf = [], ""
-    async for chunk in response.aiter_text():
-        buf += chunk
-        while "\n\n" in buf:
-            block, buf = buf.split("\n\n", 1)
-            events += parse_sse(block + "\n\n")
-            if limit is not None and len(events) >= limit:
-                return events
-    return events
+    return await EventReader(response).read(limit)
 
 
 async def wait_status(client, rid: str, statuses=("completed", "failed", "cancelled", "incomplete"),
@@ -171,6 +185,45 @@ async def test_stored_stream_outlives_its_client(serve, db_url, mock):
         done = await wait_status(client, rid)
     assert done.status == "completed" and done.output_text.endswith("w40")
     assert mock.disconnected == []
+
+
+TERMINALS = ("response.completed", "response.incomplete", "response.failed")
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["stream", "background"])
+async def test_replay_of_one_alternative_of_n(serve, db_url, mock, background):
+    """`GET /v1/responses/{alternative k}?stream=true` of an `n` = 2 response gives exactly
+    alternative k's events, with their original sequence numbers: live while it runs, and from
+    the log after it finished. (Over sockets: the in-process transport buffers whole bodies.)"""
+    server = serve(_env(db_url, mock))
+    body = {"model": "m", "input": SLOW_WORDS, "stream": True, "n": 2, "background": background}
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as h:
+        async with h.stream("POST", "/v1/responses", json=body) as r:
+            post = EventReader(r)
+            head = await post.read(5)  # the rows exist once the model's events come
+            ids = [e["response"]["id"] for e in head[:2]]
+            assert [e["alternative"] for e in head[:2]] == [0, 1] and ids[0] != ids[1]
+            assert (await h.get(f"/v1/responses/{ids[1]}")).json()["status"] in ("queued", "in_progress")
+            async with h.stream("GET", f"/v1/responses/{ids[1]}", params={"stream": "true"}) as g:
+                live = await read_events(g)
+            whole = head + await post.read()
+        assert [e["sequence_number"] for e in whole] == list(range(len(whole)))
+        mine = [e for e in whole if e["alternative"] == 1]
+        assert [e for e in live if e["type"] in TERMINALS] == [live[-1]]  # one terminal event: its own
+        assert live[-1]["type"] == "response.completed" and live[-1]["response"]["id"] == ids[1]
+        assert live == mine
+        stored = (await h.get(f"/v1/responses/{ids[1]}")).json()
+        text = "".join(e["delta"] for e in live if e["type"] == "response.output_text.delta")
+        assert text == stored["output"][0]["content"][0]["text"] and text.endswith("w40")
+        # after it finished, from the log: each alternative's events, and a resume within them
+        for k, rid in enumerate(ids):
+            async with h.stream("GET", f"/v1/responses/{rid}", params={"stream": "true"}) as g:
+                again = await read_events(g)
+            assert again == [e for e in whole if e["alternative"] == k]
+        after = mine[len(mine) // 2]["sequence_number"]
+        async with h.stream("GET", f"/v1/responses/{ids[1]}",
+                            params={"stream": "true", "starting_after": after}) as g:
+            assert await read_events(g) == [e for e in mine if e["sequence_number"] > after]
 
 
 async def test_unstored_stream_is_cancelled_upstream(serve, db_url, mock):

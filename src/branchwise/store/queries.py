@@ -111,7 +111,7 @@ def _insert(table: str, columns: Sequence[str]) -> SQL:
 
 
 _INSERT_ITEMS = _insert("items", _ITEM_COLUMNS)
-_INSERT_EVENTS = _insert("events", ("response_id", "seq", "frame"))
+_INSERT_EVENTS = _insert("events", ("response_id", "alternative", "seq", "frame"))
 _INSERT_RESPONSES = _insert("responses", _RESPONSE_COLUMNS)
 _FINISH_RESPONSE = SQL("UPDATE responses SET status = :status, input_node = :input_node, input_count = :input_count,"
                        " last_node = :last_node, body = :body, owner = NULL WHERE id = :id")
