@@ -295,6 +295,19 @@ async def test_resume_from_another_process(serve, pg_url, mock):
     assert events[-1].type == "response.completed"
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == (await ca.responses.retrieve(bg.id)).output_text
+    # one alternative of an n = 2 response, tailed from the database: its events only
+    body = {"model": "m", "input": SLOW_WORDS, "background": True, "stream": True, "n": 2}
+    async with httpx.AsyncClient(base_url=a.url, timeout=30) as ha, httpx.AsyncClient(base_url=b.url, timeout=30) as hb:
+        async with ha.stream("POST", "/v1/responses", json=body) as r:
+            alt1 = (await read_events(r, limit=2))[1]["response"]["id"]
+        async with hb.stream("GET", f"/v1/responses/{alt1}", params={"stream": "true"}) as r:
+            tailed = await read_events(r)
+        stored = (await ha.get(f"/v1/responses/{alt1}")).json()
+    assert {(e["response_id"], e["alternative"]) for e in tailed} == {(alt1, 1)}
+    assert [e["type"] for e in tailed if e["type"] in TERMINALS] == ["response.completed"] == [tailed[-1]["type"]]
+    seqs = [e["sequence_number"] for e in tailed]
+    assert seqs == sorted(set(seqs))
+    assert tailed[-1]["response"] == stored and stored["status"] == "completed"
     # and cancels A's work through the database
     hung = await ca.responses.create(model="m", input="[[delay=30]] hang", background=True)
     while len(mock.requests) < 2:
