@@ -40,8 +40,9 @@ class Run:
         self.ids = ids
         self.key = ids[0]  # names the run in logs
         self.store = store
-        self.frames: list[tuple[int, bytes]] = []  # (alternative, frame); a frame's index is its sequence_number
-        self.pending: list[tuple[int, int, bytes]] = []  # (alternative, seq, frame) not written yet
+        self.frames: list[bytes] = []  # a frame's index is its sequence_number
+        self.alts = bytearray()  # index for index, the alternative each frame belongs to (n <= 8)
+        self.written = 0  # frames before this one are in the database (or in the commit's rows)
         self.done = False
         self.closing = False
         self.finished = asyncio.Event()
@@ -54,32 +55,38 @@ class Run:
 
     # -- producing
 
+    def extend(self, alternative: int, frames: list[bytes]) -> None:
+        """Frames of one alternative, in order. Frames added after `drain` are not written here:
+        the commit wrote them."""
+        if frames:
+            self.frames += frames
+            for _ in frames:
+                self.alts.append(alternative)
+            self._notify()
+
     def append(self, alternative: int, frame: bytes) -> None:
-        seq = len(self.frames)
-        self.frames.append((alternative, frame))
-        if not self.closing:  # frames after `drain` were written by the commit itself
-            self.pending.append((alternative, seq, frame))
-        self._notify()
+        self.extend(alternative, [frame])
 
     def _notify(self) -> None:
         ev, self._changed = self._changed, asyncio.Event()
         ev.set()
 
-    def _rows(self, frames: list[tuple[int, int, bytes]]) -> list[dict]:
-        ids = self.ids
-        return [{"response_id": ids[a], "alternative": a, "seq": s, "frame": f} for a, s, f in frames]
+    def _rows(self, start: int, end: int) -> list[dict]:
+        ids, alts, frames = self.ids, self.alts, self.frames
+        return [{"response_id": ids[alts[s]], "alternative": alts[s], "seq": s, "frame": frames[s]}
+                for s in range(start, end)]
 
     async def _flush_forever(self) -> None:
         while not self.closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
-            if self.pending and not self.closing:
-                batch, self.pending = self.pending, []
+            end = len(self.frames)
+            if end > self.written and not self.closing:
                 try:
-                    await self.store.append_events(self._rows(batch))
+                    await self.store.append_events(self._rows(self.written, end))
+                    self.written = end
                 except Exception:  # keep them for the final transaction
                     log.exception("could not write events of %s", self.key)
-                    self.pending = batch + self.pending
 
     async def drain(self, terminal: list[bytes]) -> list[dict]:
         """Stop the flusher and hand over what is left to write, plus the terminal frames (one
@@ -90,8 +97,10 @@ class Run:
         with contextlib.suppress(Exception):
             await asyncio.shield(self._flusher)
         start = len(self.frames)
-        rows = self._rows(self.pending + [(k, start + k, f) for k, f in enumerate(terminal)])
-        self.pending = []
+        rows = self._rows(self.written, start)
+        rows += [{"response_id": self.ids[k], "alternative": k, "seq": start + k, "frame": f}
+                 for k, f in enumerate(terminal)]
+        self.written = start + len(terminal)
         return rows
 
     def finish(self) -> None:
@@ -107,13 +116,18 @@ class Run:
         """Frames with sequence_number > `after`, of one alternative or (None) of all, live
         until the run is done."""
         i = after + 1
+        frames, alts = self.frames, self.alts
         while True:
-            frames = self.frames
-            while i < len(frames):
-                alt, frame = frames[i]
-                i += 1
-                if alternative is None or alt == alternative:
+            if alternative is None:
+                while i < len(frames):
+                    frame = frames[i]
+                    i += 1
                     yield frame
+            else:
+                while i < len(frames):
+                    i += 1
+                    if alts[i - 1] == alternative:
+                        yield frames[i - 1]
             if self.done:
                 return
             await self._changed.wait()

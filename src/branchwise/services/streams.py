@@ -33,8 +33,9 @@ class Streams:
         """SSE for an unstored response, tied to its request: a client that goes away cancels
         the upstream call."""
         try:
-            async for _, frame in self._stream(plan):
-                yield frame
+            async for _, frames in self._stream(plan):
+                for frame in frames:
+                    yield frame
         finally:
             await self.responses.release(plan)
 
@@ -89,12 +90,12 @@ class Streams:
                     await self.runs.store.set_status(plan.ids, "in_progress", [
                         orjson.dumps(response_object(plan.req, id=rid, created_at=plan.created_at,
                                                      status="in_progress", output=[])) for rid in plan.ids])
-                    async for alt, frame in self._stream(plan, created=False):
-                        run.append(alt, frame)
+                    async for alt, frames in self._stream(plan, created=False):
+                        run.extend(alt, frames)
             else:
                 rows = self._running_rows(plan, "in_progress")
-                async for alt, frame in self._stream(plan, before_model=lambda: self.runs.store.insert_rows(rows)):
-                    run.append(alt, frame)
+                async for alt, frames in self._stream(plan, before_model=lambda: self.runs.store.insert_rows(rows)):
+                    run.extend(alt, frames)
         except asyncio.CancelledError:
             status = "cancelled" if run.cancel_reason == "cancel" else "failed"
             message = "The server shut down before this response finished." if status == "failed" else None
@@ -156,16 +157,17 @@ class Streams:
 
     async def _stream(self, plan: Plan, created: bool = True,
                       before_model: Callable[[], Awaitable[None]] | None = None,
-                      ) -> AsyncIterator[tuple[int, bytes]]:
-        """OpenAI's SSE for the plan's response(s), each frame with its alternative's index.
+                      ) -> AsyncIterator[tuple[int, list[bytes]]]:
+        """OpenAI's SSE for the plan's response(s): the frames of each step (a delta), with
+        their alternative's index.
         With n > 1 every alternative's events are interleaved in one stream; each event names
         its `response_id` and carries `alternative`. Layout in docs/branching.md."""
         ems = [Emitter(plan, i) for i in range(plan.n)]
         if created:
             for em in ems:
-                yield em.alt, em.event("response.created", response=em.snapshot("in_progress"))
+                yield em.alt, [em.event("response.created", response=em.snapshot("in_progress"))]
         for em in ems:
-            yield em.alt, em.event("response.in_progress", response=em.snapshot("in_progress"))
+            yield em.alt, [em.event("response.in_progress", response=em.snapshot("in_progress"))]
         if before_model is not None:
             await before_model()
         usage = Usage()
@@ -182,8 +184,7 @@ class Streams:
                     if d.tool_index is not None and max_calls is not None and d.tool_index >= max_calls:
                         continue  # `max_tool_calls`: later calls are dropped
                     if 0 <= d.index < plan.n:
-                        for frame in ems[d.index].feed(d):
-                            yield d.index, frame
+                        yield d.index, ems[d.index].feed(d)
             else:
                 result = await self.responses.generate(plan)
                 usage = result.usage
@@ -192,21 +193,19 @@ class Streams:
                         del c.tool_calls[max_calls:]
                     finish[c.index] = c.finish_reason
                     for d in choice_deltas(c):
-                        for frame in ems[c.index].feed(d):
-                            yield c.index, frame
+                        yield c.index, ems[c.index].feed(d)
         except BackendError as e:
             for em in ems:
                 em.close_all(aborted=True)
             await self.responses.fail(plan, e.code, e.message, terminal=terminals(ems))
             for alt, frame in enumerate(plan.terminal_frames):
-                yield alt, frame
+                yield alt, [frame]
             return
         for i, em in enumerate(ems):
-            for frame in em.close_all(incomplete=finish.get(i) in INCOMPLETE):
-                yield i, frame
+            yield i, em.close_all(incomplete=finish.get(i) in INCOMPLETE)
         for em in ems:
             witems.merge_tool_calls(em.items)
         await self.responses.commit(plan, [em.choice(finish.get(i)) for i, em in enumerate(ems)],
                            [em.items for em in ems], usage, terminals(ems))
         for alt, frame in enumerate(plan.terminal_frames):
-            yield alt, frame
+            yield alt, [frame]
