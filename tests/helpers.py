@@ -65,18 +65,33 @@ def sse_events(text: str) -> list[dict]:
     return [data for _, data in events]
 
 
+class EventReader:
+    """Reads a streaming HTTP response's events in several goes, each checked as `sse_events`
+    does."""
+
+    def __init__(self, response):
+        self.chunks = response.aiter_text()
+        self.buf = ""
+
+    async def read(self, limit: int | None = None) -> list[dict]:
+        """The next events, at most `limit`; without one, up to the end of the stream."""
+        events: list[dict] = []
+        while True:
+            while "\n\n" in self.buf:
+                block, self.buf = self.buf.split("\n\n", 1)
+                events += sse_events(block + "\n\n")
+                if limit is not None and len(events) >= limit:
+                    return events
+            try:
+                self.buf += await anext(self.chunks)
+            except StopAsyncIteration:
+                return events
+
+
 async def read_events(response, limit: int | None = None) -> list[dict]:
     """Events from a streaming HTTP response as they come, at most `limit` (then the stream is
-    dropped), each checked as `sse_events` does."""
-    events, buf = [], ""
-    async for chunk in response.aiter_text():
-        buf += chunk
-        while "\n\n" in buf:
-            block, buf = buf.split("\n\n", 1)
-            events += sse_events(block + "\n\n")
-            if limit is not None and len(events) >= limit:
-                return events
-    return events
+    dropped)."""
+    return await EventReader(response).read(limit)
 
 
 async def post_sse(raw: httpx2.AsyncClient, body: dict[str, Any]) -> list[tuple[str, dict]]:

@@ -14,7 +14,7 @@ import pytest
 from branchwise.store.connect import create_engine
 from branchwise.store.leases import Leases
 
-from .helpers import new_conversation, read_events, until
+from .helpers import EventReader, new_conversation, read_events, until
 
 SLOW_WORDS = "[[words=40]] [[chunk_delay=0.02]] tell me"
 
@@ -144,6 +144,45 @@ async def test_stored_stream_outlives_its_client(serve, db_url, mock):
     assert mock.disconnected == []
 
 
+TERMINALS = ("response.completed", "response.incomplete", "response.failed")
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["stream", "background"])
+async def test_replay_of_one_alternative_of_n(serve, db_url, mock, background):
+    """`GET /v1/responses/{alternative k}?stream=true` of an `n` = 2 response gives exactly
+    alternative k's events, with their original sequence numbers: live while it runs, and from
+    the log after it finished. (Over sockets: the in-process transport buffers whole bodies.)"""
+    server = serve(_env(db_url, mock))
+    body = {"model": "m", "input": SLOW_WORDS, "stream": True, "n": 2, "background": background}
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as h:
+        async with h.stream("POST", "/v1/responses", json=body) as r:
+            post = EventReader(r)
+            head = await post.read(5)  # the rows exist once the model's events come
+            ids = [e["response"]["id"] for e in head[:2]]
+            assert [e["alternative"] for e in head[:2]] == [0, 1] and ids[0] != ids[1]
+            assert (await h.get(f"/v1/responses/{ids[1]}")).json()["status"] in ("queued", "in_progress")
+            async with h.stream("GET", f"/v1/responses/{ids[1]}", params={"stream": "true"}) as g:
+                live = await read_events(g)
+            whole = head + await post.read()
+        assert [e["sequence_number"] for e in whole] == list(range(len(whole)))
+        mine = [e for e in whole if e["alternative"] == 1]
+        assert [e for e in live if e["type"] in TERMINALS] == [live[-1]]  # one terminal event: its own
+        assert live[-1]["type"] == "response.completed" and live[-1]["response"]["id"] == ids[1]
+        assert live == mine
+        stored = (await h.get(f"/v1/responses/{ids[1]}")).json()
+        text = "".join(e["delta"] for e in live if e["type"] == "response.output_text.delta")
+        assert text == stored["output"][0]["content"][0]["text"] and text.endswith("w40")
+        # after it finished, from the log: each alternative's events, and a resume within them
+        for k, rid in enumerate(ids):
+            async with h.stream("GET", f"/v1/responses/{rid}", params={"stream": "true"}) as g:
+                again = await read_events(g)
+            assert again == [e for e in whole if e["alternative"] == k]
+        after = mine[len(mine) // 2]["sequence_number"]
+        async with h.stream("GET", f"/v1/responses/{ids[1]}",
+                            params={"stream": "true", "starting_after": after}) as g:
+            assert await read_events(g) == [e for e in mine if e["sequence_number"] > after]
+
+
 async def test_unstored_stream_is_cancelled_upstream(serve, db_url, mock):
     server = serve(_env(db_url, mock))
     body = {"model": "m", "input": "[[words=200]] [[chunk_delay=0.05]] go", "stream": True, "store": False}
@@ -209,6 +248,19 @@ async def test_resume_from_another_process(serve, pg_empty, mock):
     assert events[-1].type == "response.completed"
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == (await ca.responses.retrieve(bg.id)).output_text
+    # one alternative of an n = 2 response, tailed from the database: its events only
+    body = {"model": "m", "input": SLOW_WORDS, "background": True, "stream": True, "n": 2}
+    async with httpx.AsyncClient(base_url=a.url, timeout=30) as ha, httpx.AsyncClient(base_url=b.url, timeout=30) as hb:
+        async with ha.stream("POST", "/v1/responses", json=body) as r:
+            alt1 = (await read_events(r, limit=2))[1]["response"]["id"]
+        async with hb.stream("GET", f"/v1/responses/{alt1}", params={"stream": "true"}) as r:
+            tailed = await read_events(r)
+        stored = (await ha.get(f"/v1/responses/{alt1}")).json()
+    assert {(e["response_id"], e["alternative"]) for e in tailed} == {(alt1, 1)}
+    assert [e["type"] for e in tailed if e["type"] in TERMINALS] == ["response.completed"] == [tailed[-1]["type"]]
+    seqs = [e["sequence_number"] for e in tailed]
+    assert seqs == sorted(set(seqs))
+    assert tailed[-1]["response"] == stored and stored["status"] == "completed"
     # and cancels A's work through the database
     hung = await ca.responses.create(model="m", input="[[delay=30]] hang", background=True)
     await until(lambda: len(mock.requests) >= 2, "the upstream to get the hung request")

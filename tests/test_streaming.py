@@ -11,7 +11,7 @@ import re
 import openai
 import pytest
 
-from .helpers import MODEL, post_sse, validate_event
+from .helpers import MODEL, parse_sse, post_sse, validate_event
 
 RESP_ID = re.compile(r"^resp_[0-9a-f]{48}$")
 MSG_ID = re.compile(r"^msg_[0-9a-f]{48}$")
@@ -165,6 +165,46 @@ async def test_raw_sse_json_schema_events_validate(raw):
     parsed = check_raw_events(events)
     assert parsed[-1].type == "response.completed"
     assert json.loads(parsed[-1].response.output_text) == {"city": "city"}
+
+
+TOOL = {"type": "function", "name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def shape(events: list[tuple[str, dict]]) -> list[tuple]:
+    """Each event's type and indexes, a run of deltas counting as one (a live stream sends one
+    per token, a replay one per part)."""
+    out: list[tuple] = []
+    for name, data in events:
+        key = (name, data.get("output_index"), data.get("content_index"))
+        if not (name.endswith(".delta") and out and out[-1] == key):
+            out.append(key)
+    return out
+
+
+@pytest.mark.parametrize("body", [
+    {"input": "plain"},
+    {"input": "[[reasoning=some thoughts]] think"},
+    {"input": "[[tool]] weather?", "tools": [TOOL]},
+    {"input": "[[words=40]] long", "max_output_tokens": 16, "top_logprobs": 2},
+], ids=["text", "reasoning", "tool", "incomplete-logprobs"])
+async def test_replay_of_an_unstreamed_response_is_its_stream(raw, body):
+    """`GET /v1/responses/{id}?stream=true` of a response made without streaming: the events a
+    stream of it sends, valid for the SDK, numbered from 0, with the stored items."""
+    live = await post_sse(raw, body)
+    r = (await raw.post("/v1/responses", json={"model": MODEL, **body})).json()
+    got = await raw.get(f"/v1/responses/{r['id']}", params={"stream": "true"})
+    assert got.status_code == 200 and got.headers["content-type"].startswith("text/event-stream")
+    replay = parse_sse(got.text)
+    check_raw_events(replay)
+    assert shape(replay) == shape(live)
+    assert replay[-1][1]["response"] == r
+    done = [d["item"] for name, d in replay if name == "response.output_item.done"]
+    assert done == r["output"]
+    text = "".join(d["delta"] for name, d in replay if name == "response.output_text.delta")
+    assert text == "".join(p.get("text", "") for it in r["output"] if it["type"] == "message" for p in it["content"])
+    logprobs = [d["logprobs"] for name, d in replay if name == "response.output_text.done"]
+    assert logprobs == [p["logprobs"] for it in r["output"] if it["type"] == "message" for p in it["content"]]
 
 
 # ---------------------------------------------------------------- reasoning

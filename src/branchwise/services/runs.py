@@ -1,11 +1,12 @@
 """Responses that outlive their request: stored streams and background responses.
 
-A `Run` is one such response being generated in this process. Its SSE frames are kept in memory
-for live readers here, and written to the `events` table in small batches (every
-`event_flush_interval`) for everyone else: a stream can be resumed from any sequence number, by
-any process, while the response runs or after it finished. The final batch and the terminal
-event are written in the same transaction that commits the response, so a reader that sees a
-finished response also sees its whole log.
+A `Run` is one such response being generated in this process (all its alternatives when `n` > 1).
+Its SSE frames are kept in memory, each with its alternative's index, for live readers here,
+and written to the `events` table in small batches (every `event_flush_interval`) for everyone
+else, each alternative's under its own response id: a stream can be resumed from any sequence
+number, by any process, while the response runs or after it finished. The final batch and the
+terminal events are written in the same transaction that commits the response, so a reader that
+sees a finished response also sees its whole log.
 
 `Runs` keeps this process's runs: it renews their heartbeats, picks up cancel requests made
 through other processes, and reaps responses whose process died (their heartbeat went stale):
@@ -25,7 +26,7 @@ import orjson
 
 from branchwise.settings import Settings
 from branchwise.store.runs import RunStore
-from branchwise.wire.events import TERMINAL_EVENTS, synthesize, terminalsse
+from branchwise.wire.events import TERMINAL_EVENTS, Builder, Seq, synthesize, tags
 
 log = logging.getLogger("branchwise.runs")
 
@@ -37,10 +38,11 @@ REAPED_MESSAGE = ("The server running this response stopped before it finished (
 class Run:
     def __init__(self, ids: list[str], store: RunStore, flush_interval: float):
         self.ids = ids
-        self.key = ids[0]  # the event log is kept under alternative 0's id
+        self.key = ids[0]  # names the run in logs
         self.store = store
-        self.frames: list[bytes] = []
-        self.pending: list[tuple[int, bytes]] = []
+        self.frames: list[bytes] = []  # a frame's index is its sequence_number
+        self.alts = bytearray()  # index for index, the alternative each frame belongs to (n <= 8)
+        self.written = 0  # frames before this one are in the database (or in the commit's rows)
         self.done = False
         self.closing = False
         self.finished = asyncio.Event()
@@ -53,40 +55,52 @@ class Run:
 
     # -- producing
 
-    def append(self, frame: bytes) -> None:
-        seq = len(self.frames)
-        self.frames.append(frame)
-        if not self.closing:  # frames after `drain` were written by the commit itself
-            self.pending.append((seq, frame))
-        self._notify()
+    def extend(self, alternative: int, frames: list[bytes]) -> None:
+        """Frames of one alternative, in order. Frames added after `drain` are not written here:
+        the commit wrote them."""
+        if frames:
+            self.frames += frames
+            for _ in frames:
+                self.alts.append(alternative)
+            self._notify()
+
+    def append(self, alternative: int, frame: bytes) -> None:
+        self.extend(alternative, [frame])
 
     def _notify(self) -> None:
         ev, self._changed = self._changed, asyncio.Event()
         ev.set()
 
+    def _rows(self, start: int, end: int) -> list[dict]:
+        ids, alts, frames = self.ids, self.alts, self.frames
+        return [{"response_id": ids[alts[s]], "alternative": alts[s], "seq": s, "frame": frames[s]}
+                for s in range(start, end)]
+
     async def _flush_forever(self) -> None:
         while not self.closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
-            if self.pending and not self.closing:
-                batch, self.pending = self.pending, []
+            end = len(self.frames)
+            if end > self.written and not self.closing:
                 try:
-                    await self.store.append_events(self.key, batch)
+                    await self.store.append_events(self._rows(self.written, end))
+                    self.written = end
                 except Exception:  # keep them for the final transaction
                     log.exception("could not write events of %s", self.key)
-                    self.pending = batch + self.pending
 
     async def drain(self, terminal: list[bytes]) -> list[dict]:
-        """Stop the flusher and hand over what is left to write, plus the terminal frames that
-        will be appended next: the rows for the commit transaction."""
+        """Stop the flusher and hand over what is left to write, plus the terminal frames (one
+        per alternative, in order) that will be appended next: the rows for the commit
+        transaction."""
         self.closing = True
         self._wake.set()
         with contextlib.suppress(Exception):
             await asyncio.shield(self._flusher)
         start = len(self.frames)
-        rows = [{"response_id": self.key, "seq": s, "frame": f} for s, f in self.pending]
-        rows += [{"response_id": self.key, "seq": start + k, "frame": f} for k, f in enumerate(terminal)]
-        self.pending = []
+        rows = self._rows(self.written, start)
+        rows += [{"response_id": self.ids[k], "alternative": k, "seq": start + k, "frame": f}
+                 for k, f in enumerate(terminal)]
+        self.written = start + len(terminal)
         return rows
 
     def finish(self) -> None:
@@ -98,22 +112,25 @@ class Run:
 
     # -- reading
 
-    async def follow(self, after: int = -1, only: str | None = None) -> AsyncIterator[bytes]:
-        """Frames with sequence_number > `after`, live until the run is done."""
+    async def follow(self, after: int = -1, alternative: int | None = None) -> AsyncIterator[bytes]:
+        """Frames with sequence_number > `after`, of one alternative or (None) of all, live
+        until the run is done."""
         i = after + 1
+        frames, alts = self.frames, self.alts
         while True:
-            while i < len(self.frames):
-                frame = self.frames[i]
-                i += 1
-                if only is None or _names(frame, only):
+            if alternative is None:
+                while i < len(frames):
+                    frame = frames[i]
+                    i += 1
                     yield frame
+            else:
+                while i < len(frames):
+                    i += 1
+                    if alts[i - 1] == alternative:
+                        yield frames[i - 1]
             if self.done:
                 return
             await self._changed.wait()
-
-
-def _names(frame: bytes, response_id: str) -> bool:
-    return response_id.encode() in frame
 
 
 class Runs:
@@ -185,18 +202,19 @@ class Runs:
                 log.exception("run maintenance failed")
 
     def replay(self, response_id: str, after: int) -> AsyncIterator[bytes]:
-        """The response's events after `after`: live from memory when it runs here, else from
+        """One response's events after `after` (one alternative's, when `n` > 1, with their
+        sequence numbers in the whole stream): live from memory when it runs here, else from
         the database."""
         run = self.active.get(response_id)
         if run is not None:
-            return run.follow(after, only=None if response_id == run.key else response_id)
+            return run.follow(after, run.ids.index(response_id))
         return self.follow_stored(response_id, after)
 
     async def follow_stored(self, response_id: str, after: int) -> AsyncIterator[bytes]:
         """Replay a response's event log from the database, live-tailing it while the response
         runs elsewhere. When the log has no terminal event (the process died, or the response was
         never streamed), one is made from the stored response."""
-        last = after
+        last, frame = after, None
         while True:
             batch = await self.store.events_after(response_id, last)
             for seq, frame in batch:
@@ -215,13 +233,16 @@ class Runs:
                 if batch:
                     continue
                 obj = orjson.loads(body)
-                frames = synthesize(obj) if last == -1 else [terminalsse(obj, last + 1)]
-                for frame in frames[after + 1:] if last == -1 else frames:
+                if last == -1:  # no log: the response was never streamed
+                    frames = synthesize(obj)
+                else:  # a log that stops short: numbered after its last event, named as its events are
+                    frames = [Builder(Seq(last + 1), response_id, None if frame is None else tags(frame)).terminal(obj)]
+                for frame in frames:
                     yield frame
                 return
             local = self.active.get(response_id)
             if local is not None:
-                async for frame in local.follow(last):
+                async for frame in local.follow(last, local.ids.index(response_id)):
                     yield frame
                 return
             await asyncio.sleep(self.settings.event_poll_interval)

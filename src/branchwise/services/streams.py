@@ -9,7 +9,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import orjson
 
@@ -19,7 +18,7 @@ from branchwise.core.errors import BranchwiseError, InvalidRequest
 from branchwise.services.responses import Plan, Responses
 from branchwise.services.runs import TERMINAL, Run, Runs
 from branchwise.wire import items as witems
-from branchwise.wire.events import INCOMPLETE, Emitter, Terminal, choice_deltas
+from branchwise.wire.events import INCOMPLETE, Emitter, Terminal, choice_deltas, terminals
 from branchwise.wire.objects import response_object
 
 log = logging.getLogger("branchwise.streams")
@@ -34,8 +33,9 @@ class Streams:
         """SSE for an unstored response, tied to its request: a client that goes away cancels
         the upstream call."""
         try:
-            async for frame in self._stream(plan):
-                yield frame
+            async for _, frames in self._stream(plan):
+                for frame in frames:
+                    yield frame
         finally:
             await self.responses.release(plan)
 
@@ -59,9 +59,9 @@ class Streams:
             raise
         ems = [Emitter(plan, i) for i in range(plan.n)]
         for em in ems:
-            run.append(em.event("response.created", response=em.snapshot("queued")))
+            run.append(em.alt, em.event("response.created", response=em.snapshot("queued")))
         for em in ems:
-            run.append(em.event("response.queued", response=em.snapshot("queued")))
+            run.append(em.alt, em.event("response.queued", response=em.snapshot("queued")))
         run.task = asyncio.get_running_loop().create_task(self._produce(plan, background=True))
         return run
 
@@ -90,12 +90,12 @@ class Streams:
                     await self.runs.store.set_status(plan.ids, "in_progress", [
                         orjson.dumps(response_object(plan.req, id=rid, created_at=plan.created_at,
                                                      status="in_progress", output=[])) for rid in plan.ids])
-                    async for frame in self._stream(plan, created=False):
-                        run.append(frame)
+                    async for alt, frames in self._stream(plan, created=False):
+                        run.extend(alt, frames)
             else:
                 rows = self._running_rows(plan, "in_progress")
-                async for frame in self._stream(plan, before_model=lambda: self.runs.store.insert_rows(rows)):
-                    run.append(frame)
+                async for alt, frames in self._stream(plan, before_model=lambda: self.runs.store.insert_rows(rows)):
+                    run.extend(alt, frames)
         except asyncio.CancelledError:
             status = "cancelled" if run.cancel_reason == "cancel" else "failed"
             message = "The server shut down before this response finished." if status == "failed" else None
@@ -115,15 +115,16 @@ class Streams:
             self.runs.forget(run)
             run.finish()
 
-    def _terminal_failed(self, plan: Plan) -> Terminal:
-        ems = [Emitter(plan, i) for i in range(plan.n)]
-        alts = lambda objs: [objs[0], *objs[0].get("alternatives", [])]  # noqa: E731
-        return lambda objs: [em.event("response.failed", response=o) for em, o in zip(ems, alts(objs), strict=True)]
+    @staticmethod
+    def _terminal_failed(plan: Plan) -> Terminal:
+        """The terminal events of a response that ends without its builders (cancel, crash of
+        the producer, a queue that timed out): new builders on the plan's sequence."""
+        return terminals([Emitter(plan, i) for i in range(plan.n)])
 
     @staticmethod
     def _emit_terminal(plan: Plan) -> None:
-        for frame in plan.terminal_frames:
-            plan.run.append(frame)
+        for alt, frame in enumerate(plan.terminal_frames):  # one per alternative, in order
+            plan.run.append(alt, frame)
 
     async def cancel(self, response_id: str) -> bytes | None:
         """Cancel a background response (idempotent). Returns its stored body, or None when there
@@ -155,16 +156,18 @@ class Streams:
         return None if state is None else state[1]
 
     async def _stream(self, plan: Plan, created: bool = True,
-                      before_model: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
-        """OpenAI's SSE for the plan's response(s). With n > 1 every alternative's events are
-        interleaved in one stream; each event names its `response_id` and carries `alternative`
-        (its index). Layout in docs/branching.md."""
+                      before_model: Callable[[], Awaitable[None]] | None = None,
+                      ) -> AsyncIterator[tuple[int, list[bytes]]]:
+        """OpenAI's SSE for the plan's response(s): the frames of each step (a delta), with
+        their alternative's index.
+        With n > 1 every alternative's events are interleaved in one stream; each event names
+        its `response_id` and carries `alternative`. Layout in docs/branching.md."""
         ems = [Emitter(plan, i) for i in range(plan.n)]
         if created:
             for em in ems:
-                yield em.event("response.created", response=em.snapshot("in_progress"))
+                yield em.alt, [em.event("response.created", response=em.snapshot("in_progress"))]
         for em in ems:
-            yield em.event("response.in_progress", response=em.snapshot("in_progress"))
+            yield em.alt, [em.event("response.in_progress", response=em.snapshot("in_progress"))]
         if before_model is not None:
             await before_model()
         usage = Usage()
@@ -181,8 +184,7 @@ class Streams:
                     if d.tool_index is not None and max_calls is not None and d.tool_index >= max_calls:
                         continue  # `max_tool_calls`: later calls are dropped
                     if 0 <= d.index < plan.n:
-                        for frame in ems[d.index].feed(d):
-                            yield frame
+                        yield d.index, ems[d.index].feed(d)
             else:
                 result = await self.responses.generate(plan)
                 usage = result.usage
@@ -191,27 +193,19 @@ class Streams:
                         del c.tool_calls[max_calls:]
                     finish[c.index] = c.finish_reason
                     for d in choice_deltas(c):
-                        for frame in ems[c.index].feed(d):
-                            yield frame
+                        yield c.index, ems[c.index].feed(d)
         except BackendError as e:
             for em in ems:
                 em.close_all(aborted=True)
-            await self.responses.fail(plan, e.code, e.message, terminal=self._terminal_failed(plan))
-            for frame in plan.terminal_frames:
-                yield frame
+            await self.responses.fail(plan, e.code, e.message, terminal=terminals(ems))
+            for alt, frame in enumerate(plan.terminal_frames):
+                yield alt, [frame]
             return
         for i, em in enumerate(ems):
-            for frame in em.close_all(incomplete=finish.get(i) in INCOMPLETE):
-                yield frame
-
-        def terminal(objs: list[dict[str, Any]]) -> list[bytes]:
-            alts = [objs[0], *objs[0].get("alternatives", [])]
-            return [em.event("response.incomplete" if o["status"] == "incomplete" else "response.completed",
-                             response=o) for em, o in zip(ems, alts, strict=True)]
-
+            yield i, em.close_all(incomplete=finish.get(i) in INCOMPLETE)
         for em in ems:
             witems.merge_tool_calls(em.items)
         await self.responses.commit(plan, [em.choice(finish.get(i)) for i, em in enumerate(ems)],
-                           [em.items for em in ems], usage, terminal)
-        for frame in plan.terminal_frames:
-            yield frame
+                           [em.items for em in ems], usage, terminals(ems))
+        for alt, frame in enumerate(plan.terminal_frames):
+            yield alt, [frame]

@@ -31,13 +31,15 @@ class RunStore:
             for rid, body in zip(ids, bodies, strict=True):
                 await conn.execute(update(responses).where(responses.c.id == rid).values(status=status, body=body))
 
-    async def append_events(self, response_id: str, frames: Sequence[tuple[int, bytes]]) -> None:
-        if not frames:
+    async def append_events(self, rows: Sequence[dict]) -> None:
+        """Rows of `events`: {response_id, alternative, seq, frame}."""
+        if not rows:
             return
         async with self.writer.begin() as conn:
-            await conn.execute(insert(events), [{"response_id": response_id, "seq": s, "frame": f} for s, f in frames])
+            await conn.execute(insert(events), list(rows))
 
     async def events_after(self, response_id: str, after: int, limit: int = 1000) -> list[tuple[int, bytes]]:
+        """(seq, frame) of one response's log (one alternative's), after `after`, in order."""
         async with self.reader.connect() as conn:
             rows = await conn.execute(
                 select(events.c.seq, events.c.frame)

@@ -178,7 +178,7 @@ def _insert(table: str, columns: Sequence[str]) -> SQL:
 
 
 INSERT_ITEMS = _insert("items", ITEM_COLUMNS)
-INSERT_EVENTS = _insert("events", ("response_id", "seq", "frame"))
+INSERT_EVENTS = _insert("events", ("response_id", "alternative", "seq", "frame"))
 INSERT_RESPONSES = _insert("responses", RESPONSE_COLUMNS)
 INSERT_CONVERSATION = _insert("conversations", ("id", "tree", "head", "created_at", "metadata",
                                                 "forked_from_conversation", "forked_from_item"))

@@ -88,12 +88,14 @@ responses = Table(
 
 # Every SSE event of a stored streaming or background response, so that a stream can be
 # resumed from any point, by any process, after the response finished or while it runs.
+# With n > 1 each alternative's events are kept under its own response id.
 events = Table(
     "events",
     metadata,
     Column("response_id", String(64), primary_key=True),
-    Column("seq", Integer, primary_key=True),  # the event's sequence_number
+    Column("seq", Integer, primary_key=True),  # the event's sequence_number (in the whole stream)
     Column("frame", LargeBinary, nullable=False),  # the SSE frame as sent
+    Column("alternative", Integer, nullable=False, server_default="0"),  # its index among the n
 )
 
 # A lease is a place in a conversation's line: the lowest live `seq` runs, the others wait.

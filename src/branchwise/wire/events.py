@@ -1,11 +1,15 @@
-"""Responses streaming events: the output-item events of one response as a model produces
-them (`Emitter`), and the whole sequence of a finished response that was never streamed
-(`synthesize`), both as SSE frames."""
+"""Responses streaming events, all made by one `Builder`: the events of one response (one
+alternative) from model deltas as they come (`Emitter`, a live stream), from the output items
+of a stored response that was never streamed (`synthesize`: the same deltas, one per part), and
+the terminal event of any Response object (`Builder.terminal`), including those made up after a
+crash or a cancel. Every event is an SSE frame."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import orjson
 
 from branchwise.core.chat import ChatDelta, Choice, ToolCall
 from branchwise.core.ids import new_id
@@ -17,9 +21,24 @@ INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 TERMINAL_EVENTS = (b"event: response.completed\n", b"event: response.failed\n", b"event: response.incomplete\n")
 
 Terminal = Callable[[list[dict[str, Any]]], list[bytes]]
+"""The terminal frames of a finished response's alternatives (objects in alternative order)."""
+
+
+def terminal_type(obj: dict[str, Any]) -> str:
+    """The terminal event of a Response: OpenAI's stream has no cancelled event, so a cancelled
+    response ends with `response.failed` (its Response says `cancelled`)."""
+    return {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
+        obj["status"], "response.failed")
+
+
+def terminals(builders: Sequence[Builder]) -> Terminal:
+    """A `Terminal` that gives each alternative's Response its terminal event."""
+    return lambda objs: [b.terminal(o) for b, o in zip(builders, objs, strict=True)]
 
 
 def choice_deltas(c: Choice) -> list[ChatDelta]:
+    """The deltas of a whole choice, one per part: what a model that does not stream would have
+    streamed."""
     out = []
     if c.reasoning:
         out.append(ChatDelta(index=c.index, reasoning=c.reasoning))
@@ -33,24 +52,36 @@ def choice_deltas(c: Choice) -> list[ChatDelta]:
     return out
 
 
+def item_deltas(item: dict[str, Any]) -> list[ChatDelta]:
+    """The deltas of a stored output item, one per content part."""
+    kind = item["type"]
+    if kind == "message":
+        return [ChatDelta(text=p["text"], logprobs=p.get("logprobs") or None) if p["type"] == "output_text"
+                else ChatDelta(refusal=p["refusal"]) for p in item.get("content") or []]
+    if kind == "reasoning":
+        return [ChatDelta(reasoning="".join(c.get("text", "") for c in item.get("content") or []))]
+    return [ChatDelta(tool_index=0, tool_arguments=item["arguments"])]
+
+
 class Seq:
-    def __init__(self) -> None:
-        self.n = -1
+    def __init__(self, start: int = 0) -> None:
+        self.n = start - 1
 
     def next(self) -> int:
         self.n += 1
         return self.n
 
 
-class Emitter:
-    """Turns model deltas into OpenAI's output-item events for one response, keeping
-    `output_index` and `content_index` dense and in order."""
+class Builder:
+    """The events of one response (one alternative of a request): fed deltas, it opens, fills
+    and closes output items and content parts, keeping `output_index` and `content_index` dense
+    and in order. The alternatives of a request share one `Seq`; with `n` > 1 (`alternative` is
+    not None) every event names its `response_id` and `alternative`."""
 
-    def __init__(self, plan: Any, alternative: int = 0):
-        self.plan = plan
-        self.alt = alternative
-        self.rid = plan.ids[alternative]
-        self.seq = plan.seq
+    def __init__(self, seq: Seq, response_id: str, alternative: int | None = None):
+        self.seq = seq
+        self.rid = response_id
+        self.tag = alternative
         self.items: list[witems.NewItem] = []
         self.done_wire: list[dict[str, Any]] = []
         self.cur: dict[str, Any] | None = None  # the open item: {"kind", "wire", "text", ...}
@@ -61,14 +92,13 @@ class Emitter:
 
     def event(self, type: str, **fields: Any) -> bytes:
         ev = {"type": type, "sequence_number": self.seq.next(), **fields}
-        if self.plan.n > 1:
+        if self.tag is not None:
             ev["response_id"] = self.rid
-            ev["alternative"] = self.alt
+            ev["alternative"] = self.tag
         return sse(ev)
 
-    def snapshot(self, status: str) -> dict[str, Any]:
-        return response_object(self.plan.req, id=self.rid, created_at=self.plan.created_at,
-                               status=status, output=list(self.done_wire))
+    def terminal(self, obj: dict[str, Any]) -> bytes:
+        return self.event(terminal_type(obj), response=obj)
 
     @property
     def index(self) -> int:
@@ -108,12 +138,13 @@ class Emitter:
                                       output_index=self.index, delta=d.tool_arguments))
         return out
 
-    def _open(self, kind: str, **extra: Any) -> list[bytes]:
+    def _open(self, kind: str, item_id: str | None = None, **extra: Any) -> list[bytes]:
         if self.cur is not None and self.cur["kind"] == kind and kind != "function_call":
             return []
         out = self._close()
-        prefix = {"reasoning": "rs", "message": "msg", "function_call": "fc"}[kind]
-        self.cur = {"kind": kind, "id": new_id(prefix), "text": "", "refusal": "", "part": None, "ci": -1,
+        if item_id is None:
+            item_id = new_id({"reasoning": "rs", "message": "msg", "function_call": "fc"}[kind])
+        self.cur = {"kind": kind, "id": item_id, "text": "", "refusal": "", "part": None, "ci": -1,
                     "logprobs": [], **extra}
         if kind == "message":
             wire = {"id": self.cur["id"], "type": "message", "status": "in_progress", "role": "assistant",
@@ -159,38 +190,46 @@ class Emitter:
         cur["part"] = None
         return out
 
-    def _close(self, status: str = "completed") -> list[bytes]:
+    def _close(self, status: str = "completed", stored: dict[str, Any] | None = None) -> list[bytes]:
+        """Close the open item. A replay passes the item as it is stored, which the last event
+        carries instead of one made from the deltas."""
         cur = self.cur
         if cur is None:
             return []
         out: list[bytes] = []
         kind = cur["kind"]
+        item = None
         if kind == "message":
             if cur["ci"] < 0:  # an empty message still has one (empty) text part
                 out += self._part("output_text")
             out += self._close_part()
-            item = witems.output_message(cur["text"], cur["refusal"] or None, status, item_id=cur["id"],
-                                         logprobs=cur["logprobs"])
-            self.text += cur["text"]
-            if cur["refusal"]:
-                self.refusal = (self.refusal or "") + cur["refusal"]
+            if stored is None:
+                item = witems.output_message(cur["text"], cur["refusal"] or None, status, item_id=cur["id"],
+                                             logprobs=cur["logprobs"])
+                self.text += cur["text"]
+                if cur["refusal"]:
+                    self.refusal = (self.refusal or "") + cur["refusal"]
         elif kind == "reasoning":
             out.append(self.event("response.reasoning_text.done", item_id=cur["id"], output_index=self.index,
                                   content_index=0, text=cur["text"]))
-            item = witems._make({"id": cur["id"], "type": "reasoning", "summary": [],
-                                 "content": [{"type": "reasoning_text", "text": cur["text"]}],
-                                 "encrypted_content": None, "status": None}, None)
-            self.reasoning = (self.reasoning or "") + cur["text"]
+            if stored is None:
+                item = witems._make({"id": cur["id"], "type": "reasoning", "summary": [],
+                                     "content": [{"type": "reasoning_text", "text": cur["text"]}],
+                                     "encrypted_content": None, "status": None}, None)
+                self.reasoning = (self.reasoning or "") + cur["text"]
         else:
             out.append(self.event("response.function_call_arguments.done", item_id=cur["id"],
                                   output_index=self.index, name=cur["name"], arguments=cur["text"]))
-            item = witems._make({"id": cur["id"], "type": "function_call", "status": "completed",
-                                 "call_id": cur["call_id"], "name": cur["name"], "arguments": cur["text"]},
-                                witems._chat_tool_call(cur["call_id"], cur["name"], cur["text"]))
-            self.tool_calls.append(ToolCall(cur["call_id"], cur["name"], cur["text"]))
-        out.append(self.event("response.output_item.done", output_index=self.index, item=item.wire))
-        self.items.append(item)
-        self.done_wire.append(item.wire)
+            if stored is None:
+                item = witems._make({"id": cur["id"], "type": "function_call", "status": "completed",
+                                     "call_id": cur["call_id"], "name": cur["name"], "arguments": cur["text"]},
+                                    witems._chat_tool_call(cur["call_id"], cur["name"], cur["text"]))
+                self.tool_calls.append(ToolCall(cur["call_id"], cur["name"], cur["text"]))
+        if item is not None:
+            self.items.append(item)
+            stored = item.wire
+        out.append(self.event("response.output_item.done", output_index=self.index, item=stored))
+        self.done_wire.append(stored)
         self.cur = None
         return out
 
@@ -207,64 +246,51 @@ class Emitter:
             out += self._close()
         return out
 
+    def replay(self, item: dict[str, Any]) -> list[bytes]:
+        """A stored output item's events: the item opened, fed its deltas (one per part) and
+        closed as it is stored."""
+        kind = item.get("type")
+        if kind not in ("message", "reasoning", "function_call"):  # no deltas: added, then done
+            out = [self.event("response.output_item.added", output_index=self.index, item=item),
+                   self.event("response.output_item.done", output_index=self.index, item=item)]
+            self.done_wire.append(item)
+            return out
+        out = self._open(kind, item["id"], tool_index=0, call_id=item.get("call_id"), name=item.get("name", ""))
+        for d in item_deltas(item):
+            out += self.feed(d)
+        return out + self._close(stored=item)
+
+
+class Emitter(Builder):
+    """A live stream's builder for one alternative of a plan."""
+
+    def __init__(self, plan: Any, alternative: int = 0):
+        super().__init__(plan.seq, plan.ids[alternative], alternative if plan.n > 1 else None)
+        self.plan = plan
+        self.alt = alternative
+
+    def snapshot(self, status: str) -> dict[str, Any]:
+        return response_object(self.plan.req, id=self.rid, created_at=self.plan.created_at,
+                               status=status, output=list(self.done_wire))
+
     def choice(self, finish: str | None) -> Choice:
         return Choice(index=self.alt, text=self.text, refusal=self.refusal, reasoning=self.reasoning,
                       tool_calls=self.tool_calls, finish_reason=finish)
 
 
-def terminalsse(obj: dict, seq: int) -> bytes:
-    kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
-        obj["status"], "response.failed")
-    return sse({"type": kind, "sequence_number": seq, "response": obj})
-
-
-def synthesize(obj: dict) -> list[bytes]:
-    """The event sequence of a finished response that was not streamed (so has no log): what a
-    stream of it would have sent, one delta per part."""
-    events: list[dict] = []
+def synthesize(obj: dict[str, Any]) -> list[bytes]:
+    """The events of a finished response that was not streamed (so has no log): what a stream
+    of it would have sent, one delta per part, numbered from 0."""
+    b = Builder(Seq(), obj["id"])
     start = {**obj, "status": "in_progress", "output": [], "usage": None, "error": None,
              "incomplete_details": None, "completed_at": None}
-    events.append({"type": "response.created", "response": start})
-    events.append({"type": "response.in_progress", "response": start})
-    for oi, item in enumerate(obj.get("output") or []):
-        kind = item.get("type")
-        if kind == "message":
-            events.append({"type": "response.output_item.added", "output_index": oi,
-                           "item": {**item, "status": "in_progress", "content": []}})
-            for ci, part in enumerate(item.get("content") or []):
-                common = {"item_id": item["id"], "output_index": oi, "content_index": ci}
-                if part["type"] == "output_text":
-                    empty = {**part, "text": "", "annotations": [], "logprobs": []}
-                    events.append({"type": "response.content_part.added", **common, "part": empty})
-                    events.append({"type": "response.output_text.delta", **common, "delta": part["text"],
-                                   "logprobs": []})
-                    events.append({"type": "response.output_text.done", **common, "text": part["text"],
-                                   "logprobs": []})
-                else:
-                    events.append({"type": "response.content_part.added", **common,
-                                   "part": {"type": "refusal", "refusal": ""}})
-                    events.append({"type": "response.refusal.delta", **common, "delta": part["refusal"]})
-                    events.append({"type": "response.refusal.done", **common, "refusal": part["refusal"]})
-                events.append({"type": "response.content_part.done", **common, "part": part})
-        elif kind == "function_call":
-            events.append({"type": "response.output_item.added", "output_index": oi,
-                           "item": {**item, "status": "in_progress", "arguments": ""}})
-            events.append({"type": "response.function_call_arguments.delta", "item_id": item["id"],
-                           "output_index": oi, "delta": item["arguments"]})
-            events.append({"type": "response.function_call_arguments.done", "item_id": item["id"],
-                           "output_index": oi, "name": item["name"], "arguments": item["arguments"]})
-        elif kind == "reasoning":
-            events.append({"type": "response.output_item.added", "output_index": oi,
-                           "item": {**item, "content": [], "status": "in_progress"}})
-            text = "".join(c.get("text", "") for c in item.get("content") or [])
-            common = {"item_id": item["id"], "output_index": oi, "content_index": 0}
-            events.append({"type": "response.reasoning_text.delta", **common, "delta": text})
-            events.append({"type": "response.reasoning_text.done", **common, "text": text})
-        else:
-            events.append({"type": "response.output_item.added", "output_index": oi, "item": item})
-        events.append({"type": "response.output_item.done", "output_index": oi, "item": item})
-    frames = []
-    for seq, ev in enumerate(events):
-        frames.append(sse({**ev, "sequence_number": seq}))
-    frames.append(terminalsse(obj, len(events)))
+    frames = [b.event("response.created", response=start), b.event("response.in_progress", response=start)]
+    for item in obj.get("output") or []:
+        frames += b.replay(item)
+    frames.append(b.terminal(obj))
     return frames
+
+
+def tags(frame: bytes) -> int | None:
+    """The `alternative` an event names (None: a response with one alternative)."""
+    return orjson.loads(frame[frame.index(b"\ndata: ") + 7:]).get("alternative")
