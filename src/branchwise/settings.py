@@ -138,6 +138,19 @@ class Settings(BaseSettings):
     on a branch skips the walk up the tree; 0 switches it off. Nodes never change, so it needs
     no invalidation, across processes too."""
 
+    # request limits: checked before a body is parsed or validated (docs/api.md, "Limits")
+    max_body_bytes: int = Field(16 << 20, ge=1024)
+    """Bytes one request body may have; a longer one gets a 413 before the rest is read."""
+    max_input_items: int = Field(2048, ge=1)
+    """Items one `input` (POST /v1/responses, /input_tokens, /compact) may hold. Conversation
+    item bodies keep OpenAI's 20."""
+    max_text_chars: int = Field(10_485_760, ge=1)
+    """Characters one string in a body (a message's text, `instructions`, an argument) may have:
+    OpenAI's own limit."""
+    max_json_depth: int = Field(64, ge=8, le=200)
+    """Levels of nesting a body may have (free-form fields such as a tool's `parameters`); past
+    about 250 nobody could store or send it on."""
+
     @classmethod
     def settings_customise_sources(
         cls,

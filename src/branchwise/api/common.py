@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, TypeVar
 
 import orjson
@@ -10,7 +11,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from branchwise.core.errors import InvalidRequest
-from branchwise.wire.errors import from_validation
+from branchwise.wire.errors import RequestTooLarge, from_validation
+from branchwise.wire.ids import check_id
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -36,29 +38,124 @@ def json_response(obj: Any, status: int = 200) -> Response:
     return JSONReply(obj if isinstance(obj, bytes) else orjson.dumps(obj), status)
 
 
+_INVALID_JSON = ("We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+                 "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid "
+                 "JSON.)")
+OFF_LOOP_BYTES = 256 << 10
+"""Bodies longer than this are parsed and validated in a worker thread: the Python part of that
+work then yields the event loop to other requests every few milliseconds (the GIL's switch
+interval) instead of holding it for the whole body."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it passes `limit` bytes: a declared
+    `Content-Length` over it is refused before a byte is read, and a body without one (chunked)
+    is never buffered past the limit."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise RequestTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(limit)
+        chunks.append(chunk)
+    request._body = body = b"".join(chunks)  # (as `Request.body()` keeps it)
+    return body
+
+
 async def parse_body(request: Request, model: type[M]) -> M:
-    """The request body as `model`, or an OpenAI-shaped 400."""
-    raw = await request.body()
+    """The request body as `model`, or an OpenAI-shaped 4xx; the limits (`Settings.max_*`) are
+    checked before the body is validated, so a refused request costs little and stores nothing."""
+    settings = request.app.state.settings
+    raw = await read_body(request, settings.max_body_bytes)
     ctype = request.headers.get("content-type", "")
     if raw and ctype and "json" not in ctype.split(";")[0].lower():
         raise InvalidRequest(
             f"Unsupported content type: '{ctype}'. This API only accepts 'application/json' requests.",
             code="unsupported_content_type",
         )
+    if len(raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(decode, raw, model, settings)
+    return decode(raw, model, settings)
+
+
+def decode(raw: bytes, model: type[M], settings) -> M:
+    """Parse, check the limits, validate."""
     try:
         data = orjson.loads(raw) if raw.strip() else {}
-    except orjson.JSONDecodeError:
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
-            "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)",
-            code="invalid_json",
-        ) from None
+    except orjson.JSONDecodeError as e:
+        if "recursion" in str(e).lower():  # orjson's own limit, 255 levels
+            raise _too_deep(None, settings.max_json_depth) from None
+        raise InvalidRequest(_INVALID_JSON, code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    check_limits(data, raw, settings)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise from_validation(e) from None
+
+
+def check_limits(data: dict, raw: bytes, settings) -> None:
+    """Item counts, then depth and string lengths. The walk over the whole body runs only when
+    the raw bytes could hold a violation (more brackets than levels allowed, more bytes than
+    characters allowed), which a typical body cannot."""
+    max_items = settings.max_input_items
+    for key in ("input", "items"):
+        value = data.get(key)
+        if type(value) is list and len(value) > max_items:
+            raise InvalidRequest(f"Invalid '{key}': array too long. Expected an array with maximum length "
+                                 f"{max_items}, but got an array with length {len(value)} instead.",
+                                 param=key, code="array_above_max_length")
+    max_depth, max_text = settings.max_json_depth, settings.max_text_chars
+    deep = raw.count(b"[") + raw.count(b"{") > max_depth
+    long = len(raw) > max_text
+    if deep or long:
+        found = _first_violation(data, (), 1, max_depth if deep else 1 << 30, max_text if long else 1 << 62)
+        if found is not None:
+            what, path, size = found
+            param = _path(path)
+            if what == "depth":
+                raise _too_deep(param, max_depth)
+            raise InvalidRequest(f"Invalid '{param}': string too long. Expected a string with maximum length "
+                                 f"{max_text}, but got a string with length {size} instead.", param=param,
+                                 code="string_above_max_length")
+
+
+def _first_violation(value, path: tuple, depth: int, max_depth: int, max_text: int):
+    """("depth" | "text", path, length) for the first container nested past `max_depth` or string
+    longer than `max_text` (dictionary keys included), else None. Recursion is bounded: the
+    depth check stops it at `max_depth`, itself under orjson's 255."""
+    if depth > max_depth:
+        return "depth", path, depth
+    items = value.items() if type(value) is dict else enumerate(value)
+    for key, x in items:
+        if type(key) is str and len(key) > max_text:
+            return "text", path, len(key)
+        t = type(x)
+        if t is str:
+            if len(x) > max_text:
+                return "text", (*path, key), len(x)
+        elif t is dict or t is list:
+            found = _first_violation(x, (*path, key), depth + 1, max_depth, max_text)
+            if found is not None:
+                return found
+    return None
+
+
+def _path(path: tuple) -> str | None:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or None
+
+
+def _too_deep(param: str | None, max_depth: int) -> InvalidRequest:
+    where = f"'{param}'" if param else "the request body"
+    return InvalidRequest(f"Invalid value: {where} is nested too deeply. Expected at most {max_depth} levels "
+                          "of arrays and objects.", param=param, code="invalid_value")
 
 
 def paging(request: Request, *, max_limit: int = 100, default_limit: int = 20,
@@ -77,4 +174,5 @@ def paging(request: Request, *, max_limit: int = 100, default_limit: int = 20,
     if order not in ("asc", "desc"):
         raise InvalidRequest("Invalid value for 'order': must be 'asc' or 'desc'.", param="order",
                              code="invalid_value")
-    return limit, order, q.get("after") or None
+    after = q.get("after") or None
+    return limit, order, after if after is None else check_id(after, "item", "after")

@@ -12,6 +12,7 @@ from branchwise.core.tree import Conversation
 from branchwise.services.concurrency import ClientGone
 from branchwise.services.conversations import Conversations
 from branchwise.wire import models as m
+from branchwise.wire.ids import check_id
 from branchwise.wire.objects import conversation_object, item_list
 
 
@@ -30,20 +31,24 @@ async def create_conversation(request: Request) -> Response:
 
 
 async def retrieve_conversation(request: Request, conversation_id: str) -> Response:
+    check_id(conversation_id, "conversation", "conversation_id")
     return json_response(_obj(await _service(request).get(conversation_id)))
 
 
 async def update_conversation(request: Request, conversation_id: str) -> Response:
+    check_id(conversation_id, "conversation", "conversation_id")
     body = await parse_body(request, m.UpdateConversation)
     return json_response(_obj(await _service(request).update(conversation_id, body.metadata)))
 
 
 async def delete_conversation(request: Request, conversation_id: str) -> Response:
+    check_id(conversation_id, "conversation", "conversation_id")
     await _service(request).delete(conversation_id)
     return json_response({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
 
 
 async def create_items(request: Request, conversation_id: str) -> Response:
+    check_id(conversation_id, "conversation", "conversation_id")
     body = await parse_body(request, m.AddItems)
     try:
         chain = await _service(request).append(conversation_id, body.items, body.concurrency,
@@ -55,6 +60,7 @@ async def create_items(request: Request, conversation_id: str) -> Response:
 
 
 async def list_items(request: Request, conversation_id: str) -> Response:
+    check_id(conversation_id, "conversation", "conversation_id")
     limit, order, after = paging(request)
     rows, has_more = await _service(request).items(conversation_id, limit=limit, order=order, after=after)
     return json_response(item_list([r.data for r in rows], rows[0].item_id if rows else None,
@@ -62,10 +68,14 @@ async def list_items(request: Request, conversation_id: str) -> Response:
 
 
 async def retrieve_item(request: Request, conversation_id: str, item_id: str) -> Response:
+    check_id(conversation_id, "conversation", "conversation_id")
+    check_id(item_id, "item", "item_id")
     return json_response(await _service(request).item(conversation_id, item_id))
 
 
 async def delete_item(request: Request, conversation_id: str, item_id: str) -> Response:
+    check_id(conversation_id, "conversation", "conversation_id")
+    check_id(item_id, "item", "item_id")
     return json_response(_obj(await _service(request).delete_item(conversation_id, item_id)))
 
 
@@ -73,11 +83,13 @@ async def delete_item(request: Request, conversation_id: str, item_id: str) -> R
 
 
 async def fork_conversation(request: Request, conversation_id: str) -> Response:
+    check_id(conversation_id, "conversation", "conversation_id")
     body = await parse_body(request, m.ForkConversation)
     return json_response(_obj(await _service(request).fork(conversation_id, body.item_id, body.metadata)))
 
 
 async def move_head(request: Request, conversation_id: str) -> Response:
+    check_id(conversation_id, "conversation", "conversation_id")
     body = await parse_body(request, m.MoveHead)
     created_at, metadata, forked_from_conversation, forked_from_item = \
         await _service(request).move_head(conversation_id, body.item_id)
@@ -86,6 +98,7 @@ async def move_head(request: Request, conversation_id: str) -> Response:
 
 
 async def tree(request: Request, conversation_id: str) -> Response:
+    check_id(conversation_id, "conversation", "conversation_id")
     limit, _, after = paging(request, max_limit=1000, default_limit=100, default_order="asc")
     conv, rows, has_more = await _service(request).tree(conversation_id, limit=limit, after=after)
     data = [

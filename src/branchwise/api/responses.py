@@ -15,9 +15,11 @@ from branchwise.services.responses import Responses
 from branchwise.services.stored import StoredResponses
 from branchwise.services.streams import Streams
 from branchwise.services.tokens import count_input_tokens
+from branchwise.wire.ids import check_id
 from branchwise.wire.models import CompactRequest, CountInputTokens, CreateResponse
 from branchwise.wire.objects import item_list
 
+MAX_SEQUENCE = 2**31 - 1
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -71,6 +73,7 @@ def _sse(frames) -> StreamingResponse:
 
 
 async def retrieve_response(request: Request, response_id: str) -> Response:
+    check_id(response_id, "response", "response_id")
     q = request.query_params
     stream = q.get("stream", "false").lower()
     if stream not in ("true", "false", "1", "0"):
@@ -80,8 +83,10 @@ async def retrieve_response(request: Request, response_id: str) -> Response:
         try:
             after = int(q["starting_after"])
         except ValueError:
-            raise InvalidRequest("Invalid value for 'starting_after': expected an integer.",
-                                 param="starting_after", code="invalid_value") from None
+            after = -2
+        if not 0 <= after <= MAX_SEQUENCE:  # (a database integer: anything larger could not be compared)
+            raise InvalidRequest(f"Invalid value for 'starting_after': expected an integer from 0 to {MAX_SEQUENCE}.",
+                                 param="starting_after", code="invalid_value")
     row = await _stored(request).get(response_id)
     if stream in ("true", "1"):
         return _sse(_streams(request).runs.replay(response_id, after))
@@ -89,11 +94,13 @@ async def retrieve_response(request: Request, response_id: str) -> Response:
 
 
 async def delete_response(request: Request, response_id: str) -> Response:
+    check_id(response_id, "response", "response_id")
     await _stored(request).delete(response_id)
     return json_response({"id": response_id, "object": "response", "deleted": True})
 
 
 async def cancel_response(request: Request, response_id: str) -> Response:
+    check_id(response_id, "response", "response_id")
     body = await _streams(request).cancel(response_id)
     if body is None:
         raise not_found("Response", response_id)
@@ -101,6 +108,7 @@ async def cancel_response(request: Request, response_id: str) -> Response:
 
 
 async def input_items(request: Request, response_id: str) -> Response:
+    check_id(response_id, "response", "response_id")
     limit, order, after = paging(request)
     page, has_more = await _stored(request).input_items(response_id, limit=limit, order=order, after=after)
     return json_response(item_list([r.data for r in page], page[0].item_id if page else None,

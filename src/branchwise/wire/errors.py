@@ -14,7 +14,18 @@ from branchwise.core.errors import (
     ServerFault,
 )
 
+
+class RequestTooLarge(InvalidRequest):
+    """A body past `max_body_bytes`. An HTTP matter, not a domain one, so it lives here: the
+    reply closes the connection, since the rest of the body may still be on its way."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"The request body is larger than the {limit} bytes this server accepts.",
+                         code="request_too_large")
+
+
 _STATUS: dict[type[BranchwiseError], tuple[int, str]] = {
+    RequestTooLarge: (413, "invalid_request_error"),
     InvalidRequest: (400, "invalid_request_error"),
     NotFound: (404, "invalid_request_error"),
     Conflict: (409, "invalid_request_error"),
@@ -41,6 +52,8 @@ def http_error(exc: BranchwiseError) -> tuple[int, dict, dict[str, str]]:
     """(status, body, extra headers) for a domain error."""
     status, kind = status_of(exc)
     headers = {} if exc.retryable is None else {"x-should-retry": "true" if exc.retryable else "false"}
+    if status == 413:
+        headers["connection"] = "close"
     return status, error_body(exc.message, kind, exc.param, exc.code), headers
 
 
@@ -83,6 +96,10 @@ def from_validation(exc: ValidationError) -> InvalidRequest:
         tag = str(err.get("ctx", {}).get("tag", "")).lstrip("~")
         expected = str(err.get("ctx", {}).get("expected_tags", "")).replace("~", "")
         return InvalidRequest(f"Invalid value: '{tag}'. Supported values are: {expected}.", param=param,
+                              code="invalid_value")
+    if err["type"] == "invalid_id":
+        ctx = err.get("ctx", {})
+        return InvalidRequest(f"Invalid '{param}': '{ctx.get('shown')}'. {ctx.get('problem')}", param=param,
                               code="invalid_value")
     if err["type"] == "extra_forbidden":
         return InvalidRequest(f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")

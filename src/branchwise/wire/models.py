@@ -9,7 +9,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+from branchwise.wire.ids import id_validator
+
+# Strict scalars: OpenAI refuses `"n": "2"`, `"stream": "yes"` or `"temperature": "1"`, and so do
+# these (an integer is still a valid float, as JSON has one number type).
+Bool = Annotated[bool, Field(strict=True)]
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, Field(strict=True)]
+
+ResponseId = Annotated[str, AfterValidator(id_validator("response"))]
+ConversationId = Annotated[str, AfterValidator(id_validator("conversation"))]
+ItemId = Annotated[str, AfterValidator(id_validator("item"))]
+
+
+def _tag(v: Any, default: str = "") -> str:
+    """A discriminated union's tag: the value's `type` (`default` when absent). A `type` that is
+    not a string (`1`, `null`, `[]`) becomes a tag no branch has, hence a 400 naming it."""
+    t = v.get("type", default) if isinstance(v, dict) else getattr(v, "type", default)
+    if default and t in (None, ""):
+        t = default
+    return "~" + (t if isinstance(t, str) else repr(t))
 
 # ---------------------------------------------------------------- content parts
 
@@ -56,7 +77,7 @@ Part = Annotated[
     | Annotated[InputFile, Tag("~input_file")]
     | Annotated[OutputText, Tag("~output_text")]
     | Annotated[Refusal, Tag("~refusal")],
-    Discriminator(lambda v: "~" + (v.get("type", "") if isinstance(v, dict) else getattr(v, "type", ""))),
+    Discriminator(_tag),
 ]
 
 # ---------------------------------------------------------------- input items
@@ -97,12 +118,11 @@ class Reasoning(_Item):
 class ItemReference(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["item_reference"] | None = "item_reference"
-    id: str
+    id: ItemId
 
 
 def _item_tag(v: Any) -> str:
-    t = v.get("type", "message") if isinstance(v, dict) else getattr(v, "type", "message")
-    return "~" + (t or "message")
+    return _tag(v, "message")
 
 
 InputItem = Annotated[
@@ -136,11 +156,11 @@ class _Body(BaseModel):
 
 class ConversationRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: str
+    id: ConversationId
 
 
 ConversationParam = Annotated[
-    Annotated[str, Tag("~id")] | Annotated[ConversationRef, Tag("~ref")],
+    Annotated[ConversationId, Tag("~id")] | Annotated[ConversationRef, Tag("~ref")],
     Discriminator(lambda v: "~ref" if isinstance(v, dict | ConversationRef) else "~id"),
 ]
 
@@ -154,7 +174,7 @@ class TextFormatJsonSchema(BaseModel):
     name: str = Field(max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
     schema_: dict[str, Any] = Field(alias="schema")
     description: str | None = None
-    strict: bool | None = None
+    strict: Bool | None = None
 
 
 class TextFormatJsonObject(BaseModel):
@@ -165,7 +185,7 @@ TextFormat = Annotated[
     Annotated[TextFormatText, Tag("~text")]
     | Annotated[TextFormatJsonSchema, Tag("~json_schema")]
     | Annotated[TextFormatJsonObject, Tag("~json_object")],
-    Discriminator(lambda v: "~" + (v.get("type", "") if isinstance(v, dict) else getattr(v, "type", ""))),
+    Discriminator(_tag),
 ]
 
 
@@ -184,12 +204,12 @@ class FunctionTool(BaseModel):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: Bool | None = None
 
 
 def _tool_tag(v: Any) -> str:
     t = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
-    return "~function" if t == "function" else "~other"
+    return "~function" if t == "function" else "~other" if isinstance(t, str) else _tag(v)
 
 
 class OtherTool(BaseModel):
@@ -230,19 +250,19 @@ class CreateResponse(_Body):
     model: str = Field(min_length=1)
     input: str | list[InputItem] | None = None
     instructions: str | None = None
-    previous_response_id: str | None = None
+    previous_response_id: ResponseId | None = None
     conversation: ConversationParam | None = None
-    store: bool | None = True
+    store: Bool | None = True
     metadata: dict[str, str] | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    max_output_tokens: int | None = Field(default=None, ge=16)
-    max_tool_calls: int | None = Field(default=None, ge=1)
+    temperature: Float | None = Field(default=None, ge=0, le=2)
+    top_p: Float | None = Field(default=None, ge=0, le=1)
+    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
+    max_output_tokens: Int | None = Field(default=None, ge=16)
+    max_tool_calls: Int | None = Field(default=None, ge=1)
     text: TextParam | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: Bool | None = None
     reasoning: ReasoningParam | None = None
     truncation: Literal["auto", "disabled"] | None = None
     user: str | None = None
@@ -251,16 +271,16 @@ class CreateResponse(_Body):
     prompt_cache_retention: str | None = None
     prompt_cache_options: dict[str, Any] | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
-    stream: bool | None = False
+    stream: Bool | None = False
     stream_options: dict[str, Any] | None = None
-    background: bool | None = False
+    background: Bool | None = False
     include: list[str] | None = None
     prompt: dict[str, Any] | None = None
     context_management: list[dict[str, Any]] | None = None
     moderation: Any = None
     # branchwise extensions
     concurrency: Literal["branch", "queue", "reject"] | None = None
-    n: int = Field(default=1, ge=1, le=8)
+    n: Int = Field(default=1, ge=1, le=8)
 
     _check_metadata = field_validator("metadata")(classmethod(lambda cls, v: check_metadata(v)))
 
@@ -294,7 +314,7 @@ class AddItems(_Body):
 class ForkConversation(_Body):
     """branchwise extension: POST /v1/conversations/{id}/fork"""
 
-    item_id: str | None = None
+    item_id: ItemId | None = None
     metadata: dict[str, str] | None = None
 
     _check_metadata = field_validator("metadata")(classmethod(lambda cls, v: check_metadata(v)))
@@ -303,7 +323,7 @@ class ForkConversation(_Body):
 class MoveHead(_Body):
     """branchwise extension: POST /v1/conversations/{id}/head"""
 
-    item_id: str
+    item_id: ItemId
 
 
 
