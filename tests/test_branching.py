@@ -159,6 +159,40 @@ async def test_tree_pages(client, raw):
         assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
 
 
+async def _page_all(raw, conv_id: str, limit: int, most: int) -> list[dict]:
+    rows, after = [], None
+    for _ in range(most):
+        page = await tree(raw, conv_id, limit=limit, **({"after": after} if after else {}))
+        rows += page["data"]
+        if not page["has_more"]:
+            return rows
+        after = page["last_id"]
+    pytest.fail(f"tree paging did not end after {most} pages: {[r['id'] for r in rows]}")
+
+
+async def test_tree_pages_every_row_once_after_a_delete(client, raw):
+    """Deleting an item re-hangs the items below it as copies with the same ids: the tree then
+    holds item ids twice, and paging must still give every row exactly once."""
+    conv = await client.conversations.create(items=[msg(str(i)) for i in range(10)])
+    ids = [it.id async for it in client.conversations.items.list(conv.id, order="asc", limit=100)]
+    await client.conversations.items.delete(ids[2], conversation_id=conv.id)
+    full = await tree(raw, conv.id, limit=1000)
+    assert len(full["data"]) == 17 and full["has_more"] is False  # 10 nodes + 7 re-hung copies
+    key = [(r["id"], r["parent_id"]) for r in full["data"]]
+    for limit in (1, 2, 3, 5, 7):
+        rows = await _page_all(raw, conv.id, limit, most=len(key) + 1)
+        assert [(r["id"], r["parent_id"]) for r in rows] == key, limit
+    # the cursor a page returns resumes right after that page's last row, copies or not
+    page = await tree(raw, conv.id, limit=5)
+    rest = await tree(raw, conv.id, limit=1000, after=page["last_id"])
+    assert [(r["id"], r["parent_id"]) for r in page["data"] + rest["data"]] == key
+    # an item id still works as `after` (resuming after its newest copy), an unknown cursor is a 404
+    rest = await tree(raw, conv.id, limit=1000, after=ids[9])
+    assert rest["data"] == []
+    r = await raw.get(f"/v1/conversations/{conv.id}/tree", params={"after": "0" * 32})
+    assert r.status_code == 404
+
+
 async def test_n_alternatives_one_upstream_call(client, raw, mock):
     conv = await client.conversations.create(items=[msg("pick a colour")])
     r = await client.responses.create(model="m", conversation=conv.id, input="go", extra_body={"n": 3})

@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None) -> API:
 
     @asynccontextmanager
     async def lifespan(app: API):
-        db = create_engine(settings.database_url)
+        db = create_engine(settings.database_url, settings.db_pool_size, settings.db_pool_timeout)
         await migrate(db)
         router = Router(settings)
         store = Repository(db, settings.path_cache_mb << 20)

@@ -91,6 +91,13 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite:///branchwise.db"
     """`sqlite:///path/file.db` or `postgresql://user@host:port/db`; the async driver is chosen for you."""
+    db_pool_size: int = Field(10, ge=2)
+    """PostgreSQL: connections one server process opens at most, all of them together (a third
+    for leases, runs and event logs, the rest for conversations and responses); `--workers` times
+    this is what the server needs of PostgreSQL's `max_connections`. Unused on SQLite."""
+    db_pool_timeout: float = Field(10.0, gt=0)
+    """PostgreSQL: seconds a request waits for a connection while all are busy; then it gets a
+    503 with `Retry-After` (`database_busy`), and nothing of it is stored."""
 
     host: str = "127.0.0.1"
     port: int = 8000

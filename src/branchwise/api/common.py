@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any, TypeVar
 
 import orjson
@@ -159,7 +160,8 @@ def _too_deep(param: str | None, max_depth: int) -> InvalidRequest:
 
 
 def paging(request: Request, *, max_limit: int = 100, default_limit: int = 20,
-           default_order: str = "desc") -> tuple[int, str, str | None]:
+           default_order: str = "desc", cursor: re.Pattern | None = None) -> tuple[int, str, str | None]:
+    """(limit, order, after); `after` is an item id, or matches `cursor` when given."""
     q = request.query_params
     raw_limit = q.get("limit")
     try:
@@ -175,4 +177,6 @@ def paging(request: Request, *, max_limit: int = 100, default_limit: int = 20,
         raise InvalidRequest("Invalid value for 'order': must be 'asc' or 'desc'.", param="order",
                              code="invalid_value")
     after = q.get("after") or None
-    return limit, order, after if after is None else check_id(after, "item", "after")
+    if after is None or (cursor is not None and cursor.fullmatch(after)):
+        return limit, order, after
+    return limit, order, check_id(after, "item", "after")

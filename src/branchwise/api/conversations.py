@@ -3,6 +3,8 @@ the request, calls the conversations service, and replies."""
 
 from __future__ import annotations
 
+import re
+
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -97,10 +99,17 @@ async def move_head(request: Request, conversation_id: str) -> Response:
                                              forked_from_conversation, forked_from_item))
 
 
+# The tree's cursor: a node id (`core.ids.new_node`), unique where item ids are not (a deleted
+# item's re-hung copies keep the ids of the items they copy).
+_NODE = re.compile(r"[0-9a-f]{32}")
+
+
 async def tree(request: Request, conversation_id: str) -> Response:
     check_id(conversation_id, "conversation", "conversation_id")
-    limit, _, after = paging(request, max_limit=1000, default_limit=100, default_order="asc")
-    conv, rows, has_more = await _service(request).tree(conversation_id, limit=limit, after=after)
+    limit, _, after = paging(request, max_limit=1000, default_limit=100, default_order="asc", cursor=_NODE)
+    node = after if after is not None and _NODE.fullmatch(after) else None
+    conv, rows, has_more = await _service(request).tree(conversation_id, limit=limit, after_node=node,
+                                                        after=None if node else after)
     data = [
         {"id": r[0], "parent_id": r[1], "type": r[2], "role": r[3], "response_id": r[4], "status": r[5],
          "created_at": r[6]}
@@ -108,7 +117,7 @@ async def tree(request: Request, conversation_id: str) -> Response:
     ]
     return json_response(orjson.dumps({
         "object": "conversation.tree", "head": conv.head_item, "data": data, "has_more": has_more,
-        "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
+        "first_id": rows[0][7] if rows else None, "last_id": rows[-1][7] if rows else None,
     }))
 
 

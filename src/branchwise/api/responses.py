@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -72,6 +73,22 @@ def _sse(frames) -> StreamingResponse:
     return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
+async def _primed(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`frames` once its first frame is in: a replay that cannot read the event log (a busy
+    database) is then an error reply, not an empty 200 stream whose headers went out first."""
+    try:
+        first = await anext(frames)
+    except StopAsyncIteration:
+        first = None
+
+    async def rest() -> AsyncIterator[bytes]:
+        if first is not None:
+            yield first
+            async for frame in frames:
+                yield frame
+    return rest()
+
+
 async def retrieve_response(request: Request, response_id: str) -> Response:
     check_id(response_id, "response", "response_id")
     q = request.query_params
@@ -89,7 +106,7 @@ async def retrieve_response(request: Request, response_id: str) -> Response:
                                  param="starting_after", code="invalid_value")
     row = await _stored(request).get(response_id)
     if stream in ("true", "1"):
-        return _sse(_streams(request).runs.replay(response_id, after))
+        return _sse(await _primed(_streams(request).runs.replay(response_id, after)))
     return json_response(row.body)
 
 

@@ -42,5 +42,14 @@ class ServerFault(BranchwiseError):
     """branchwise itself could not do it."""
 
 
+class Unavailable(BranchwiseError):
+    """branchwise cannot do it now, for want of a shared resource (every database connection it
+    may open is busy): the same request may succeed after `retry_after` seconds."""
+
+    def __init__(self, message: str, *, retry_after: int = 1, **kw):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
 def not_found(kind: str, id: str) -> NotFound:
     return NotFound(f"{kind} with id '{id}' not found.")

@@ -115,10 +115,14 @@ class Conversations:
                                  param="item_id", code="item_not_found")
         return moved
 
-    async def tree(self, conv_id: str, *, limit: int, after: str | None) -> tuple[Conversation, list[tuple], bool]:
-        """A page of every item of the conversation's tree, in the order they were stored."""
+    async def tree(self, conv_id: str, *, limit: int, after: str | None = None,
+                   after_node: str | None = None) -> tuple[Conversation, list[tuple], bool]:
+        """A page of every node of the conversation's tree, in the order they were stored: after
+        the node `after_node` (the cursor a page returns), or after the newest node holding the
+        item `after`. Rows end with their node."""
         conv = await self.get(conv_id)
-        rows, has_more = await self.store.tree_page(conv.tree, limit=limit, after=after)
-        if after is not None and not rows and not await self.store.in_tree(conv.tree, after):
-            raise not_found("Item", after)
+        page = await self.store.tree_page(conv.tree, limit=limit, after=after, after_node=after_node)
+        if page is None:
+            raise not_found("Item", after_node or after)
+        rows, has_more = page
         return conv, rows, has_more

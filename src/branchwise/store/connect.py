@@ -15,7 +15,11 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from branchwise.core.errors import Unavailable
+from branchwise.settings import Settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -28,9 +32,35 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # (docs/decisions/0003-postgresql-planner-rules-generic-plans.md).
 PG_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off", "enable_mergejoin": "off", "jit": "off",
                "plan_cache_mode": "force_generic_plan"}
-# Raw asyncpg connections: with 16, 64 concurrent responses queued for them; with the engine's
-# 12 that is 44 a process, so two processes stay under PostgreSQL's default of 100.
-PG_POOL_SIZE = 32
+
+# PostgreSQL connections are a budget per process (`db_pool_size`): every connection the process
+# opens, the SQLAlchemy engine's and the raw pool's together, so that workers x budget is what a
+# deployment needs of PostgreSQL's `max_connections`. The hot path's statements go grouped, one
+# in flight per kind (docs/decisions/0012), so the raw pool needs a few connections, not one per
+# request; the engine (leases, runs, event logs, migrations) gets a third.
+DEFAULT_POOL_SIZE = 10
+DEFAULT_POOL_TIMEOUT = 10.0
+RETRY_AFTER_S = 1
+_BUDGETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # sync engine -> (raw pool size, timeout)
+
+
+def pool_split(size: int) -> tuple[int, int]:
+    """(the SQLAlchemy engine's connections, the raw pool's) of a budget of `size` (2 at least)."""
+    engine = max(1, size // 3)
+    return engine, max(1, size - engine)
+
+
+def connections_per_process(settings: Settings) -> int:
+    """Connections one server process opens to the database at most: `db_pool_size` on
+    PostgreSQL (both pools together), 0 on SQLite (a file, not a server's connections)."""
+    if make_url(async_url(settings.database_url)).get_backend_name() != "postgresql":
+        return 0
+    return sum(pool_split(settings.db_pool_size))
+
+
+def busy() -> Unavailable:
+    return Unavailable("The database is busy: every connection this server may open is in use. "
+                       "Retry after a moment.", code="database_busy", retryable=True, retry_after=RETRY_AFTER_S)
 
 
 def async_url(url: str) -> str:
@@ -92,7 +122,10 @@ def _sqlite_events(sync: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if opts.get("sqlite_immediate", False) else "BEGIN")
 
 
-def create_engine(url: str) -> AsyncEngine:
+def create_engine(url: str, pool_size: int = DEFAULT_POOL_SIZE,
+                  pool_timeout: float = DEFAULT_POOL_TIMEOUT) -> AsyncEngine:
+    """The engine of `url`; on PostgreSQL it and the raw pool (`open_pg_pool`) open `pool_size`
+    connections at most, and a call waits `pool_timeout` seconds for one, then gets `busy()`."""
     url = async_url(url)
     if url.startswith("sqlite"):
         # Every transaction ends explicitly (engine.begin()) and reads run in autocommit, so a
@@ -103,8 +136,12 @@ def create_engine(url: str) -> AsyncEngine:
         return engine
     # A fixed pool: connections opened and closed under load cost PostgreSQL more than they save.
     # (The repository has a raw pool of its own: see `open_pg_pool`.)
-    return create_async_engine(url, pool_size=12, max_overflow=0, pool_timeout=60, pool_pre_ping=False,
-                               pool_reset_on_return=None, connect_args={"server_settings": dict(PG_SETTINGS)})
+    mine, raw = pool_split(pool_size)
+    engine = create_async_engine(url, pool_size=mine, max_overflow=0, pool_timeout=pool_timeout,
+                                 pool_pre_ping=False, pool_reset_on_return=None,
+                                 connect_args={"server_settings": dict(PG_SETTINGS)})
+    _BUDGETS[engine.sync_engine] = (raw, pool_timeout)
+    return engine
 
 
 def sqlite_path(engine: AsyncEngine) -> str:
@@ -121,12 +158,16 @@ async def _reset(conn) -> None:
         await conn.execute("ROLLBACK")
 
 
+def pg_pool_timeout(engine: AsyncEngine) -> float:
+    return _BUDGETS.get(engine.sync_engine, (0, DEFAULT_POOL_TIMEOUT))[1]
+
+
 async def open_pg_pool(engine: AsyncEngine):
     import asyncpg
 
+    size = _BUDGETS.get(engine.sync_engine, (pool_split(DEFAULT_POOL_SIZE)[1], 0))[0]
     url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    return await asyncpg.create_pool(url, min_size=1, max_size=PG_POOL_SIZE, reset=_reset,
-                                     server_settings=PG_SETTINGS)
+    return await asyncpg.create_pool(url, min_size=1, max_size=size, reset=_reset, server_settings=PG_SETTINGS)
 
 
 _WRITE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -158,8 +199,11 @@ class Writer:
     @contextlib.asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
         if not self.sqlite:
-            async with self.engine.begin() as conn:
-                yield conn
+            try:
+                async with self.engine.begin() as conn:
+                    yield conn
+            except PoolTimeout as e:  # (only waiting for a connection raises it)
+                raise busy() from e
             return
         async with self.lock(), self.engine.begin() as conn:
             yield conn
@@ -169,9 +213,23 @@ def writer(engine: AsyncEngine) -> Writer:
     return Writer(engine)
 
 
-def reader(engine: AsyncEngine) -> AsyncEngine:
-    """The engine to read with: autocommit, so a read is one statement and no BEGIN/ROLLBACK."""
-    return engine.execution_options(isolation_level="AUTOCOMMIT")
+class Reader:
+    """Reads on the engine: autocommit, so a read is one statement and no BEGIN/ROLLBACK."""
+
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.connect() as conn:
+                yield conn
+        except PoolTimeout as e:  # (only waiting for a connection raises it)
+            raise busy() from e
+
+
+def reader(engine: AsyncEngine) -> Reader:
+    return Reader(engine)
 
 
 def _alembic_config() -> Config:

@@ -10,6 +10,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from branchwise.core.errors import Unavailable
+
 
 class OneInFlight:
     """One statement of a kind in flight; the calls that arrive meanwhile go together as the
@@ -114,13 +116,18 @@ async def in_rounds(keys: Sequence[str | None], together: Callable[[list[int]], 
     at most once a round and the round in conversation order (one lock order for every such
     statement, so two never wait for each other in a cycle); a round of several in one statement
     (`together`: their results in the round's order), else, and should that statement fail, one
-    by one (`alone`), so that the others land and a failure is its write's alone."""
+    by one (`alone`), so that the others land and a failure is its write's alone. Once no
+    connection came free in time, the writes not yet tried fail with that at once (each would
+    wait as long again)."""
     out: list = [None] * len(keys)
+    unavailable: Unavailable | None = None
     for group in rounds(keys):
-        if len(group) > 1:
+        if unavailable is None and len(group) > 1:
             group.sort(key=lambda i: (keys[i] is None, keys[i] or ""))
             try:
                 results = await together(group)
+            except Unavailable as e:
+                unavailable = e
             except Exception:
                 pass
             else:
@@ -128,8 +135,13 @@ async def in_rounds(keys: Sequence[str | None], together: Callable[[list[int]], 
                     out[i] = result
                 continue
         for i in group:
+            if unavailable is not None:
+                out[i] = unavailable
+                continue
             try:
                 out[i] = await alone(i)
+            except Unavailable as e:
+                out[i] = unavailable = e
             except Exception as e:
                 out[i] = e
     return out

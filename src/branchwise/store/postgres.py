@@ -5,12 +5,13 @@ except `write` (a few steps) and `transaction` (reads that decide the writes).""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from branchwise.store.connect import open_pg_pool
+from branchwise.store.connect import busy, open_pg_pool, pg_pool_timeout
 from branchwise.store.statements import SQL, Step, Tx
 
 
@@ -42,9 +43,22 @@ class PgDatabase:
         self.engine = engine
         self._pool = None
         self._pool_lock = asyncio.Lock()
+        self._timeout = pg_pool_timeout(engine)
 
-    async def _pg(self):
-        return self._pool or await self._open_pool()
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[Any]:
+        """A connection of the pool; `busy()` when none comes free within the pool timeout (the
+        statement then never ran)."""
+        pool = self._pool or await self._open_pool()
+        try:
+            async with asyncio.timeout(self._timeout):
+                conn = await pool.acquire()
+        except TimeoutError as e:
+            raise busy() from e
+        try:
+            yield conn
+        finally:
+            await pool.release(conn)
 
     async def _open_pool(self):
         async with self._pool_lock:
@@ -53,13 +67,13 @@ class PgDatabase:
         return self._pool
 
     async def one(self, sql: SQL, params: dict) -> tuple | None:
-        pool = await self._pg()
-        row = await pool.fetchrow(sql.pg, *sql.args(params))
+        async with self._conn() as conn:
+            row = await conn.fetchrow(sql.pg, *sql.args(params))
         return None if row is None else tuple(row)
 
     async def all(self, sql: SQL, params: dict) -> list[tuple]:
-        pool = await self._pg()
-        return [tuple(r) for r in await pool.fetch(sql.pg, *sql.args(params))]
+        async with self._conn() as conn:
+            return [tuple(r) for r in await conn.fetch(sql.pg, *sql.args(params))]
 
     async def value(self, sql: SQL, params: dict) -> Any:
         row = await self.one(sql, params)
@@ -67,8 +81,7 @@ class PgDatabase:
 
     async def write(self, steps: Sequence[Step]) -> int:
         """`steps` in one transaction; returns the row count of the last one."""
-        pool = await self._pg()
-        async with pool.acquire() as conn, conn.transaction():
+        async with self._conn() as conn, conn.transaction():
             tx = PgTx(conn)
             count = 0
             for sql, params in steps:
@@ -78,8 +91,8 @@ class PgDatabase:
     async def fetch_numbered(self, text: str, args: Sequence[Any]) -> list[tuple]:
         """A statement built already numbered `$1 ..` (the commit, `statements.pg_commit`), in its
         own transaction: its rows."""
-        pool = await self._pg()
-        return [tuple(r) for r in await pool.fetch(text, *args)]
+        async with self._conn() as conn:
+            return [tuple(r) for r in await conn.fetch(text, *args)]
 
     async def write_returning(self, sql: SQL, params: dict) -> list[tuple]:
         """One data-modifying statement with RETURNING, in its own transaction: its rows."""
@@ -87,8 +100,7 @@ class PgDatabase:
 
     async def transaction(self, fn: Callable[[Tx], Awaitable[Any]]) -> Any:
         """`fn(tx)` in one transaction on one connection."""
-        pool = await self._pg()
-        async with pool.acquire() as conn, conn.transaction():
+        async with self._conn() as conn, conn.transaction():
             return await fn(PgTx(conn))
 
     async def close(self) -> None:

@@ -153,10 +153,6 @@ class Repository:
         """Nodes holding `item_id` in `tree`: (node, depth), newest first."""
         return [tuple(r) for r in await self.db.all(q.CANDIDATES, {"tree": tree, "item_id": item_id})]
 
-    async def in_tree(self, tree: str, item_id: str) -> bool:
-        """Whether some node of `tree` holds `item_id`."""
-        return bool(await self.candidates(tree, item_id))
-
     async def find_on_path(self, conv: Conversation, item_id: str) -> PathRow | None:
         """The node holding `item_id` on the conversation's current path, if any."""
         return await _find_on_path(self.db, conv, item_id)
@@ -195,15 +191,18 @@ class Repository:
         sql, names = q.items_by_id(len(ids))
         return {r[0]: tuple(r) for r in await self.db.all(sql, dict(zip(names, ids, strict=True)))}
 
-    async def tree_page(self, tree: str, *, limit: int, after: str | None) -> tuple[list[tuple], bool]:
-        """A page of every item of `tree` in the order they were stored; none when `after` is
-        not in the tree."""
+    async def tree_page(self, tree: str, *, limit: int, after: str | None = None,
+                        after_node: str | None = None) -> tuple[list[tuple], bool] | None:
+        """A page of every node of `tree` in the order they were stored (rows end with the node),
+        after the node `after_node` or after the newest node holding the item `after`; None when
+        that is not in the tree."""
         after_seq = 0
-        if after is not None:
-            s = await self.db.value(q.TREE_AFTER, {"tree": tree, "item_id": after})
-            if s is None:
-                return [], False
-            after_seq = s
+        if after_node is not None:
+            after_seq = await self.db.value(q.TREE_AFTER_NODE, {"tree": tree, "node": after_node})
+        elif after is not None:
+            after_seq = await self.db.value(q.TREE_AFTER, {"tree": tree, "item_id": after})
+        if after_seq is None:
+            return None
         rows = await self.db.all(q.TREE_PAGE, {"tree": tree, "after": after_seq, "limit": limit + 1})
         return [tuple(r) for r in rows[:limit]], len(rows) > limit
 

@@ -137,9 +137,12 @@ CANDIDATES = SQL("SELECT node, depth FROM items WHERE tree = :tree AND item_id =
 NODE_DATA = SQL("SELECT data FROM items WHERE node = :node")
 NODE_INFO = SQL("SELECT depth, type FROM items WHERE node = :node")
 NODE_PARENT = SQL("SELECT parent FROM items WHERE node = :node")
+# Where a tree page resumes: after a node (the cursor a page returns; unique, unlike item ids,
+# which re-hung copies share), or after the newest node holding an item id.
+TREE_AFTER_NODE = SQL("SELECT seq FROM items WHERE node = :node AND tree = :tree")
 TREE_AFTER = SQL("SELECT seq FROM items WHERE tree = :tree AND item_id = :item_id ORDER BY seq DESC LIMIT 1")
 TREE_PAGE = SQL(
-    "SELECT i.item_id, p.item_id, i.type, i.role, i.response_id, i.status, i.created_at"
+    "SELECT i.item_id, p.item_id, i.type, i.role, i.response_id, i.status, i.created_at, i.node"
     " FROM items i LEFT JOIN items p ON p.node = i.parent"
     " WHERE i.tree = :tree AND i.seq > :after ORDER BY i.seq LIMIT :limit"
 )

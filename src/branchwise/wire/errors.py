@@ -12,6 +12,7 @@ from branchwise.core.errors import (
     ModelFailed,
     NotFound,
     ServerFault,
+    Unavailable,
 )
 
 
@@ -31,6 +32,7 @@ _STATUS: dict[type[BranchwiseError], tuple[int, str]] = {
     Conflict: (409, "invalid_request_error"),
     ModelFailed: (502, "server_error"),
     ServerFault: (500, "server_error"),
+    Unavailable: (503, "server_error"),
 }
 
 
@@ -54,6 +56,8 @@ def http_error(exc: BranchwiseError) -> tuple[int, dict, dict[str, str]]:
     headers = {} if exc.retryable is None else {"x-should-retry": "true" if exc.retryable else "false"}
     if status == 413:
         headers["connection"] = "close"
+    if isinstance(exc, Unavailable):
+        headers["retry-after"] = str(exc.retry_after)
     return status, error_body(exc.message, kind, exc.param, exc.code), headers
 
 
