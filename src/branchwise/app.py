@@ -6,7 +6,11 @@ routes through `app.state`; nothing else in the package builds long-lived parts.
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import signal
+import threading
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from branchwise.api.app import API
@@ -49,12 +53,44 @@ def create_app(settings: Settings | None = None) -> API:
         # Many requests in flight hold a few thousand young objects: with the default threshold
         # (700) the collector would run every few requests to find them alive; cycles are rare.
         gc.set_threshold(20_000)
+        # A stop signal begins the drain at once: the server (uvicorn) stops accepting and waits
+        # for its connections, while the responses running here get `drain_timeout` to finish.
+        loop = asyncio.get_running_loop()
+        undo = on_stop_signal(lambda: loop.call_soon_threadsafe(runs.drain, settings.drain_timeout))
         try:
             yield
         finally:
+            undo()
             await runs.stop()
             await router.aclose()
             await store.close()
             await db.dispose()
 
     return API(lifespan, api_key=settings.api_key)
+
+
+def on_stop_signal(callback: Callable[[], None]) -> Callable[[], None]:
+    """Call `callback` (from the signal handler) on SIGTERM and SIGINT, after the handler that the
+    server installed for them. Nothing is installed where the server installed none (the
+    signal's default action stays) or off the main thread (an app served inside tests).
+    Returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous: dict[int, Callable] = {}
+
+    def handler(sig, frame) -> None:
+        previous[sig](sig, frame)
+        callback()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        current = signal.getsignal(sig)
+        if callable(current) and current is not signal.default_int_handler:
+            previous[sig] = current
+            signal.signal(sig, handler)
+
+    def undo() -> None:
+        for sig, prev in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, prev)
+
+    return undo

@@ -140,6 +140,18 @@ class Settings(BaseSettings):
     api_key: str | None = None
     """When set, clients must send `Authorization: Bearer <api_key>`."""
 
+    # stopping, and slow clients (`branchwise serve`; docs/decisions/0035-process-model.md)
+    drain_timeout: float = Field(30.0, ge=0)
+    """Seconds a stopping server (SIGTERM or SIGINT, or its `--workers` master gone) gives its
+    running responses to finish; it accepts no new connections meanwhile. Those still running
+    then are stored `failed`, their streams ended with `response.failed`."""
+    header_timeout: float = Field(10.0, gt=0)
+    """Seconds a client has to send a request's headers (from its first byte, or from the
+    connection's opening); then it gets a 408 and the connection is closed."""
+    body_timeout: float = Field(30.0, gt=0)
+    """Seconds a client has to send a whole request body once its headers are in; then it gets
+    a 408 and the connection is closed."""
+
     path_cache_mb: int = Field(16, ge=0)
     """Memory (MiB, per process) for histories already read or written, so that the next turn
     on a branch skips the walk up the tree; 0 switches it off. Nodes never change, so it needs

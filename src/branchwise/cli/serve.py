@@ -1,10 +1,31 @@
-"""`branchwise serve`: the API under uvicorn, one process or several behind one port."""
+"""`branchwise serve`: the API under uvicorn, one process or several behind one port.
+
+How a server stops (docs/decisions/0035-process-model.md): on SIGTERM or SIGINT it stops
+accepting, lets running responses finish for `drain_timeout` seconds and fails the rest cleanly
+(the lifespan, `app.py`); uvicorn waits a little longer than that for the connections. With
+`--workers`, each worker also stops (the same drain) as soon as its master dies, whatever killed
+it: workers left serving on the port with no supervisor would keep a restarted server from
+binding it. Slow clients are cut off by the protocol in `cli/protocol.py`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
+import sys
+import threading
+import time
 
 import typer
+
+from branchwise.settings import Settings
+
+DRAIN_MARGIN_S = 5.0
+"""uvicorn's own deadline for open connections is this much past `drain_timeout`: time for the
+responses failed at the drain's end to be stored and their last events sent."""
+MASTER_ENV = "BRANCHWISE_SERVE_MASTER_PID"
+PR_SET_PDEATHSIG = 1
 
 
 def serve(
@@ -16,31 +37,118 @@ def serve(
     """Serve the API."""
     import uvicorn
 
-    from branchwise.settings import Settings
+    from branchwise.cli.protocol import SlowClientProtocol
 
     settings = Settings()
     host = host or settings.host
     port = port or settings.port
     # No proxy-header rewriting: branchwise never reads the client's address, and the layer costs
     # CPU on every request.
-    kwargs = dict(host=host, port=port, log_level=log_level, access_log=False, lifespan="on", proxy_headers=False)
+    kwargs = dict(host=host, port=port, log_level=log_level, access_log=False, lifespan="on", proxy_headers=False,
+                  timeout_graceful_shutdown=settings.drain_timeout + DRAIN_MARGIN_S)
     try:
         import uvloop  # noqa: F401
 
         kwargs["loop"] = "uvloop"
     except ImportError:
         pass
-    try:
-        import httptools  # noqa: F401
-
-        kwargs["http"] = "httptools"
-    except ImportError:
-        pass
+    kwargs["http"] = SlowClientProtocol
     typer.echo(f"branchwise serving on http://{host}:{port} (database: {settings.database_url})")
+    warn_if_too_many_connections(settings, workers)
     if workers > 1:
         os.environ.setdefault("BRANCHWISE_DATABASE_URL", settings.database_url)
-        uvicorn.run("branchwise.app:create_app", factory=True, workers=workers, **kwargs)
+        os.environ[MASTER_ENV] = str(os.getpid())
+        uvicorn.run("branchwise.cli.serve:worker_app", factory=True, workers=workers, **kwargs)
     else:
         from branchwise.app import create_app
 
+        prepare_process(settings)
         uvicorn.run(create_app(settings), **kwargs)
+
+
+def prepare_process(settings: Settings) -> None:
+    """What each serving process sets up before its first connection."""
+    from branchwise.cli.protocol import SlowClientProtocol
+
+    SlowClientProtocol.configure(settings.header_timeout, settings.body_timeout)
+
+
+def worker_app():
+    """The application of one `--workers` worker (uvicorn calls it in the worker, before serving)."""
+    from branchwise.app import create_app
+
+    master = os.environ.get(MASTER_ENV)
+    if master:
+        stop_with_master(int(master))
+    settings = Settings()
+    prepare_process(settings)
+    return create_app(settings)
+
+
+def stop_with_master(master: int) -> None:
+    """SIGTERM this process (the drain) as soon as `master` dies, by any signal, kill -9 too.
+
+    On Linux the kernel sends it (`PR_SET_PDEATHSIG`); elsewhere a thread watches the parent
+    process id. A master that died before the request was made is caught by the check after it.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0:
+                if os.getppid() != master:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return
+        except (OSError, AttributeError):
+            pass
+    threading.Thread(target=_watch_master, args=(master,), name="master-watch", daemon=True).start()
+
+
+def _watch_master(master: int) -> None:
+    while os.getppid() == master:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+# -- PostgreSQL connections
+
+def pg_connections_per_process(settings: Settings) -> int:
+    """Connections one server process opens to PostgreSQL at most (`BRANCHWISE_DB_POOL_SIZE`)."""
+    from branchwise.store.connect import connections_per_process
+
+    return connections_per_process(settings)
+
+
+async def _pg_limits(url: str) -> tuple[int, int]:
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        row = await conn.fetchrow("SELECT current_setting('max_connections')::int AS max, "
+                                  "current_setting('superuser_reserved_connections')::int AS reserved")
+        return row["max"], row["reserved"]
+    finally:
+        await conn.close()
+
+
+def warn_if_too_many_connections(settings: Settings, workers: int) -> None:
+    """On PostgreSQL, warn (stderr) when the server's processes could open more connections than
+    the database takes: past that, requests fail on connections refused instead of waiting for
+    one."""
+    if not settings.database_url.startswith(("postgresql", "postgres")):
+        return
+    try:
+        max_connections, reserved = asyncio.run(asyncio.wait_for(_pg_limits(settings.database_url), 10))
+    except Exception:  # unreachable now: the server itself reports it as it starts
+        return
+    per_process = pg_connections_per_process(settings)
+    need, room = workers * per_process, max_connections - reserved
+    if need > room:
+        typer.echo(
+            f"warning: {workers} worker(s) x {per_process} PostgreSQL connections each = {need}, but the "
+            f"database takes {room} (max_connections {max_connections} less "
+            f"superuser_reserved_connections {reserved}); raise max_connections in postgresql.conf or run "
+            f"fewer --workers", err=True)

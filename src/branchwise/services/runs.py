@@ -11,7 +11,8 @@ sees a finished response also sees its whole log.
 `Runs` keeps this process's runs: it renews their heartbeats, picks up cancel requests made
 through other processes, and reaps responses whose process died (their heartbeat went stale):
 those are marked `failed`, and their conversations' heads never moved, since a head only moves
-when a response commits.
+when a response commits. A stopping process drains: its runs get `drain_timeout` to finish, then
+the rest are stored `failed` with their streams ended (`drain`, `stop`).
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class Runs:
         self.active: dict[str, Run] = {}  # every alternative's id -> its run
         self.workers = asyncio.Semaphore(settings.background_workers)
         self._loop_task: asyncio.Task | None = None
+        self._drain: asyncio.Task | None = None
 
     def new(self, ids: list[str]) -> Run:
         run = Run(ids, self.store, self.settings.event_flush_interval)
@@ -157,19 +159,52 @@ class Runs:
         await self.reap()
         self._loop_task = asyncio.get_running_loop().create_task(self._maintain())
 
+    def drain(self, grace: float) -> None:
+        """Begin stopping: the runs of this process get `grace` seconds to finish (those that
+        start meanwhile too), then the rest are stopped as `failed` (`stop`). Idempotent: the
+        first call's deadline holds."""
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_task(self._finish_within(grace))
+
+    async def _finish_within(self, grace: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.active and grace > 0:
+            log.warning("stopping: waiting up to %.0f s for %d running responses", grace, len(self._running()))
+        # Polled: a drain happens once in a process's life, and runs come and go meanwhile.
+        while self.active and loop.time() < deadline:
+            await asyncio.sleep(min(0.05, deadline - loop.time()))
+        await self._stop_running()
+
+    def _running(self) -> list[Run]:
+        return list({id(r): r for r in self.active.values()}.values())
+
+    async def _stop_running(self) -> None:
+        """Cancel every run still here as a shutdown: each is stored `failed`, its terminal events
+        written and sent to its readers, its lease released."""
+        runs = self._running()
+        if not runs:
+            return
+        log.warning("stopping: failing %d responses still running", len(runs))
+        for run in runs:
+            if run.cancel_reason is None and run.task is not None:  # (else a cancel is under way)
+                run.cancel_reason = "shutdown"
+                run.task.cancel()
+        waits = [asyncio.ensure_future(run.finished.wait()) for run in runs]
+        _, late = await asyncio.wait(waits, timeout=5)
+        for w in late:
+            w.cancel()
+
     async def stop(self) -> None:
-        if self._loop_task is not None:
+        """The last step of stopping: after a drain (`drain`), or at once when none was begun."""
+        self.drain(0)
+        with contextlib.suppress(Exception):
+            await self._drain
+        await self._stop_running()  # any begun after the drain ended
+        if self._loop_task is not None:  # heartbeats went on while the runs finished
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop_task
-        runs = {id(r): r for r in self.active.values()}.values()
-        for run in runs:
-            run.cancel_reason = "shutdown"
-            if run.task is not None:
-                run.task.cancel()
-        for run in runs:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(run.finished.wait(), 5)
 
     async def reap(self) -> None:
         reaped = await self.store.reap(self.settings.lease_ttl, REAPED_MESSAGE)
