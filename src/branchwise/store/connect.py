@@ -162,10 +162,15 @@ def pg_pool_timeout(engine: AsyncEngine) -> float:
     return _BUDGETS.get(engine.sync_engine, (0, DEFAULT_POOL_TIMEOUT))[1]
 
 
+def pg_pool_size(engine: AsyncEngine) -> int:
+    """The raw pool's size for `engine` (its share of the budget)."""
+    return _BUDGETS.get(engine.sync_engine, (pool_split(DEFAULT_POOL_SIZE)[1], 0))[0]
+
+
 async def open_pg_pool(engine: AsyncEngine):
     import asyncpg
 
-    size = _BUDGETS.get(engine.sync_engine, (pool_split(DEFAULT_POOL_SIZE)[1], 0))[0]
+    size = pg_pool_size(engine)
     url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
     return await asyncpg.create_pool(url, min_size=1, max_size=size, reset=_reset, server_settings=PG_SETTINGS)
 

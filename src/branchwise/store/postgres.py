@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from branchwise.store.connect import busy, open_pg_pool, pg_pool_timeout
+from branchwise.store.connect import busy, open_pg_pool, pg_pool_size, pg_pool_timeout
 from branchwise.store.statements import SQL, Step, Tx
 
 
@@ -44,21 +44,41 @@ class PgDatabase:
         self._pool = None
         self._pool_lock = asyncio.Lock()
         self._timeout = pg_pool_timeout(engine)
+        self._size = pg_pool_size(engine)
+        self._in_use = 0
 
-    @contextlib.asynccontextmanager
-    async def _conn(self) -> AsyncIterator[Any]:
+    async def _acquire(self) -> Any:
         """A connection of the pool; `busy()` when none comes free within the pool timeout (the
-        statement then never ran)."""
+        statement then never ran). While fewer than the pool's size are out, one is free (or
+        can be opened) and nothing waits: the timer is set only when a wait can happen, since
+        the hot path takes a connection for every statement."""
         pool = self._pool or await self._open_pool()
+        if self._in_use < self._size:
+            self._in_use += 1
+            try:
+                return await pool.acquire()
+            except BaseException:
+                self._in_use -= 1
+                raise
         try:
             async with asyncio.timeout(self._timeout):
                 conn = await pool.acquire()
         except TimeoutError as e:
             raise busy() from e
+        self._in_use += 1
+        return conn
+
+    async def _release(self, conn: Any) -> None:
+        self._in_use -= 1
+        await self._pool.release(conn)
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[Any]:
+        conn = await self._acquire()
         try:
             yield conn
         finally:
-            await pool.release(conn)
+            await self._release(conn)
 
     async def _open_pool(self):
         async with self._pool_lock:
@@ -67,13 +87,19 @@ class PgDatabase:
         return self._pool
 
     async def one(self, sql: SQL, params: dict) -> tuple | None:
-        async with self._conn() as conn:
+        conn = await self._acquire()
+        try:
             row = await conn.fetchrow(sql.pg, *sql.args(params))
+        finally:
+            await self._release(conn)
         return None if row is None else tuple(row)
 
     async def all(self, sql: SQL, params: dict) -> list[tuple]:
-        async with self._conn() as conn:
+        conn = await self._acquire()
+        try:
             return [tuple(r) for r in await conn.fetch(sql.pg, *sql.args(params))]
+        finally:
+            await self._release(conn)
 
     async def value(self, sql: SQL, params: dict) -> Any:
         row = await self.one(sql, params)
@@ -91,8 +117,11 @@ class PgDatabase:
     async def fetch_numbered(self, text: str, args: Sequence[Any]) -> list[tuple]:
         """A statement built already numbered `$1 ..` (the commit, `statements.pg_commit`), in its
         own transaction: its rows."""
-        async with self._conn() as conn:
+        conn = await self._acquire()
+        try:
             return [tuple(r) for r in await conn.fetch(text, *args)]
+        finally:
+            await self._release(conn)
 
     async def write_returning(self, sql: SQL, params: dict) -> list[tuple]:
         """One data-modifying statement with RETURNING, in its own transaction: its rows."""
