@@ -14,6 +14,16 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 # ---------------------------------------------------------------- content parts
 
 
+def _tag(t: Any) -> str:
+    """The union tag of a `type` value. One that is not a string (a list, an object) gets a tag
+    that no branch has, so it is refused as an invalid value, not a server error."""
+    return "~" + t if isinstance(t, str) else f"~<{type(t).__name__}>"
+
+
+def _type_tag(v: Any) -> str:
+    return _tag(v.get("type", "") if isinstance(v, dict) else getattr(v, "type", ""))
+
+
 class _Part(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -56,7 +66,7 @@ Part = Annotated[
     | Annotated[InputFile, Tag("~input_file")]
     | Annotated[OutputText, Tag("~output_text")]
     | Annotated[Refusal, Tag("~refusal")],
-    Discriminator(lambda v: "~" + (v.get("type", "") if isinstance(v, dict) else getattr(v, "type", ""))),
+    Discriminator(_type_tag),
 ]
 
 # ---------------------------------------------------------------- input items
@@ -102,7 +112,7 @@ class ItemReference(BaseModel):
 
 def _item_tag(v: Any) -> str:
     t = v.get("type", "message") if isinstance(v, dict) else getattr(v, "type", "message")
-    return "~" + (t or "message")
+    return _tag(t or "message")
 
 
 InputItem = Annotated[
@@ -165,7 +175,7 @@ TextFormat = Annotated[
     Annotated[TextFormatText, Tag("~text")]
     | Annotated[TextFormatJsonSchema, Tag("~json_schema")]
     | Annotated[TextFormatJsonObject, Tag("~json_object")],
-    Discriminator(lambda v: "~" + (v.get("type", "") if isinstance(v, dict) else getattr(v, "type", ""))),
+    Discriminator(_type_tag),
 ]
 
 
