@@ -77,4 +77,8 @@ def paging(request: Request, *, max_limit: int = 100, default_limit: int = 20,
     if order not in ("asc", "desc"):
         raise InvalidRequest("Invalid value for 'order': must be 'asc' or 'desc'.", param="order",
                              code="invalid_value")
-    return limit, order, q.get("after") or None
+    after = q.get("after") or None
+    if after is not None and "\x00" in after:  # no id holds a NUL, and PostgreSQL refuses one in text
+        raise InvalidRequest("Invalid value for 'after': an id holds no NUL character.", param="after",
+                             code="invalid_value")
+    return limit, order, after

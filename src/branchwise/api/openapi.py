@@ -146,7 +146,7 @@ def _paging(max_limit: int = 100, default_limit: int = 20, order: bool = True) -
 _RETRIEVE = (
     _query("stream", {"type": "boolean", "default": False},
            "Replay the response's events as Server-Sent Events."),
-    _query("starting_after", {"type": "integer"}, "With `stream`: the sequence number to resume after."),
+    _query("starting_after", {"type": "integer", "minimum": -(2**31 - 1), "maximum": 2**31 - 1}, "With `stream`: the sequence number to resume after."),
 )
 
 # ---------------------------------------------------------------- the operations

@@ -18,6 +18,7 @@ from branchwise.services.tokens import count_input_tokens
 from branchwise.wire.models import CompactRequest, CountInputTokens, CreateResponse
 from branchwise.wire.objects import item_list
 
+MAX_SEQUENCE_NUMBER = 2**31 - 1
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -82,6 +83,9 @@ async def retrieve_response(request: Request, response_id: str) -> Response:
         except ValueError:
             raise InvalidRequest("Invalid value for 'starting_after': expected an integer.",
                                  param="starting_after", code="invalid_value") from None
+        if not -MAX_SEQUENCE_NUMBER <= after <= MAX_SEQUENCE_NUMBER:  # the event log's column: 32 bits
+            raise InvalidRequest(f"Invalid value for 'starting_after': must be at most {MAX_SEQUENCE_NUMBER}.",
+                                 param="starting_after", code="invalid_value")
     row = await _stored(request).get(response_id)
     if stream in ("true", "1"):
         return _sse(_streams(request).runs.replay(response_id, after))
