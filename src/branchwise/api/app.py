@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, Router, compile_path
 
-from branchwise.api import conversations, responses
+from branchwise.api import conversations, openapi, responses
 from branchwise.api.common import json_response
 from branchwise.api.middleware import Auth, http_exception_reply, reply
 
@@ -46,7 +46,9 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/v1/models", models),
     *responses.ROUTES,
     *conversations.ROUTES,
+    ("GET", "/openapi.json", openapi.serve),
 ]
+openapi.publish(ROUTES)  # the document of the table above, built once at start-up
 
 
 class Endpoint:

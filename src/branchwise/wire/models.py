@@ -32,7 +32,9 @@ def _tag(v: Any, default: str = "") -> str:
         t = default
     return "~" + (t if isinstance(t, str) else repr(t))
 
+
 # ---------------------------------------------------------------- content parts
+
 
 
 class _Part(BaseModel):
