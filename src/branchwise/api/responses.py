@@ -55,7 +55,7 @@ async def create_response(request: Request) -> Response:
         run = await streams.start_background(await responses.validate(req))
         if req.stream:
             return _timed(_sse(run.follow()), started)
-        return _timed(json_response((await streams.runs.store.state(run.key))[1]), started)
+        return _timed(json_response(await streams.stored_body(run)), started)
     try:
         plan = await responses.prepare(req, request.is_disconnected)
     except ClientGone:
@@ -106,7 +106,7 @@ async def retrieve_response(request: Request, response_id: str) -> Response:
                                  param="starting_after", code="invalid_value")
     row = await _stored(request).get(response_id)
     if stream in ("true", "1"):
-        return _sse(await _primed(_streams(request).runs.replay(response_id, after)))
+        return _sse(await _primed(_streams(request).replay(response_id, after)))
     return json_response(row.body)
 
 

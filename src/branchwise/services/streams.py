@@ -126,6 +126,14 @@ class Streams:
         for alt, frame in enumerate(plan.terminal_frames):  # one per alternative, in order
             plan.run.append(alt, frame)
 
+    async def stored_body(self, run: Run) -> bytes:
+        """The stored Response of a run as it is now (a background response just queued)."""
+        return (await self.runs.store.state(run.key))[1]
+
+    def replay(self, response_id: str, after: int) -> AsyncIterator[bytes]:
+        """A stored response's events after `after` (see `Runs.replay`)."""
+        return self.runs.replay(response_id, after)
+
     async def cancel(self, response_id: str) -> bytes | None:
         """Cancel a background response (idempotent). Returns its stored body, or None when there
         is no such response. Raises when it is not a background response."""
