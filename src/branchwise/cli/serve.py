@@ -3,9 +3,9 @@
 How a server stops (docs/decisions/0035-process-model.md): on SIGTERM or SIGINT it stops
 accepting, lets running responses finish for `drain_timeout` seconds and fails the rest cleanly
 (the lifespan, `app.py`); uvicorn waits a little longer than that for the connections. With
-`--workers`, each worker also stops (the same drain) as soon as its master dies, whatever killed
-it: workers left serving on the port with no supervisor would keep a restarted server from
-binding it. Slow clients are cut off by the protocol in `cli/protocol.py`.
+`--workers`, each worker also stops as soon as its master dies, whatever killed it, with a drain
+of at most `MASTER_GONE_DRAIN_S`: workers left serving on the port with no supervisor would keep a
+restarted server from binding it. Slow clients are cut off by the protocol in `cli/protocol.py`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ DRAIN_MARGIN_S = 5.0
 responses failed at the drain's end to be stored and their last events sent."""
 MASTER_ENV = "BRANCHWISE_SERVE_MASTER_PID"
 PR_SET_PDEATHSIG = 1
+MASTER_GONE_SIGNAL = signal.SIGUSR2
+MASTER_GONE_DRAIN_S = 1.0
+"""A worker whose master died drains this long at most (not `drain_timeout`): the port must be
+free for a restart within seconds, and what is cut off is failed cleanly, as in any drain."""
 
 
 def serve(
@@ -77,38 +81,46 @@ def worker_app():
     """The application of one `--workers` worker (uvicorn calls it in the worker, before serving)."""
     from branchwise.app import create_app
 
+    settings = Settings()
     master = os.environ.get(MASTER_ENV)
     if master:
-        stop_with_master(int(master))
-    settings = Settings()
+        stop_with_master(int(master), settings)
     prepare_process(settings)
     return create_app(settings)
 
 
-def stop_with_master(master: int) -> None:
-    """SIGTERM this process (the drain) as soon as `master` dies, by any signal, kill -9 too.
+def stop_with_master(master: int, settings: Settings) -> None:
+    """Stop this process, with a short drain, as soon as `master` dies, by any signal, kill -9
+    too.
 
-    On Linux the kernel sends it (`PR_SET_PDEATHSIG`); elsewhere a thread watches the parent
+    On Linux the kernel signals it (`PR_SET_PDEATHSIG`); elsewhere a thread watches the parent
     process id. A master that died before the request was made is caught by the check after it.
     """
+
+    def master_gone(*_) -> None:
+        # read by the drain that the SIGTERM below begins (the lifespan's stop-signal callback)
+        settings.drain_timeout = min(settings.drain_timeout, MASTER_GONE_DRAIN_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     if sys.platform.startswith("linux"):
         try:
             import ctypes
 
             libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0:
+            signal.signal(MASTER_GONE_SIGNAL, master_gone)
+            if libc.prctl(PR_SET_PDEATHSIG, int(MASTER_GONE_SIGNAL), 0, 0, 0) == 0:
                 if os.getppid() != master:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    master_gone()
                 return
         except (OSError, AttributeError):
             pass
-    threading.Thread(target=_watch_master, args=(master,), name="master-watch", daemon=True).start()
+    threading.Thread(target=_watch_master, args=(master, master_gone), name="master-watch", daemon=True).start()
 
 
-def _watch_master(master: int) -> None:
+def _watch_master(master: int, master_gone) -> None:
     while os.getppid() == master:
         time.sleep(0.5)
-    os.kill(os.getpid(), signal.SIGTERM)
+    master_gone()
 
 
 # -- PostgreSQL connections

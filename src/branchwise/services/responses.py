@@ -215,8 +215,8 @@ class Responses:
         """Run a non-streaming response in the request; returns the Response (alternative 0)."""
         try:
             try:
-                result = await self.generate(plan)
-            except BackendError as e:
+                result = await self.runs.tie(self.generate(plan))
+            except BackendError as e:  # (a drain that ended first too: `Runs.tie`)
                 return (await self.fail(plan, e.code, e.message))[0]
             if plan.req.max_tool_calls is not None:
                 for c in result.choices:
