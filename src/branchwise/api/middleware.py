@@ -10,6 +10,7 @@ from collections.abc import Awaitable
 
 import orjson
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from branchwise.api.common import json_response
@@ -53,6 +54,8 @@ async def reply(pending: Awaitable[Response], scope, receive, send) -> None:
         response = error_reply(exc)
     except HTTPException as exc:
         response = http_exception_reply(exc)
+    except ClientDisconnect:  # the client left while sending its body: nobody to answer, nothing to log
+        response = Response(status_code=499)
     except Exception:
         response = crash_reply(scope)
     await response(scope, receive, send)
