@@ -3,6 +3,7 @@ function call is answered before anything else, and `truncation` against the con
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import orjson
@@ -15,6 +16,10 @@ from branchwise.wire import models as m
 
 if TYPE_CHECKING:
     from branchwise.services.responses import Plan
+
+
+MANY_ITEMS = 256
+"""An input with more items than this is turned into items on a thread (`Context.input_items`)."""
 
 
 def estimate_tokens(messages: bytes) -> int:
@@ -73,6 +78,12 @@ class Context:
             return [witems.from_input(m.Message(role="user", content=raw))]
         refs = [it.id for it in raw if isinstance(it, m.ItemReference)]
         found = await self.store.items_by_id(refs) if refs else {}
+        if len(raw) > MANY_ITEMS:  # serialising them all would hold the event loop: a thread's work
+            return await asyncio.to_thread(self._new_items, raw, found, param)
+        return self._new_items(raw, found, param)
+
+    @staticmethod
+    def _new_items(raw: list, found: dict, param: str) -> list[NewItem]:
         out = []
         for i, it in enumerate(raw):
             if isinstance(it, m.ItemReference):

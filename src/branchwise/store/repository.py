@@ -40,6 +40,10 @@ def _joined(value: str | bytes | None) -> bytes:
     return value.encode() if isinstance(value, str) else bytes(value)
 
 
+HEAVY_WRITE_BYTES = 1 << 20
+"""Items this big in one commit are written off the event loop (`SqliteWriter.write`)."""
+
+
 def _item_rows(tree: str, placed: Sequence[Placed], created: int) -> list[dict]:
     return [
         {
@@ -351,7 +355,7 @@ class Repository:
             steps.append((q.MOVE_HEAD[self.dialect], {"id": conversation_id, "base": base, "head": new_head}))
         if not steps:
             return False
-        count = await self.db.write(steps)
+        count = await self.db.write(steps, heavy=sum(len(p.item.data) for p in placed) > HEAVY_WRITE_BYTES)
         return move and count > 0
 
     async def delete_response(self, resp_id: str) -> bool:
