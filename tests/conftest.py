@@ -123,6 +123,8 @@ async def _truncate(url: str) -> None:
         exists = (await conn.execute(text("SELECT to_regclass('items') IS NOT NULL"))).scalar()
         if exists:
             await conn.execute(text("TRUNCATE items, conversations, responses"))
+            if (await conn.execute(text("SELECT to_regclass('api_keys') IS NOT NULL"))).scalar():
+                await conn.execute(text("TRUNCATE api_keys, key_slots, rate_windows, idempotency"))
     await engine.dispose()
 
 

@@ -17,12 +17,16 @@ from branchwise.api.app import API
 from branchwise.backends.router import Router
 from branchwise.services.concurrency import Policies
 from branchwise.services.conversations import Conversations
+from branchwise.services.idempotency import Idempotency
+from branchwise.services.keys import Keys
 from branchwise.services.responses import Responses
 from branchwise.services.runs import Runs
 from branchwise.services.stored import StoredResponses
 from branchwise.services.streams import Streams
 from branchwise.settings import Settings
 from branchwise.store.connect import create_engine, migrate
+from branchwise.store.idempotency import IdempotencyStore
+from branchwise.store.keys import KeyStore, Limits
 from branchwise.store.leases import Leases
 from branchwise.store.repository import Repository
 from branchwise.store.runs import RunStore
@@ -30,6 +34,7 @@ from branchwise.store.runs import RunStore
 
 def create_app(settings: Settings | None = None) -> API:
     settings = settings or Settings()
+    keys = Keys(settings)
 
     @asynccontextmanager
     async def lifespan(app: API):
@@ -45,6 +50,10 @@ def create_app(settings: Settings | None = None) -> API:
         s.responses, s.streams = responses, Streams(responses, runs)
         s.conversations = Conversations(store, responses.context, policies, settings)
         s.stored = StoredResponses(store)
+        s.keys = keys
+        s.idempotency = Idempotency(IdempotencyStore(store.db), settings)
+        await keys.start(KeyStore(db), Limits(store.db, store.dialect))
+        await s.idempotency.start()
         await runs.start()
         # Everything made so far (modules, app, pools) lives as long as the process: keep it out
         # of the collector's full passes, which would otherwise walk it all again and again.
@@ -62,11 +71,13 @@ def create_app(settings: Settings | None = None) -> API:
         finally:
             undo()
             await runs.stop()
+            await s.idempotency.stop()
+            await keys.stop()
             await router.aclose()
             await store.close()
             await db.dispose()
 
-    return API(lifespan, api_key=settings.api_key)
+    return API(lifespan, keys)
 
 
 def on_stop_signal(callback: Callable[[], None]) -> Callable[[], None]:

@@ -138,7 +138,14 @@ class Settings(BaseSettings):
     """How often a reader tailing a response that runs in another process looks for new events."""
 
     api_key: str | None = None
-    """When set, clients must send `Authorization: Bearer <api_key>`."""
+    """When set, clients must send `Authorization: Bearer <api_key>`: a key of the `default`
+    project, beside those made with `branchwise keys create` (docs/security.md)."""
+    key_refresh_interval: float = Field(1.0, gt=0, le=60)
+    """Seconds between two looks at the database for new and revoked API keys: a revoked key
+    stops working on every server process within about this long."""
+    idempotency_ttl: float = Field(86400.0, gt=0)
+    """Seconds an `Idempotency-Key` and its reply are kept: a retry with the same key within
+    this long replays the first reply."""
 
     # stopping, and slow clients (`branchwise serve`; docs/decisions/0035-process-model.md)
     drain_timeout: float = Field(30.0, ge=0)

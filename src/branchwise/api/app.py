@@ -1,7 +1,7 @@
 """The HTTP application: one route table and one request path.
 
-Every request takes the same path: `Auth` (a pure ASGI middleware, present when an API key is
-set), then `Routing`, which calls the route's plain handler `handler(request, **path_params)`
+Every request takes the same path: `Auth` (a pure ASGI middleware: API keys, projects, limits;
+a request passes it untouched while no key exists), then `Routing`, which calls the route's plain handler `handler(request, **path_params)`
 through `middleware.reply`, the one place where errors become OpenAI-shaped replies. There is
 no framework layer in between.
 
@@ -24,6 +24,7 @@ from starlette.routing import Route, Router, compile_path
 from branchwise.api import conversations, openapi, responses
 from branchwise.api.common import json_response
 from branchwise.api.middleware import Auth, http_exception_reply, reply
+from branchwise.services.keys import Keys
 
 Handler = Callable[..., Awaitable[Response]]
 
@@ -111,11 +112,11 @@ class API:
     """The ASGI application. `state` holds the services the lifespan made; handlers reach them
     as `request.app.state`."""
 
-    def __init__(self, lifespan, api_key: str | None = None):
+    def __init__(self, lifespan, keys: Keys):
         self.state = State()
         routing = Routing(lifespan)
         self.router = routing.router  # (its `lifespan_context` runs the lifespan in tests)
-        self._app = Auth(routing, api_key) if api_key else routing
+        self._app = Auth(routing, keys)
 
     async def __call__(self, scope, receive, send) -> None:
         scope["app"] = self  # (also makes Starlette's router raise 404/405 for `Routing` to shape)

@@ -1,10 +1,10 @@
-"""What every request passes through: the API key check (a pure ASGI middleware) and the one
-place errors become OpenAI-shaped replies (`reply`, which every route's handler is called
-through)."""
+"""What every request passes through: the API key check, with the key's project and limits (a
+pure ASGI middleware, `Auth`), and the one place errors become OpenAI-shaped replies (`reply`,
+which every route's handler is called through)."""
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import logging
 from collections.abc import Awaitable
 
@@ -14,8 +14,10 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from branchwise.api.common import json_response
+from branchwise.core import projects
 from branchwise.core.errors import BranchwiseError
 from branchwise.core.ids import new_id
+from branchwise.services.keys import Keys, OverLimit
 from branchwise.wire.errors import error_body, http_error
 
 log = logging.getLogger("branchwise.api")
@@ -25,22 +27,100 @@ _STATUS_TYPES = {429: "rate_limit_error"}
 
 
 class Auth:
-    """With an API key configured, every `/v1/` request must carry it as its bearer token."""
+    """Once any API key exists (`services.keys`), every `/v1/` request, HTTP or WebSocket
+    handshake, must carry a valid one as its bearer token; the request then acts for the key's
+    project (`core.projects`) and within the key's limits. Without keys, requests pass untouched."""
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, keys: Keys):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.keys = keys
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "lifespan" and scope["path"].startswith("/v1/"):
-            auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if not hmac.compare_digest(auth, self.expected):
-                if scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 1008})
-                    return
-                await json_response(_UNAUTHORIZED, 401)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if not self.keys.locked or scope["type"] == "lifespan" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        try:
+            caller, headers = await admit(self.keys, scope)
+        except BranchwiseError as exc:
+            await refuse(exc, scope, receive, send)
+            return
+        except Exception:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1011})
+            else:
+                await crash_reply(scope)(scope, receive, send)
+            return
+        if headers:
+            send = _with_headers(send, headers)
+        token = projects.enter(caller)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            projects.leave(token)
+            if caller.slot is not None:
+                await asyncio.shield(caller.slot.drop())
+
+
+def bearer(scope) -> bytes | None:
+    """The token of the `Authorization: Bearer <token>` header (the scheme in any case)."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" and token else None
+    return None
+
+
+# Requests that make a model answer: each holds one of a key's `max_concurrent` slots.
+_SLOTTED = frozenset({"/v1/responses", "/v1/responses/compact"})
+
+
+async def admit(keys: Keys, scope) -> tuple[projects.Caller, list[tuple[bytes, bytes]]]:
+    """The caller of an HTTP request or WebSocket handshake, and the rate headers its replies
+    carry; raises `InvalidKey` (401) or `RateLimited` (429, `OverLimit` with its headers)."""
+    token = bearer(scope)
+    key = await keys.find(token) if token else None
+    if key is None:
+        raise InvalidKey()
+    headers: list[tuple[bytes, bytes]] = []
+    if key.rpm is not None:
+        headers = await keys.count_request(key)
+    slot = None
+    if key.max_concurrent is not None and (scope["type"] == "websocket" or (
+            scope["method"] == "POST" and scope["path"] in _SLOTTED)):
+        try:
+            slot = await keys.take_slot(key)
+        except OverLimit as exc:
+            exc.headers = headers + exc.headers
+            raise
+    return projects.Caller(key.project, key.id, slot), headers
+
+
+class InvalidKey(BranchwiseError):
+    def __init__(self) -> None:
+        super().__init__("Incorrect API key provided.", code="invalid_api_key")
+
+
+async def refuse(exc: BranchwiseError, scope, receive, send) -> None:
+    """The refusal of a request `admit` refused: a 401 or 429 reply; a WebSocket handshake is
+    closed (1008 policy violation for a key, 1013 try again later for a limit)."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008 if isinstance(exc, InvalidKey) else 1013})
+        return
+    if isinstance(exc, InvalidKey):
+        response = json_response(_UNAUTHORIZED, 401)
+        response.raw_headers.append((b"www-authenticate", b'Bearer realm="branchwise"'))
+    else:
+        response = error_reply(exc)
+        response.raw_headers += getattr(exc, "headers", [])
+    await response(scope, receive, send)
+
+
+def _with_headers(send, headers: list[tuple[bytes, bytes]]):
+    async def sending(message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *headers]
+        await send(message)
+    return sending
 
 
 async def reply(pending: Awaitable[Response], scope, receive, send) -> None:

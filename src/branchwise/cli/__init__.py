@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from branchwise.cli import keys
 from branchwise.cli.serve import serve
 
 app = typer.Typer(help="branchwise: OpenAI Responses + Conversations, where a conversation is a tree.",
@@ -16,6 +17,7 @@ def main() -> None:
 
 
 app.command()(serve)
+app.add_typer(keys.app, name="keys")
 
 
 if __name__ == "__main__":

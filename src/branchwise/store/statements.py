@@ -59,12 +59,17 @@ class Tx:
         raise NotImplementedError
 
 
+# Every statement that reads or writes stored objects by id names the caller's project
+# (`:project`, `core.projects`): another project's id finds nothing, exactly as an unknown id.
+# Statements on nodes and trees need not: a node or tree is only ever reached through a
+# conversation or response that was found in the caller's project.
 ITEM_COLUMNS = ("node", "parent", "depth", "tree", "item_id", "type", "role", "status", "response_id",
-                "created_at", "data", "chat")
-_ITEM_TYPES = ("text", "text", "int", "text", "text", "text", "text", "text", "text", "bigint", "bytea", "bytea")
+                "created_at", "data", "chat", "project")
+_ITEM_TYPES = ("text", "text", "int", "text", "text", "text", "text", "text", "text", "bigint", "bytea", "bytea",
+               "text")
 RESPONSE_COLUMNS = ("id", "status", "created_at", "conversation_id", "previous_response_id", "tree", "base_node",
-                    "input_node", "input_count", "last_node", "body")
-_RESPONSE_TYPES = ("text", "text", "bigint", "text", "text", "text", "text", "text", "int", "text", "bytea")
+                    "input_node", "input_count", "last_node", "body", "project")
+_RESPONSE_TYPES = ("text", "text", "bigint", "text", "text", "text", "text", "text", "int", "text", "bytea", "text")
 
 # ---------------------------------------------------------------------------------- reads
 
@@ -72,7 +77,7 @@ _CONV_SELECT = (
     "SELECT c.id, c.tree, c.head, i.item_id, COALESCE(i.depth, -1), i.type, c.created_at, c.metadata, "
     "c.forked_from_conversation, c.forked_from_item"
 )
-_CONV_FROM = " FROM conversations c LEFT JOIN items i ON i.node = c.head WHERE c.id = :id"
+_CONV_FROM = " FROM conversations c LEFT JOIN items i ON i.node = c.head WHERE c.id = :id AND c.project = :project"
 CONVERSATION = SQL(_CONV_SELECT + _CONV_FROM)
 
 
@@ -97,7 +102,7 @@ PATH_CHAT = {d: SQL(_path_from(":node") + "SELECT " + agg) for d, agg in _JOINED
 
 def _conv_history(history: str) -> str:
     """The conversation row and `history`, an expression over its path, in one round trip."""
-    return _path_from("(SELECT head FROM conversations WHERE id = :id)") + f"{_CONV_SELECT}, {history}{_CONV_FROM}"
+    return _path_from("(SELECT head FROM conversations WHERE id = :id AND project = :project)") + f"{_CONV_SELECT}, {history}{_CONV_FROM}"
 
 
 # The conversation and its history's messages, in one round trip (the hot path).
@@ -114,8 +119,8 @@ CONVERSATION_HISTORY_UNLESS = {
 PG_CONVERSATION_HISTORY_MANY = SQL(
     "SELECT q.ord, " + _CONV_SELECT[len("SELECT "):] + ", CASE WHEN c.head = q.known THEN NULL ELSE ("
     + _path_from("c.head") + "SELECT " + _JOINED["postgresql"] + ") END"
-    " FROM unnest(:ids::text[], :known::text[]) WITH ORDINALITY AS q(id, known, ord)"
-    " JOIN conversations c ON c.id = q.id LEFT JOIN items i ON i.node = c.head"
+    " FROM unnest(:ids::text[], :known::text[], :projects::text[]) WITH ORDINALITY AS q(id, known, project, ord)"
+    " JOIN conversations c ON c.id = q.id AND c.project = q.project LEFT JOIN items i ON i.node = c.head"
 )
 
 
@@ -147,12 +152,12 @@ TREE_PAGE = SQL(
     " WHERE i.tree = :tree AND i.seq > :after ORDER BY i.seq LIMIT :limit"
 )
 RESPONSE = SQL("SELECT id, status, conversation_id, tree, base_node, input_node, input_count, last_node, body"
-               " FROM responses WHERE id = :id")
+               " FROM responses WHERE id = :id AND project = :project")
 # The conversation's row, locked until the transaction ends (PostgreSQL; SQLite's write
 # transactions are serial already): what every read-then-write of a conversation starts with.
 LOCK_CONVERSATION = {
-    "sqlite": SQL("SELECT id FROM conversations WHERE id = :id"),
-    "postgresql": SQL("SELECT id FROM conversations WHERE id = :id FOR UPDATE"),
+    "sqlite": SQL("SELECT id FROM conversations WHERE id = :id AND project = :project"),
+    "postgresql": SQL("SELECT id FROM conversations WHERE id = :id AND project = :project FOR UPDATE"),
 }
 
 
@@ -162,9 +167,9 @@ def _in(column: str, n: int) -> tuple[str, list[str]]:
 
 
 def items_by_id(n: int) -> tuple[SQL, list[str]]:
-    """Content of `n` items by item id, and the parameter names in order."""
+    """Content of `n` items of the project by item id, and the parameter names in order."""
     where, names = _in("item_id", n)
-    return SQL(f"SELECT item_id, type, role, status, data, chat FROM items WHERE {where}"), names
+    return SQL(f"SELECT item_id, type, role, status, data, chat FROM items WHERE {where} AND project = :project"), names
 
 
 def item_rows(n: int) -> tuple[SQL, list[str]]:
@@ -184,11 +189,11 @@ INSERT_ITEMS = _insert("items", ITEM_COLUMNS)
 INSERT_EVENTS = _insert("events", ("response_id", "alternative", "seq", "frame"))
 INSERT_RESPONSES = _insert("responses", RESPONSE_COLUMNS)
 INSERT_CONVERSATION = _insert("conversations", ("id", "tree", "head", "created_at", "metadata",
-                                                "forked_from_conversation", "forked_from_item"))
-UPDATE_METADATA = SQL("UPDATE conversations SET metadata = :metadata WHERE id = :id")
-SET_HEAD = SQL("UPDATE conversations SET head = :head WHERE id = :id")
-DELETE_CONVERSATION = SQL("DELETE FROM conversations WHERE id = :id")
-DELETE_RESPONSE = SQL("DELETE FROM responses WHERE id = :id")
+                                                "forked_from_conversation", "forked_from_item", "project"))
+UPDATE_METADATA = SQL("UPDATE conversations SET metadata = :metadata WHERE id = :id AND project = :project")
+SET_HEAD = SQL("UPDATE conversations SET head = :head WHERE id = :id")  # (after LOCK_CONVERSATION)
+DELETE_CONVERSATION = SQL("DELETE FROM conversations WHERE id = :id AND project = :project")
+DELETE_RESPONSE = SQL("DELETE FROM responses WHERE id = :id AND project = :project")
 FINISH_RESPONSE = SQL("UPDATE responses SET status = :status, input_node = :input_node, input_count = :input_count,"
                       " last_node = :last_node, body = :body, owner = NULL WHERE id = :id")
 # Compare-and-swap: the head moves only if it is still where the response started.
@@ -272,13 +277,14 @@ def commit_in_arrays(n_commits: int, n_items: int, n_rows: int, n_moves: int) ->
 SET_HEAD_TO_ITEM = SQL(
     "UPDATE conversations SET head = (SELECT i.node FROM items i WHERE i.tree = conversations.tree"
     " AND i.item_id = :item_id ORDER BY i.seq DESC LIMIT 1)"
-    " WHERE id = :id AND EXISTS (SELECT 1 FROM items i WHERE i.tree = conversations.tree AND i.item_id = :item_id)"
+    " WHERE id = :id AND project = :project"
+    " AND EXISTS (SELECT 1 FROM items i WHERE i.tree = conversations.tree AND i.item_id = :item_id)"
     " RETURNING head, created_at, metadata, forked_from_conversation, forked_from_item")
 # The same for several conversations (each at most once, in conversation order: one lock order
 # for every such statement) in one statement: their ordinals and rows.
 PG_SET_HEADS_TO_ITEMS = SQL(
     "UPDATE conversations c SET head = (SELECT i.node FROM items i WHERE i.tree = c.tree"
     " AND i.item_id = m.item_id ORDER BY i.seq DESC LIMIT 1)"
-    " FROM unnest(:ids::text[], :item_ids::text[]) WITH ORDINALITY AS m(id, item_id, ord)"
-    " WHERE c.id = m.id AND EXISTS (SELECT 1 FROM items i WHERE i.tree = c.tree AND i.item_id = m.item_id)"
+    " FROM unnest(:ids::text[], :item_ids::text[], :projects::text[]) WITH ORDINALITY AS m(id, item_id, project, ord)"
+    " WHERE c.id = m.id AND c.project = m.project AND EXISTS (SELECT 1 FROM items i WHERE i.tree = c.tree AND i.item_id = m.item_id)"
     " RETURNING m.ord, c.head, c.created_at, c.metadata, c.forked_from_conversation, c.forked_from_item")
