@@ -23,6 +23,7 @@ BUDGETS = [
     "streaming: added time to first event p50 <= 5 ms", "streaming: added inter-chunk gap p99 <= 2 ms",
     "16 branches on one conversation <= 1.2x 16 on separate",
     "fork 10,000 items <= 1.5x fork 10 items", "context of a 10,000-item path <= 50 ms",
+    "API key: added p50 at c=1 < 1 ms", "API key: throughput at c=32 within 10% of no key",
 ]
 
 
@@ -53,6 +54,9 @@ def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
         assert res["streaming"]["gaps"] > 0 and res["direct_streaming"]["gaps"] > 0
         assert res["branch"]["ratio"] > 0
         assert res["rss_kib"]["peak"] >= res["rss_kib"]["idle"] > 0
+        for phase, by_c in res["teams"].items():  # (g): every phase served, none refused
+            for c in ("1", "32"):
+                assert by_c[c]["requests"] > 0 and by_c[c]["errors"] == 0, (db, phase, c, by_c[c])
     trees = {t["db"]: t["sizes"] for t in out["tree_ops"]}
     assert set(trees) == {"sqlite", "postgresql"}
     for sizes in trees.values():

@@ -198,3 +198,14 @@ def test_revocation_reaches_every_worker_and_no_secret_is_logged(db_url, mock, s
             time.sleep(0.1)
     log = server.output()
     assert secret not in log and "sk-bw-wrong" not in log
+
+
+async def test_last_used_is_recorded(db_url, mock):
+    key_id, secret = make_key(db_url, "team-a")
+    app = create_app(Settings(database_url=db_url, upstream_base_url=mock.url))
+    async with app.router.lifespan_context(app):
+        async with raw_client(app, secret) as c:
+            assert (await c.get("/v1/models")).status_code == 200
+    # (kept in memory, written once a minute and when the server stops)
+    [row] = orjson.loads(keys_cli(db_url, "list", "--json").output)
+    assert row["id"] == key_id and row["last_used_at"] >= row["created_at"]
