@@ -58,7 +58,10 @@ class Auth:
         finally:
             projects.leave(token)
             if caller.slot is not None:
-                await asyncio.shield(caller.slot.drop())
+                try:
+                    await asyncio.shield(caller.slot.drop())
+                except Exception:  # (the slot expires unrenewed: `lease_ttl`)
+                    log.warning("could not give back a concurrency slot", exc_info=True)
 
 
 def bearer(scope) -> bytes | None:
