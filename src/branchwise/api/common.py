@@ -49,11 +49,19 @@ CHUNK_BYTES = 32 << 10
 """What `decode_big` parses in one call that holds the GIL (well under a millisecond)."""
 
 
+def _header(request: Request, name: bytes) -> bytes | None:
+    """One request header, from the raw list (Starlette's `Headers` decodes them all first)."""
+    for k, v in request.scope["headers"]:
+        if k == name:
+            return v
+    return None
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with a 413 as soon as it passes `limit` bytes: a declared
     `Content-Length` over it is refused before a byte is read, and a body without one (chunked)
     is never buffered past the limit."""
-    length = request.headers.get("content-length")
+    length = _header(request, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise RequestTooLarge(limit)
     chunks: list[bytes] = []
@@ -63,7 +71,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise RequestTooLarge(limit)
         chunks.append(chunk)
-    request._body = body = b"".join(chunks)  # (as `Request.body()` keeps it)
+    request._body = body = chunks[0] if len(chunks) == 1 else b"".join(chunks)  # (as `Request.body()` keeps it)
     return body
 
 
@@ -72,8 +80,9 @@ async def parse_body(request: Request, model: type[M]) -> M:
     checked before the body is validated, so a refused request costs little and stores nothing."""
     settings = request.app.state.settings
     raw = await read_body(request, settings.max_body_bytes)
-    ctype = request.headers.get("content-type", "")
-    if raw and ctype and "json" not in ctype.split(";")[0].lower():
+    ctype = _header(request, b"content-type")
+    if raw and ctype and b"json" not in ctype.split(b";")[0].lower():
+        ctype = ctype.decode("latin-1")
         raise InvalidRequest(
             f"Unsupported content type: '{ctype}'. This API only accepts 'application/json' requests.",
             code="unsupported_content_type",
