@@ -219,6 +219,22 @@ async def test_tool_call_round_trip_on_the_connection(client, mock):
     assert mock.requests[-1]["messages"][1]["tool_calls"][0]["id"] == first["output"][0]["call_id"]
 
 
+async def test_a_compacted_window_starts_a_new_chain(client, server, mock):
+    """The spec's WebSocket compaction: /responses/compact's output, as it is, plus the next
+    message, is the input of a new chain."""
+    async with httpx2.AsyncClient(base_url=server[1]) as http:
+        r = await http.post("/v1/responses/compact", json={"model": MODEL, "input": [
+            {"type": "message", "role": "user", "content": "Remember the code word: slate."},
+            {"type": "message", "role": "assistant", "content": "OK."}]})
+    assert r.status_code == 200, r.text
+    window = r.json()["output"]
+    async with client.responses.connect() as conn:
+        done = final(await create(conn, store=False, tools=[], input=[
+            *window, {"type": "message", "role": "user", "content": "Continue from here."}]))
+    assert done["previous_response_id"] is None
+    assert done["output"][0]["content"][0]["text"].endswith("Echo: Continue from here.")
+
+
 # ---------------------------------------------------------------- branchwise's extensions
 
 
