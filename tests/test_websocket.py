@@ -390,7 +390,10 @@ async def test_a_stored_turn_finishes_without_its_client(client, mock):
     rid = created["response"]["id"]
 
     async def done():
-        return (await client.responses.retrieve(rid)).status == "completed"
+        try:  # (its row is written while its first events go out: it may not be there yet)
+            return (await client.responses.retrieve(rid)).status == "completed"
+        except openai.NotFoundError:
+            return False
     await until(done, "the stored response to complete")
 
 

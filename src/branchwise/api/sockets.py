@@ -109,6 +109,8 @@ class Connection:
                     return
                 text = message.get("text")
                 await self.inbox.put(text if text is not None else message.get("bytes") or b"")
+        except Exception:  # (the server's side of the connection broke: the client is as good as gone)
+            log.debug("WebSocket read failed", exc_info=True)
         finally:
             self.gone = True
             if self.turn is not None:
@@ -127,8 +129,10 @@ class Connection:
                 req = await asyncio.to_thread(parse_event, raw, self.settings)
             else:
                 req = parse_event(raw, self.settings)
-            async for frame in self.socket.turn(req, self._disconnected):
-                await self.ws.send_text(sse_data(frame).decode())
+            turn = self.socket.turn(req, self._disconnected)
+            async with contextlib.aclosing(turn):  # (a send that fails ends the stream now, not at GC)
+                async for frame in turn:
+                    await self.ws.send_text(sse_data(frame).decode())
         except (WebSocketDisconnect, WebSocketDisconnected, OSError):
             self.gone = True
         except BranchwiseError as exc:

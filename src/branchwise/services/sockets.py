@@ -13,6 +13,7 @@ a `store: false` chain cannot go on from it. docs/websocket.md has the whole pro
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -74,21 +75,22 @@ class Socket:
                    disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[bytes]:
         """The events (SSE frames) of one `response.create`: those a streamed POST /v1/responses
         with the same body sends. Raises before the first one when the request is refused."""
-        for name in HTTP_ONLY:
-            if name in req.model_fields_set:
-                raise InvalidRequest(f"Unknown parameter: '{name}'. It belongs to HTTP requests: over a WebSocket, "
-                                     "every response streams its events on the connection.", param=name,
-                                     code="unknown_parameter")
         prev_id = req.previous_response_id
         try:
+            for name in HTTP_ONLY:
+                if name in req.model_fields_set:
+                    raise InvalidRequest(f"Unknown parameter: '{name}'. It belongs to HTTP requests: over a "
+                                         "WebSocket, every response streams its events on the connection.",
+                                         param=name, code="unknown_parameter")
             plan = await self.responses.prepare(req, disconnected, self.previous.get(prev_id) if prev_id else None)
             plan.keep = True
             if req.store is False:  # tied to the connection: a client that goes away stops it
                 frames = self.streams.stream(plan)
             else:  # runs to its end whatever the client does, as a stored stream over HTTP
                 frames = (await self.streams.start_stream(plan)).follow()
-            async for frame in frames:
-                yield frame
+            async with contextlib.aclosing(frames):
+                async for frame in frames:
+                    yield frame
         except Exception:
             self._evict(prev_id)
             raise
