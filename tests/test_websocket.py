@@ -320,6 +320,17 @@ async def test_events_are_text_messages_and_binary_requests_are_read(server):
                 break
 
 
+async def test_a_message_longer_than_a_body_may_be_closes_the_connection(settings, mock):
+    async with served(settings.model_copy(update={"max_body_bytes": 2048})) as (_, url):
+        async with websockets.connect(f"ws://{url.removeprefix('http://')}/v1/responses") as ws:
+            await ws.send(json.dumps({"type": "response.create", "model": MODEL, "input": "x" * 4096}))
+            with pytest.raises(websockets.ConnectionClosed) as e:
+                async with asyncio.timeout(TURN_TIMEOUT_S):
+                    await ws.recv()
+    assert e.value.rcvd.code == 1009  # message too big (uvicorn's `ws_max_size`)
+    assert mock.requests == []
+
+
 # ---------------------------------------------------------------- the handshake and the limits
 
 
