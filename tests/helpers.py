@@ -152,6 +152,32 @@ async def serving(settings: Settings) -> AsyncIterator[tuple[Any, openai.AsyncOp
             yield app, client, raw
 
 
+@asynccontextmanager
+async def served(settings: Settings) -> AsyncIterator[tuple[Any, str]]:
+    """The app behind uvicorn on a real socket, in this test's event loop, with the options
+    `branchwise serve` gives it (a WebSocket needs a real server): (app, its http:// base URL)."""
+    import socket
+
+    import uvicorn
+
+    from branchwise.cli.serve import server_options
+
+    app = create_app(settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **server_options(settings)))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await until(lambda: server.started or task.done(), "uvicorn to start")
+        if task.done():
+            task.result()  # (raises why it stopped)
+        yield app, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 60)
+        sock.close()
+
+
 async def new_conversation(client: openai.AsyncOpenAI, *texts: str):
     """A conversation that starts with one user message per text."""
     return await client.conversations.create(items=[{"type": "message", "role": "user", "content": t}

@@ -19,6 +19,7 @@ from branchwise.services.concurrency import Policies
 from branchwise.services.conversations import Conversations
 from branchwise.services.responses import Responses
 from branchwise.services.runs import Runs
+from branchwise.services.sockets import Sockets
 from branchwise.services.stored import StoredResponses
 from branchwise.services.streams import Streams
 from branchwise.settings import Settings
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> API:
         s.responses, s.streams = responses, Streams(responses, runs)
         s.conversations = Conversations(store, responses.context, policies, settings)
         s.stored = StoredResponses(store)
+        s.sockets = Sockets(responses, s.streams, settings)
         await runs.start()
         # Everything made so far (modules, app, pools) lives as long as the process: keep it out
         # of the collector's full passes, which would otherwise walk it all again and again.

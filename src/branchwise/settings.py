@@ -152,6 +152,15 @@ class Settings(BaseSettings):
     """Seconds a client has to send a whole request body once its headers are in; then it gets
     a 408 and the connection is closed."""
 
+    # WebSocket mode on /v1/responses (docs/websocket.md)
+    websocket_max_connections: int = Field(1000, ge=1)
+    """WebSocket connections one server process keeps open at once; one more is answered with
+    the `websocket_connection_limit_reached` error and closed (code 1013, try again later)."""
+    websocket_max_duration: float = Field(3600.0, gt=0)
+    """Seconds one WebSocket connection may stay open (the Open Responses limit: 60 minutes). A
+    response running then finishes; the next `response.create`, or the idle connection at once,
+    gets the `websocket_connection_limit_reached` error, and the connection is closed."""
+
     path_cache_mb: int = Field(16, ge=0)
     """Memory (MiB, per process) for histories already read or written, so that the next turn
     on a branch skips the walk up the tree; 0 switches it off. Nodes never change, so it needs

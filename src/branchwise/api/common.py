@@ -94,6 +94,11 @@ async def parse_body(request: Request, model: type[M]) -> M:
 
 def decode(raw: bytes, model: type[M], settings) -> M:
     """Parse, check the limits, validate."""
+    return validate(load_object(raw, settings), raw, model, settings)
+
+
+def load_object(raw: bytes, settings) -> dict:
+    """`raw` parsed: a JSON object (nothing: an empty one), or an OpenAI-shaped 400."""
     try:
         data = orjson.loads(raw) if raw.strip() else {}
     except orjson.JSONDecodeError as e:
@@ -106,6 +111,11 @@ def decode(raw: bytes, model: type[M], settings) -> M:
 def _validated(data: Any, raw: bytes, model: type[M], settings) -> M:
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+def validate(data: dict, raw: bytes, model: type[M], settings) -> M:
+    """`data` (parsed from `raw`) as `model`, once the limits are checked."""
     check_limits(data, raw, settings)
     try:
         return model.model_validate(data)

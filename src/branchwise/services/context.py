@@ -31,15 +31,38 @@ class Context:
     def __init__(self, store: Repository):
         self.store = store
 
-    async def check_tool_output(self, base: str, inputs: list[NewItem]) -> None:
-        """A history that ends in a function call can only go on with that call's output, as in
-        OpenAI's API. (branchwise's way out: fork, or move the head, to before the call.)"""
-        data = await self.store.node_data(base)
-        call_id = orjson.loads(data).get("call_id") if data else None
+    async def call_id(self, node: str) -> str | None:
+        """The call id of the function call stored at `node`."""
+        data = await self.store.node_data(node)
+        return orjson.loads(data).get("call_id") if data else None
+
+    @staticmethod
+    def check_tool_output(call_id: str | None, inputs: list[NewItem]) -> None:
+        """A history that ends in a function call (`call_id`) can only go on with that call's
+        output, as in OpenAI's API. (branchwise's way out: fork, or move the head, to before the
+        call.)"""
         answered = {it.wire.get("call_id") for it in inputs if it.type == "function_call_output"}
         if call_id and call_id not in answered:
             raise InvalidRequest(f"No tool output found for function call {call_id}.", param="input",
                                  code="tool_output_missing")
+
+    @staticmethod
+    def check_tool_calls(history: bytes, inputs: list[NewItem]) -> None:
+        """Every function call output answers a call made before it, in the history or in the
+        input (OpenAI's rule and wording; its `code` is null). The calls are found in the
+        messages' bytes: a tool call is serialised as `{"id":<call id>,"type":"function"`, which
+        no text can contain unescaped."""
+        made = [history, *(it.chat for it in inputs if it.chat and it.type != "function_call_output")]
+        for it in inputs:
+            if it.type != "function_call_output":
+                continue
+            call_id = it.wire.get("call_id")
+            if call_id is None:  # (referenced content: it was checked when it was stored)
+                continue
+            needle = b'{"id":' + orjson.dumps(call_id) + b',"type":"function"'
+            if not any(needle in part for part in made):
+                raise InvalidRequest(f"No tool call found for function call output with call_id {call_id}.",
+                                     param="input")
 
     async def count(self, plan: Plan, messages: bytes) -> int:
         if plan.backend.capabilities.count_tokens:

@@ -27,7 +27,7 @@ from branchwise.core.tree import (
 from branchwise.store import statements as q
 from branchwise.store.connect import is_sqlite
 from branchwise.store.group_commit import OneInFlight, in_rounds
-from branchwise.store.history_cache import PathCache, extend
+from branchwise.store.history_cache import PathCache
 from branchwise.store.postgres import PgDatabase
 from branchwise.store.sqlite_writer import SqliteWriter
 from branchwise.store.statements import Tx
@@ -85,11 +85,6 @@ class Repository:
         """Empty the history cache (every history is read from the database again)."""
         if self._histories is not None:
             self._histories = PathCache(self._history_cache_bytes)
-
-    def history_after(self, history: bytes, chats: list[bytes | None]) -> bytes | None:
-        """`history` followed by the messages `chats`, as the path query would read it back once
-        they are stored; None when the cache is off (nothing will keep it)."""
-        return extend(history, chats) if self._histories is not None else None
 
     def _note_head(self, conv_id: str, head: str | None) -> None:
         if self._histories is None:
@@ -321,7 +316,7 @@ class Repository:
         """Store a finished response in one short transaction: its items, its row(s), and the
         conversation head moved from `base` to `new_head` if it is still at `base`
         (compare-and-swap). `histories`: (node, its history) of the new branches'
-        ends (see `history_after`), kept once the items are stored. Returns whether the head
+        ends (`history_cache.extend`), kept once the items are stored. Returns whether the head
         moved."""
         if self.dialect == "postgresql" and not events and not update_existing:
             conv = conversation_id if new_head is not None else None

@@ -146,3 +146,9 @@ def item_list(datas: list[bytes], first_id: str | None, last_id: str | None, has
 def sse(event: dict[str, Any]) -> bytes:
     """One Server-Sent Event, written in one piece."""
     return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+def sse_data(frame: bytes) -> bytes:
+    """The event of an `sse` frame without its framing: the JSON object, as a WebSocket message
+    carries it."""
+    return frame[frame.index(b"\ndata: ") + 7:-2]
