@@ -105,10 +105,10 @@ def load_object(raw: bytes, settings) -> dict:
         if "recursion" in str(e).lower():  # orjson's own limit, 255 levels
             raise _too_deep(None, settings.max_json_depth) from None
         raise InvalidRequest(_INVALID_JSON, code="invalid_json") from None
-    return _validated(data, raw, model, settings)
+    return _object(data)
 
 
-def _validated(data: Any, raw: bytes, model: type[M], settings) -> M:
+def _object(data: Any) -> dict:
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     return data
@@ -155,7 +155,7 @@ def decode_big(raw: bytes, model: type[M], settings) -> M:
         raise InvalidRequest(_INVALID_JSON, code="invalid_json") from None
     if not docs:
         raise InvalidRequest(_INVALID_JSON, code="invalid_json")
-    return _validated(docs[0], raw, model, settings)
+    return validate(_object(docs[0]), raw, model, settings)
 
 
 def check_limits(data: dict, raw: bytes, settings) -> None:
