@@ -15,6 +15,10 @@ def chat_params(req: m.CreateResponse) -> dict[str, Any]:
         p["temperature"] = req.temperature
     if req.top_p is not None:
         p["top_p"] = req.top_p
+    if req.presence_penalty is not None:
+        p["presence_penalty"] = req.presence_penalty
+    if req.frequency_penalty is not None:
+        p["frequency_penalty"] = req.frequency_penalty
     if req.max_output_tokens is not None:
         p["max_tokens"] = req.max_output_tokens
     if req.safety_identifier or req.user:

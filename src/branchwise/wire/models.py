@@ -258,6 +258,8 @@ class CreateResponse(_Body):
     metadata: dict[str, str] | None = None
     temperature: Float | None = Field(default=None, ge=0, le=2)
     top_p: Float | None = Field(default=None, ge=0, le=1)
+    presence_penalty: Float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Float | None = Field(default=None, ge=-2, le=2)
     top_logprobs: Int | None = Field(default=None, ge=0, le=20)
     max_output_tokens: Int | None = Field(default=None, ge=16)
     max_tool_calls: Int | None = Field(default=None, ge=1)

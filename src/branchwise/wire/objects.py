@@ -51,7 +51,8 @@ def _text_param(req: CreateResponse) -> dict[str, Any]:
             f = req.text.format
             fmt = {"type": f.type}
             if f.type == "json_schema":
-                fmt.update(name=f.name, schema=f.schema_, description=f.description, strict=f.strict)
+                # `strict` is a boolean in the Response (Open Responses requires it), false unless asked
+                fmt.update(name=f.name, schema=f.schema_, description=f.description, strict=bool(f.strict))
     return {"format": fmt, "verbosity": verbosity}
 
 
@@ -90,6 +91,7 @@ def response_object(
         "completed_at": completed_at,
         "conversation": {"id": conv} if conv else None,
         "error": error_object(error),
+        "frequency_penalty": 0.0 if req.frequency_penalty is None else req.frequency_penalty,
         "incomplete_details": {"reason": incomplete_reason} if incomplete_reason else None,
         "instructions": req.instructions,
         "max_output_tokens": req.max_output_tokens,
@@ -98,6 +100,7 @@ def response_object(
         "model": req.model,
         "output": output,
         "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+        "presence_penalty": 0.0 if req.presence_penalty is None else req.presence_penalty,
         "previous_response_id": req.previous_response_id,
         "prompt": req.prompt,
         "prompt_cache_key": req.prompt_cache_key,
