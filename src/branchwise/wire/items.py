@@ -83,6 +83,8 @@ def from_input(item: Any) -> NewItem:
             "role": item.role,
             "content": parts,
         }
+        if item.phase is not None:  # Chat Completions has no phase: kept for the client, not the model
+            wire["phase"] = item.phase
         return _make(wire, {"role": _chat_role(item.role), "content": _chat_content(parts)})
     if isinstance(item, m.FunctionCall):
         wire = {

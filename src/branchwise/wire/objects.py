@@ -65,7 +65,12 @@ def _tool_choice(req: CreateResponse) -> Any:
     tc = req.tool_choice
     if tc is None:
         return "auto"
-    return tc if isinstance(tc, str) else {"type": "function", "name": tc.name}
+    if isinstance(tc, str):
+        return tc
+    if tc.type == "allowed_tools":
+        return {"type": "allowed_tools", "mode": tc.mode or "auto",
+                "tools": [{"type": "function", "name": t.name} for t in tc.tools]}
+    return {"type": "function", "name": tc.name}
 
 
 def response_object(
