@@ -12,6 +12,7 @@ of the test session (tests/open_responses_spec.py), shown to catch what it must.
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import orjson
@@ -234,8 +235,10 @@ def test_penalties_reach_the_embedded_model_sampling():
     req = CreateResponse(model="smol", input="hi", presence_penalty=0.25, frequency_penalty=-0.5)
     sampling = plan(ChatRequest(model="smol", messages=b'[{"role":"user","content":"hi"}]',
                                 params=chat_params(req))).sampling
-    # these are llama-cpp-python's `create_completion` keyword arguments
     assert sampling["presence_penalty"] == 0.25 and sampling["frequency_penalty"] == -0.5
+    # the sampling goes to llama-cpp-python's `create_completion` as keyword arguments
+    llama_cpp = pytest.importorskip("llama_cpp")
+    assert set(sampling) <= set(inspect.signature(llama_cpp.Llama.create_completion).parameters)
 
 
 # ---------------------------------------------------------------- allowed_tools
