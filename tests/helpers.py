@@ -29,6 +29,12 @@ EVENT_CLASSES = {
 }
 
 
+# Open Responses names the raw reasoning events `response.reasoning.delta` / `.done`, OpenAI
+# `response.reasoning_text.delta` / `.done`; branchwise sends Open Responses' (docs/api.md). The SDK,
+# which has no type for them, passes them through untyped; their fields are those of OpenAI's.
+OPEN_RESPONSES_EVENTS = {"response.reasoning.delta": "response.reasoning_text.delta",
+                         "response.reasoning.done": "response.reasoning_text.done"}
+
 # ---------------------------------------------------------------- Server-Sent Events
 
 
@@ -46,9 +52,14 @@ def parse_sse(text: str) -> list[tuple[str, dict]]:
 
 
 def validate_event(name: str, data: dict) -> Any:
-    """One event: it names its type in `event:` and validates as the SDK's ResponseStreamEvent."""
+    """One event: it names its type in `event:` and validates as the SDK's ResponseStreamEvent
+    (the Open Responses reasoning events as their OpenAI twins)."""
     assert name == data["type"], (name, data["type"])
     assert "error" not in data or data["type"] == "error"  # the SDK raises on a top-level `error`
+    if data["type"] in OPEN_RESPONSES_EVENTS:
+        twin = EVENT_CLASSES[OPEN_RESPONSES_EVENTS[data["type"]]]
+        twin.model_validate({**data, "type": OPEN_RESPONSES_EVENTS[data["type"]]})
+        return twin.model_construct(**data)
     try:
         return EVENT.validate_python(data)
     except ValidationError:

@@ -95,6 +95,7 @@ class Message(_Item):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: str | list[Part]
+    phase: Literal["commentary", "final_answer"] | None = None  # an assistant message's, kept as sent
 
 
 class FunctionCall(_Item):
@@ -238,6 +239,21 @@ class ToolChoiceFunction(BaseModel):
     name: str
 
 
+class ToolChoiceAllowed(BaseModel):
+    """The model may call only these of `tools` (`mode` as a plain `tool_choice` says how)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["allowed_tools"]
+    tools: list[ToolChoiceFunction] = Field(min_length=1, max_length=128)
+    mode: Literal["none", "auto", "required"] | None = None
+
+
+ToolChoiceObject = Annotated[
+    Annotated[ToolChoiceFunction, Tag("~function")] | Annotated[ToolChoiceAllowed, Tag("~allowed_tools")],
+    Discriminator(_tag),
+]
+
+
 class ReasoningParam(BaseModel):
     model_config = ConfigDict(extra="ignore")
     effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
@@ -258,12 +274,14 @@ class CreateResponse(_Body):
     metadata: dict[str, str] | None = None
     temperature: Float | None = Field(default=None, ge=0, le=2)
     top_p: Float | None = Field(default=None, ge=0, le=1)
+    presence_penalty: Float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Float | None = Field(default=None, ge=-2, le=2)
     top_logprobs: Int | None = Field(default=None, ge=0, le=20)
     max_output_tokens: Int | None = Field(default=None, ge=16)
     max_tool_calls: Int | None = Field(default=None, ge=1)
     text: TextParam | None = None
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceObject | None = None
     parallel_tool_calls: Bool | None = None
     reasoning: ReasoningParam | None = None
     truncation: Literal["auto", "disabled"] | None = None

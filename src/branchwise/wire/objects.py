@@ -51,7 +51,8 @@ def _text_param(req: CreateResponse) -> dict[str, Any]:
             f = req.text.format
             fmt = {"type": f.type}
             if f.type == "json_schema":
-                fmt.update(name=f.name, schema=f.schema_, description=f.description, strict=f.strict)
+                # `strict` is a boolean in the Response (Open Responses requires it), false unless asked
+                fmt.update(name=f.name, schema=f.schema_, description=f.description, strict=bool(f.strict))
     return {"format": fmt, "verbosity": verbosity}
 
 
@@ -64,7 +65,12 @@ def _tool_choice(req: CreateResponse) -> Any:
     tc = req.tool_choice
     if tc is None:
         return "auto"
-    return tc if isinstance(tc, str) else {"type": "function", "name": tc.name}
+    if isinstance(tc, str):
+        return tc
+    if tc.type == "allowed_tools":
+        return {"type": "allowed_tools", "mode": tc.mode or "auto",
+                "tools": [{"type": "function", "name": t.name} for t in tc.tools]}
+    return {"type": "function", "name": tc.name}
 
 
 def response_object(
@@ -90,6 +96,7 @@ def response_object(
         "completed_at": completed_at,
         "conversation": {"id": conv} if conv else None,
         "error": error_object(error),
+        "frequency_penalty": 0.0 if req.frequency_penalty is None else req.frequency_penalty,
         "incomplete_details": {"reason": incomplete_reason} if incomplete_reason else None,
         "instructions": req.instructions,
         "max_output_tokens": req.max_output_tokens,
@@ -98,6 +105,7 @@ def response_object(
         "model": req.model,
         "output": output,
         "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+        "presence_penalty": 0.0 if req.presence_penalty is None else req.presence_penalty,
         "previous_response_id": req.previous_response_id,
         "prompt": req.prompt,
         "prompt_cache_key": req.prompt_cache_key,

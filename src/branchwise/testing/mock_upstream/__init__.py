@@ -93,7 +93,11 @@ earlier turns of a conversation still apply.
 ``[[tool=NAME]]`` / ``[[tool]]``
     Call the tool ``NAME`` (``[[tool]]``: the first tool of ``tools``, else
     ``mock_tool``). The same happens without a directive when ``tool_choice``
-    is ``"required"`` (first tool) or names a function. ``tool_choice:
+    is ``"required"`` (first tool) or names a function, and, when
+    ``tool_choice`` is ``"auto"`` or absent and the last message is the
+    user's, with the first tool whose name has a word of 4+ letters (split at
+    ``_`` and ``-``) that the message has as a word, case aside
+    (``get_weather`` for "What's the weather like?"). ``tool_choice:
     "none"`` and a last message with role ``tool`` disable tool calls. The
     message then has ``content: null`` and ``tool_calls: [{"id":
     "call_<hex>", "type": "function", "function": {"name": NAME,
