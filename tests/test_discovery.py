@@ -80,6 +80,7 @@ async def test_list_by_metadata(client, raw):
 
 @pytest.mark.parametrize(("params", "param"), [
     ({"limit": "0"}, "limit"), ({"limit": "101"}, "limit"), ({"limit": "x"}, "limit"), ({"limit": "1.5"}, "limit"),
+    ({"limit": "+5"}, "limit"), ({"limit": " 5"}, "limit"), ({"limit": "٥"}, "limit"), ({"limit": "9" * 5000}, "limit"),
     ({"order": "newest"}, "order"), ({"after": "msg_" + "0" * 48}, "after"), ({"after": "conv_\x00"}, "after"),
     ({"after": "abc"}, "after"), ({"metadata": "x"}, "metadata"), ({"metadata[]": "x"}, "metadata"),
     ({"metadata[k": "x"}, "metadata"), ({"metadata[" + "k" * 65 + "]": "x"}, "metadata[" + "k" * 64 + "]"),

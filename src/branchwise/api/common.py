@@ -166,11 +166,10 @@ def paging(request: Request, *, max_limit: int = 100, default_limit: int = 20,
     `kind`, it must)."""
     q = request.query_params
     raw_limit = q.get("limit")
-    try:
-        limit = default_limit if raw_limit is None else int(raw_limit)
-    except ValueError:
-        raise InvalidRequest(f"Invalid value for 'limit': expected an integer, got '{raw_limit}'.",
-                             param="limit", code="invalid_value") from None
+    if raw_limit is not None and not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 9):
+        raise InvalidRequest(f"Invalid value for 'limit': expected an integer, got '{raw_limit[:64]}'.",
+                             param="limit", code="invalid_value")
+    limit = default_limit if raw_limit is None else int(raw_limit)
     if not 1 <= limit <= max_limit:
         raise InvalidRequest(f"Invalid value for 'limit': must be between 1 and {max_limit}.",
                              param="limit", code="invalid_value")
