@@ -164,7 +164,7 @@ async def _truncate(url: str) -> None:
     async with engine.begin() as conn:
         exists = (await conn.execute(text("SELECT to_regclass('items') IS NOT NULL"))).scalar()
         if exists:
-            await conn.execute(text("TRUNCATE items, conversations, responses"))
+            await conn.execute(text("TRUNCATE items, conversations, conversation_metadata, responses, prompts, prompt_versions"))
     await engine.dispose()
 
 
@@ -225,7 +225,9 @@ async def raw(app) -> AsyncIterator[httpx2.AsyncClient]:
 @pytest.fixture(autouse=True)
 def _clear_mock_log(request):
     if "mock" in request.fixturenames:
-        request.getfixturevalue("mock").clear()
+        m = request.getfixturevalue("mock")
+        m.clear()
+        m.app.reset_models()
 
 
 def free_port() -> int:

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from branchwise.api.app import API
 from branchwise.backends.router import Router
+from branchwise.services.compact import compaction_key
 from branchwise.services.concurrency import Policies
 from branchwise.services.conversations import Conversations
 from branchwise.services.responses import Responses
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> API:
         policies = Policies(Leases(db), settings)
         runs = Runs(RunStore(db), settings)
         responses = Responses(store, router, settings, policies, runs)
+        responses.context.compaction_key = await compaction_key(store, settings)
         s = app.state
         s.settings, s.store, s.router, s.policies, s.runs = settings, store, router, policies, runs
         s.responses, s.streams = responses, Streams(responses, runs)

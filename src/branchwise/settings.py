@@ -139,6 +139,19 @@ class Settings(BaseSettings):
 
     api_key: str | None = None
     """When set, clients must send `Authorization: Bearer <api_key>`."""
+    compaction_secret: str | None = Field(None, min_length=16)
+    """The key that signs the `compaction` items POST /v1/responses/compact returns, so that one
+    sent back can be trusted (docs/decisions/0040). Unset: a random key made on first start and
+    kept in the database, which every process and instance on that database then shares. Set
+    it to share compaction items between servers on different databases; changing it makes
+    the items signed before unusable (400)."""
+
+    models_list_ttl: float = Field(60.0, ge=0)
+    """GET /v1/models: seconds an upstream's own model list is kept before it is asked again
+    (for routes whose `models` are patterns); a failed ask is retried after a sixth of it."""
+    models_list_timeout: float = Field(3.0, gt=0)
+    """GET /v1/models: seconds an upstream has to answer its /models; a slower or failing one
+    is left out (its literal model names are still listed)."""
 
     # stopping, and slow clients (`branchwise serve`; docs/decisions/0035-process-model.md)
     drain_timeout: float = Field(30.0, ge=0)

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, Router, compile_path
 
-from branchwise.api import conversations, openapi, responses, sockets
+from branchwise.api import conversations, openapi, prompts, responses, sockets
 from branchwise.api.common import json_response
 from branchwise.api.middleware import Auth, http_exception_reply, reply
 
@@ -34,9 +34,11 @@ async def healthz(request: Request) -> Response:
 
 
 async def models(request: Request) -> Response:
-    ids = request.app.state.router.model_ids()
+    """The model names routable: the routes' literal names, and the names the upstreams of
+    pattern routes list that match the pattern (`Router.list_models`)."""
+    listed = await request.app.state.router.list_models()
     return json_response({"object": "list", "data": [
-        {"id": i, "object": "model", "created": 0, "owned_by": "branchwise"} for i in ids]})
+        {"id": name, "object": "model", "created": 0, "owned_by": owner} for name, owner in listed]})
 
 
 ROUTES: list[tuple[str, str, Handler]] = [
@@ -47,6 +49,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/v1/models", models),
     *responses.ROUTES,
     *conversations.ROUTES,
+    *prompts.ROUTES,
     ("GET", "/openapi.json", openapi.serve),
 ]
 openapi.publish(ROUTES)  # the document of the table above, built once at start-up

@@ -219,15 +219,16 @@ def _too_deep(param: str | None, max_depth: int) -> InvalidRequest:
 
 
 def paging(request: Request, *, max_limit: int = 100, default_limit: int = 20,
-           default_order: str = "desc", cursor: re.Pattern | None = None) -> tuple[int, str, str | None]:
-    """(limit, order, after); `after` is an item id, or matches `cursor` when given."""
+           default_order: str = "desc", cursor: re.Pattern | None = None,
+           kind: str | None = "item") -> tuple[int, str, str | None]:
+    """(limit, order, after); `after` is an id of `kind`, or matches `cursor` when given (with no
+    `kind`, it must)."""
     q = request.query_params
     raw_limit = q.get("limit")
-    try:
-        limit = default_limit if raw_limit is None else int(raw_limit)
-    except ValueError:
-        raise InvalidRequest(f"Invalid value for 'limit': expected an integer, got '{raw_limit}'.",
-                             param="limit", code="invalid_value") from None
+    if raw_limit is not None and not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 9):
+        raise InvalidRequest(f"Invalid value for 'limit': expected an integer, got '{raw_limit[:64]}'.",
+                             param="limit", code="invalid_value")
+    limit = default_limit if raw_limit is None else int(raw_limit)
     if not 1 <= limit <= max_limit:
         raise InvalidRequest(f"Invalid value for 'limit': must be between 1 and {max_limit}.",
                              param="limit", code="invalid_value")
@@ -238,4 +239,7 @@ def paging(request: Request, *, max_limit: int = 100, default_limit: int = 20,
     after = q.get("after") or None
     if after is None or (cursor is not None and cursor.fullmatch(after)):
         return limit, order, after
-    return limit, order, check_id(after, "item", "after")
+    if kind is None:
+        raise InvalidRequest(f"Invalid value for 'after': '{after[:64]}' is not a cursor of this list.",
+                             param="after", code="invalid_value")
+    return limit, order, check_id(after, kind, "after")

@@ -1,5 +1,6 @@
-"""What a model sees: the new input as items (item references resolved), the rule that a
-function call is answered before anything else, and `truncation` against the context window."""
+"""What a model sees: the new input as items (item references resolved, compaction items
+checked and expanded), the rule that a function call is answered before anything else, and
+`truncation` against the context window."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import orjson
 from branchwise.core.errors import InvalidRequest, NotFound
 from branchwise.core.tree import NewItem
 from branchwise.store.repository import Repository
+from branchwise.wire import compaction
 from branchwise.wire import items as witems
 from branchwise.wire import models as m
 
@@ -28,8 +30,11 @@ def estimate_tokens(messages: bytes) -> int:
 
 
 class Context:
-    def __init__(self, store: Repository):
+    def __init__(self, store: Repository, compaction_key: bytes = b""):
         self.store = store
+        self.compaction_key = compaction_key
+        """The key compaction items are signed with (`services.compact.compaction_key`), set once
+        the database is open."""
 
     async def call_id(self, node: str) -> str | None:
         """The call id of the function call stored at `node`."""
@@ -96,7 +101,10 @@ class Context:
 
     async def input_items(self, raw: str | list, param: str = "input") -> list[NewItem]:
         """New items for `raw` (a string, or validated input items); `item_reference`s are
-        resolved to the stored content. `param` names the list in errors."""
+        resolved to the stored content, and a `compaction` item, once its signature is checked,
+        becomes an item that the model sees as the summary it carries (so a conversation can
+        hold one, and every later turn sees the summary from the stored item, as any other).
+        `param` names the list in errors."""
         if isinstance(raw, str):
             return [witems.from_input(m.Message(role="user", content=raw))]
         refs = [it.id for it in raw if isinstance(it, m.ItemReference)]
@@ -116,6 +124,11 @@ class Context:
                                    code="item_not_found")
                 item_id, type_, role, status, data, chat = row
                 out.append(NewItem(item_id, type_, role, status, {}, data, chat))
+            elif isinstance(it, m.Compaction):
+                payload = compaction.open_token(self.compaction_key, it.encrypted_content)
+                if payload is None:
+                    raise compaction.unverified(f"{param}[{i}].encrypted_content")
+                out.append(witems.compaction_item(it.encrypted_content, payload["summary"]))
             else:
                 out.append(witems.from_input(it))
         witems.merge_tool_calls(out)

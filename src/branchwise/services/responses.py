@@ -28,6 +28,7 @@ from branchwise.core.ids import new_id, now
 from branchwise.core.tree import Conversation, NewItem, Placed, place
 from branchwise.services.concurrency import Lease, Policies
 from branchwise.services.context import Context
+from branchwise.services.prompts import Prompts
 from branchwise.services.runs import Run, Runs
 from branchwise.settings import Settings
 from branchwise.store.history_cache import extend
@@ -69,6 +70,7 @@ class Plan:
     params: dict[str, Any]
     chat: ChatRequest | None = None
     history: bytes | None = None  # the base's messages, when already read
+    prefix: list[bytes] | None = None  # with a `prompt`: the messages before the history (instructions too)
     lease: Lease | None = None
     run: Run | None = None  # set when the response outlives its request (stored stream, background)
     seq: Seq = field(default_factory=Seq)  # sequence_number, shared by the alternatives
@@ -94,6 +96,7 @@ class Responses:
         self.settings = settings
         self.runs = runs
         self.context = Context(store)
+        self.prompts = Prompts(store)
 
     # ------------------------------------------------------------------ prepare
 
@@ -129,6 +132,7 @@ class Responses:
                                      code="missing_required_parameter")
             raw = []
         inputs = await self.context.input_items(raw)
+        prefix = None if req.prompt is None else await self.prompts.prefix(req)
         params = chat_params(req)
         ids = [new_id("resp") for _ in range(req.n)]
         base: str | None = None
@@ -168,7 +172,7 @@ class Responses:
                                            inputs)
         return Plan(req=req, ids=ids, created_at=now(), backend=backend, tree=tree, base=base,
                     base_depth=base_depth, conversation=conversation, inputs=inputs, params=params,
-                    history=history)
+                    history=history, prefix=prefix)
 
     async def enter(self, plan: Plan, disconnected: Callable[[], Awaitable[bool]] | None = None) -> None:
         """Take the conversation's lease when its policy needs one (waiting in line for `queue`),
@@ -193,7 +197,11 @@ class Responses:
         except BaseException:
             await self.release(plan)
             raise
-        parts = [witems.instructions_message(req.instructions)] if req.instructions else []
+        if plan.prefix is not None:
+            parts = list(plan.prefix)
+        else:
+            parts = [witems.instructions_message(req.instructions)] if req.instructions else []
+        fixed_head = len(parts)
         if history:
             parts.append(history)
         new = [c for c in (i.chat for i in plan.inputs) if c is not None]
@@ -203,7 +211,7 @@ class Responses:
         window = plan.backend.capabilities.context_window
         if window:
             try:
-                await self.context.fit(plan, window, fixed_head=1 if req.instructions else 0, fixed_tail=len(new))
+                await self.context.fit(plan, window, fixed_head=fixed_head, fixed_tail=len(new))
             except BaseException:
                 await self.release(plan)
                 raise

@@ -6,7 +6,7 @@ statements of `statements`. Write transactions are short and never span a model 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -29,6 +29,7 @@ from branchwise.store.connect import is_sqlite
 from branchwise.store.group_commit import OneInFlight, in_rounds
 from branchwise.store.history_cache import PathCache
 from branchwise.store.postgres import PgDatabase
+from branchwise.store.prompts import PromptStore
 from branchwise.store.sqlite_writer import SqliteWriter
 from branchwise.store.statements import Tx
 
@@ -56,6 +57,13 @@ def _item_rows(tree: str, placed: Sequence[Placed], created: int) -> list[dict]:
     ]
 
 
+RAREST_CAP = 1000  # metadata pairs are counted up to this many conversations to find the rarest
+
+
+def _metadata_rows(conv_id: str, metadata: dict) -> list[dict]:
+    return [{"conversation_id": conv_id, "key": k, "value": v} for k, v in metadata.items()]
+
+
 class Repository:
     def __init__(self, engine: AsyncEngine, history_cache_bytes: int = 16 << 20):
         self.engine = engine
@@ -71,6 +79,7 @@ class Repository:
         self._histories = PathCache(history_cache_bytes) if history_cache_bytes > 0 else None
         # conversation -> the head this process last read or set (a hint: always checked)
         self._heads: dict[str, str] = {}
+        self.prompts = PromptStore(self.db)
 
     async def close(self) -> None:
         await self.db.close()
@@ -101,6 +110,32 @@ class Repository:
     async def conversation(self, conv_id: str) -> Conversation | None:
         row = await self.db.one(q.CONVERSATION, {"id": conv_id})
         return None if row is None else Conversation(*row)
+
+    async def list_conversations(self, *, limit: int, order: str, after: str | None,
+                                 metadata: Sequence[tuple[str, str]] = ()) -> tuple[list[Conversation], bool]:
+        """A page of conversations in creation order (`desc`: newest first), after the id
+        `after` (a cursor: it need not exist any more), each holding every (key, value) of
+        `metadata`; and whether there is more. The one place conversations are listed."""
+        if len(metadata) > 1:  # the rarest pair first: it drives the scan, the others are checked per row
+            counts = [await self.db.value(q.METADATA_PAIR_COUNT, {"k": k, "v": v, "cap": RAREST_CAP})
+                      for k, v in metadata]
+            metadata = [pair for _, pair in sorted(zip(counts, metadata, strict=True), key=lambda x: x[0])]
+        params: dict = {"limit": limit + 1}
+        if after is not None:
+            params["after"] = after
+        for n, (key, value) in enumerate(metadata):
+            params[f"k{n}"], params[f"v{n}"] = key, value
+        rows = await self.db.all(q.list_conversations(order, after is not None, len(metadata)), params)
+        return [Conversation(*r) for r in rows[:limit]], len(rows) > limit
+
+    async def secret(self, name: str, make: Callable[[], str]) -> str:
+        """The shared value `name`: the one stored, or `make()`'s, stored now. Two processes
+        starting at once agree: the second's insert does nothing and it reads the first's."""
+        value = await self.db.value(q.SECRET, {"name": name})
+        if value is None:
+            await self.db.write([(q.INSERT_SECRET, {"name": name, "value": make(), "created_at": now()})])
+            value = await self.db.value(q.SECRET, {"name": name})
+        return value
 
     async def conversation_with_history(self, conv_id: str) -> tuple[Conversation | None, bytes]:
         """The conversation and the comma-joined messages of its current path, in one query. When
@@ -225,14 +260,24 @@ class Repository:
             "forked_from_conversation": forked_from[0] if forked_from else None,
             "forked_from_item": forked_from[1] if forked_from else None,
         }))
+        if metadata:
+            steps.append((q.INSERT_CONVERSATION_METADATA, _metadata_rows(conv_id, metadata)))
         await self.db.write(steps)
 
     async def update_metadata(self, conv_id: str, metadata: dict) -> bool:
-        return await self.db.write([(q.UPDATE_METADATA, {"id": conv_id,
-                                                         "metadata": orjson.dumps(metadata).decode()})]) > 0
+        """Replace the conversation's metadata; False when there is no such conversation."""
+        async def update(tx: Tx) -> bool:
+            if await tx.execute(q.UPDATE_METADATA, {"id": conv_id, "metadata": orjson.dumps(metadata).decode()}) == 0:
+                return False
+            await tx.execute(q.DELETE_CONVERSATION_METADATA, {"id": conv_id})
+            await tx.execute(q.INSERT_CONVERSATION_METADATA, _metadata_rows(conv_id, metadata))
+            return True
+
+        return await self.db.transaction(update)
 
     async def delete_conversation(self, conv_id: str) -> bool:
-        return await self.db.write([(q.DELETE_CONVERSATION, {"id": conv_id})]) > 0
+        return await self.db.write([(q.DELETE_CONVERSATION_METADATA, {"id": conv_id}),
+                                    (q.DELETE_CONVERSATION, {"id": conv_id})]) > 0
 
     async def _locked_conversation(self, tx: Tx, conv_id: str) -> Conversation | None:
         if await tx.one(q.LOCK_CONVERSATION[self.dialect], {"id": conv_id}) is None:

@@ -15,6 +15,7 @@ import orjson
 from branchwise.core.chat import Choice
 from branchwise.core.ids import new_id
 from branchwise.core.tree import NewItem
+from branchwise.wire import compaction
 from branchwise.wire import models as m
 
 
@@ -116,7 +117,15 @@ def from_input(item: Any) -> NewItem:
         if item.encrypted_content is not None:
             wire["encrypted_content"] = item.encrypted_content
         return _make(wire, None)
-    raise TypeError(f"not an input item: {type(item).__name__}")  # item_reference is resolved by the store
+    # item_reference is resolved by the store, compaction checked by `compaction_item`'s caller
+    raise TypeError(f"not an input item: {type(item).__name__}")
+
+
+def compaction_item(encrypted_content: str, summary: str) -> NewItem:
+    """A `compaction` item whose content was verified: kept as it came (the client sends it back
+    verbatim), seen by the model as the summary it carries."""
+    wire = {"id": new_id("cmp"), "type": "compaction", "encrypted_content": encrypted_content}
+    return _make(wire, compaction.chat_message(summary))
 
 
 def _chat_tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:

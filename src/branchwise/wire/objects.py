@@ -73,6 +73,14 @@ def _tool_choice(req: CreateResponse) -> Any:
     return {"type": "function", "name": tc.name}
 
 
+def _prompt(req: CreateResponse) -> dict[str, Any]:
+    """The `prompt` as used: its id, the version that was used, the variables given."""
+    p = req.prompt
+    variables = None if p.variables is None else {
+        k: v if isinstance(v, str) else v.model_dump(exclude_none=True) for k, v in p.variables.items()}
+    return {"id": p.id, "version": p.version, "variables": variables}
+
+
 def response_object(
     req: CreateResponse,
     *,
@@ -107,7 +115,7 @@ def response_object(
         "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
         "presence_penalty": 0.0 if req.presence_penalty is None else req.presence_penalty,
         "previous_response_id": req.previous_response_id,
-        "prompt": req.prompt,
+        "prompt": None if req.prompt is None else _prompt(req),
         "prompt_cache_key": req.prompt_cache_key,
         "prompt_cache_retention": req.prompt_cache_retention,
         "reasoning": {"effort": req.reasoning.effort if req.reasoning else None,

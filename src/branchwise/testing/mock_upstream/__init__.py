@@ -9,7 +9,9 @@ Routes
 ``POST /v1/chat/completions`` (also ``/chat/completions``)
     The completion endpoint, described below.
 ``GET /v1/models`` (also ``/models``)
-    A model list: ``mock``, ``mock-reasoning``, ``mock-tools``.
+    A model list: ``mock``, ``mock-reasoning``, ``mock-tools``. Tests change it through the
+    app: ``model_ids`` (what is listed), ``models_status`` (another status than 200: the
+    route fails with it), ``models_asked`` (requests received), ``reset_models()``.
 ``GET /_requests`` / ``DELETE /_requests``
     The JSON list of every chat request body received, in order / clear it.
 ``GET /healthz``
