@@ -96,6 +96,7 @@ _RESPONSE_FIELDS = {
     "prompt_cache_key": nullable(STR), "prompt_cache_retention": nullable(STR),
     "reasoning": obj([], {"effort": nullable(STR), "summary": nullable(STR)}),
     "safety_identifier": nullable(STR), "service_tier": STR, "store": BOOL, "temperature": NUM,
+    "presence_penalty": NUM, "frequency_penalty": NUM,
     "text": obj(["format"], {"format": obj(["type"], {"type": STR, "name": STR, "schema": ANY_OBJ,
                                                       "description": nullable(STR), "strict": nullable(BOOL)}),
                              "verbosity": STR}),

@@ -113,8 +113,7 @@ class Context:
             return await asyncio.to_thread(self._new_items, raw, found, param)
         return self._new_items(raw, found, param)
 
-    @staticmethod
-    def _new_items(raw: list, found: dict, param: str) -> list[NewItem]:
+    def _new_items(self, raw: list, found: dict, param: str) -> list[NewItem]:
         out = []
         for i, it in enumerate(raw):
             if isinstance(it, m.ItemReference):
