@@ -2,8 +2,9 @@
 `/tree`) and as Markdown (`branchwise export --format md`).
 
 Both draw every branch. A run of items with one child each is drawn as one list at one level;
-only a fork nests (each of its children starts a branch under the item it forks from), so a
-long conversation stays as wide as its number of forks, not its length.
+only a fork nests: each of its children starts a branch (marked ↳) under the item it forks
+from, and the rest of that branch's run is listed under its first line. A long conversation
+stays as wide as its number of forks, not its length.
 """
 
 from __future__ import annotations
@@ -118,11 +119,13 @@ def rich_tree(title: str, entries: Sequence[Entry], head: str | None, *, full_id
     shape = Shape(entries, head)
     root = Tree(Text.from_markup(title))
 
-    def label(key: str) -> Text:
+    def label(key: str, starts_branch: bool = False) -> Text:
         e = shape.entries[key]
         role = who(e)
         on = key in shape.on_path
         t = Text()
+        if starts_branch:
+            t.append("↳ ", style="bold" if on else "dim")
         t.append(f"[{role}]", style=_STYLES.get(role, "bold") if on else "dim")
         t.append(" " + first_line(e.text, width), style=None if on else "dim")
         t.append(f"  {e.item_id if full_ids else short_id(e.item_id)}", style="dim")
@@ -143,7 +146,9 @@ def rich_tree(title: str, entries: Sequence[Entry], head: str | None, *, full_id
             branch(last, kid)
 
     def branch(under: Tree, key: str) -> None:
-        first = under.add(label(key))
+        """A branch from the item `under` draws: its first item marked ↳, the rest of its run
+        under that line."""
+        first = under.add(label(key, True))
         kids = shape.children[key]
         if len(kids) == 1:
             run(first, kids[0])
