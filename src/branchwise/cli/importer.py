@@ -93,7 +93,6 @@ async def _import(open_file: Callable[[], tuple[Reader, int, str]], listing: boo
             raise CliError(f"{e} (nothing was imported)") from None
     # 2. write, whole conversations per transaction
     new = old = 0
-    out = Console(highlight=False)
     async with repository() as repo:
         with _progress(err) as bar:
             task = bar.add_task(f"importing {name}", total=total)
@@ -107,8 +106,7 @@ async def _import(open_file: Callable[[], tuple[Reader, int, str]], listing: boo
                     new, old = new + created, old + (not created)
                     if listing:
                         title = conv.metadata.get("title") or ""
-                        out.print(f"{conv_id}\t{'new' if created else 'already imported'}\t{title}", markup=False,
-                                  soft_wrap=True)
+                        typer.echo(f"{conv_id}\t{'new' if created else 'already imported'}\t{title}")
                 bar.advance(task, len(batch))
                 batch.clear()
                 items = 0
@@ -124,8 +122,8 @@ async def _import(open_file: Callable[[], tuple[Reader, int, str]], listing: boo
                 raise CliError(f"{e} ({new} conversations were imported before it)") from None
             if batch:
                 await flush()
-    out.print(f"imported {new} conversation{'s' * (new != 1)} from {name}"
-              + (f" ({old} imported before, skipped)" if old else ""), soft_wrap=True)
+    typer.echo(f"imported {new} conversation{'s' * (new != 1)} from {name}"
+               + (f" ({old} imported before, skipped)" if old else ""))
 
 
 _LIST = typer.Option(False, "--list", "-l", help="Print each conversation: its id, whether it is new, its title.")
