@@ -136,7 +136,8 @@ class Chat:
                     done[alt] = event.response
                 elif event.type == "error":
                     self.out.print(f"\n[red]error: {escape(str(getattr(event, 'message', event)))}[/red]")
-        finally:
+        finally:  # (Ctrl-C included: the connection is closed, the server finishes and stores the answer)
+            stream.close()
             if live is not None:
                 live.stop()
         seconds = time.perf_counter() - started

@@ -94,7 +94,9 @@ class Source:
         """(position, the conversation as parsed JSON), one at a time; `progress` is told the
         bytes read so far."""
         with self.open() as f:
-            start = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+            start = b""
+            while not start and (chunk := f.read(4096)):
+                start = chunk.lstrip(b"\xef\xbb\xbf \t\r\n")
             if not start:
                 raise ExportError(f"{self.name}: the file is empty")
             if not start.startswith(b"["):

@@ -4,6 +4,7 @@ Markdown is for reading."""
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -41,9 +42,12 @@ def export(
                                                 conv.head_item, entries, conv.head))
     if output is None:
         out = sys.stdout.buffer
-        for chunk in chunks:
-            out.write(chunk)
-        out.flush()
+        try:
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+        except BrokenPipeError:  # (`| head`: the reader has what it wanted; nothing more to flush)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
     with output.open("wb") as f:
         for chunk in chunks:
