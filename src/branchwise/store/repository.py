@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from branchwise.core.ids import now
 from branchwise.core.tree import (
     Conversation,
+    ImportedConversation,
     NewItem,
     PathRow,
     Placed,
@@ -28,6 +29,7 @@ from branchwise.store import statements as q
 from branchwise.store.connect import is_sqlite
 from branchwise.store.group_commit import OneInFlight, in_rounds
 from branchwise.store.history_cache import PathCache
+from branchwise.store.imports import store_batch
 from branchwise.store.postgres import PgDatabase
 from branchwise.store.prompts import PromptStore
 from branchwise.store.sqlite_writer import SqliteWriter
@@ -240,6 +242,18 @@ class Repository:
         rows = await self.db.all(q.TREE_PAGE, {"tree": tree, "after": after_seq, "limit": limit + 1})
         return [tuple(r) for r in rows[:limit]], len(rows) > limit
 
+    async def tree_items(self, tree: str, page: int = 1000) -> list[tuple]:
+        """Every node of `tree` with its content, in the order stored (parents first): rows of
+        (node, parent, item_id, type, role, response_id, created_at, data, chat)."""
+        out: list[tuple] = []
+        after = 0
+        while True:
+            rows = await self.db.all(q.TREE_ITEMS, {"tree": tree, "after": after, "limit": page})
+            out += [tuple(r[1:]) for r in rows]
+            if len(rows) < page:
+                return out
+            after = rows[-1][0]
+
     # ------------------------------------------------------------------ conversation writes
 
     async def create_conversation(self, conv_id: str, tree: str, metadata: dict, chain: Sequence[NewItem],
@@ -263,6 +277,14 @@ class Repository:
         if metadata:
             steps.append((q.INSERT_CONVERSATION_METADATA, _metadata_rows(conv_id, metadata)))
         await self.db.write(steps)
+
+    async def import_conversations(self, batch: Sequence[ImportedConversation]) -> list[tuple[str, bool]]:
+        """Store whole conversations made elsewhere, in one transaction, unless they are there
+        already (see `imports.store_batch`): per conversation, (the id of the conversation that
+        holds it, whether this call stored it)."""
+        if not batch:
+            return []
+        return await self.db.transaction(lambda tx: store_batch(tx, self.dialect, batch))
 
     async def update_metadata(self, conv_id: str, metadata: dict) -> bool:
         """Replace the conversation's metadata; False when there is no such conversation."""

@@ -146,6 +146,12 @@ TREE_PAGE = SQL(
     " FROM items i LEFT JOIN items p ON p.node = i.parent"
     " WHERE i.tree = :tree AND i.seq > :after ORDER BY i.seq LIMIT :limit"
 )
+# Every node of a tree with its content, in the order stored (a parent always before its
+# children): what the CLI's `tree` and `export` show; a page at a time, after a seq.
+TREE_ITEMS = SQL(
+    "SELECT seq, node, parent, item_id, type, role, response_id, created_at, data, chat FROM items"
+    " WHERE tree = :tree AND seq > :after ORDER BY seq LIMIT :limit"
+)
 RESPONSE = SQL("SELECT id, status, conversation_id, tree, base_node, input_node, input_count, last_node, body"
                " FROM responses WHERE id = :id")
 # The conversation's row, locked until the transaction ends (PostgreSQL; SQLite's write
@@ -359,3 +365,21 @@ def _version_pages(after: bool, order: str) -> SQL:
 # (after given, order) -> a page of prompts (their latest versions) / of one prompt's versions
 LIST_PROMPTS = {(a, o): _prompt_pages(a, o) for a in (False, True) for o in ("asc", "desc")}
 LIST_PROMPT_VERSIONS = {(a, o): _version_pages(a, o) for a in (False, True) for o in ("asc", "desc")}
+
+
+# Imports (`Repository.import_conversations`). Which of a batch's conversations are there
+# already: by id, or by a metadata entry (`:keys`, a JSON array of values on SQLite, an array on
+# PostgreSQL). Metadata is JSON text with no index: each batch reads the conversations table
+# once. On PostgreSQL imports take turns on an advisory lock so that two running at once never
+# both find a conversation missing; SQLite's write transactions take turns already.
+IMPORTED_BY_ID = {
+    "sqlite": SQL("SELECT id, id FROM conversations WHERE id IN (SELECT value FROM json_each(:keys))"),
+    "postgresql": SQL("SELECT id, id FROM conversations WHERE id = ANY(:keys::text[])"),
+}
+IMPORTED_BY_METADATA = {
+    "sqlite": SQL("SELECT id, json_extract(metadata, :path) FROM conversations"
+                  " WHERE json_extract(metadata, :path) IN (SELECT value FROM json_each(:keys))"),
+    "postgresql": SQL("SELECT id, metadata::jsonb ->> :name FROM conversations"
+                      " WHERE metadata::jsonb ->> :name = ANY(:keys::text[])"),
+}
+IMPORT_LOCK = SQL("SELECT pg_advisory_xact_lock(7351002)")
