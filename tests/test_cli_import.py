@@ -59,6 +59,10 @@ async def test_an_export_becomes_conversations_that_mirror_its_trees(client, db_
     # regenerated answers and an edited question: branches; the head where ChatGPT was left
     paris = convs[PARIS]
     assert paris.metadata == {"chatgpt_id": PARIS, "title": "Paris in a day"}
+    # the listing finds imported conversations by their metadata, as it finds those made by the API
+    page = await client.get("/conversations", cast_to=object,
+                            options={"params": {"metadata[chatgpt_id]": PARIS}})
+    assert [c["id"] for c in page["data"]] == [paris.id]
     assert paris.created_at == 1700000000
     path = await _path(client, paris.id)
     assert [(it.role, _text(it)) for it in path] == [
