@@ -5,10 +5,11 @@ printed either way). `--smoke` is the test suite's check that every section and 
 is produced, in phases too short to time anything.
 
 Sections: (a) added latency and (b) throughput of stored responses, (c) streaming, (d) tree
-operations (bench/tree_ops.py, in-process), (e) parallel branches, (f) server memory, (g) what API
-keys, their limits and Idempotency-Key add (bench/teams.py). The load
-sections run branchwise and the mock upstream in their own processes on 127.0.0.1 and drive them
-from this process (bench/loadgen.py); see bench/load.py for what each one does.
+operations (bench/tree_ops.py, in-process), (e) parallel branches, (f) server memory, (g)
+WebSocket mode against SSE (bench/websocket.py), (h) what API keys, their limits and
+Idempotency-Key add (bench/teams.py). The load sections run branchwise and the mock upstream in
+their own processes on 127.0.0.1 and drive them from this process (bench/loadgen.py); see
+bench/load.py for what each one does.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import load, loadgen, teams, tree_ops
+from bench import load, loadgen, teams, tree_ops, websocket
 
 RESULTS = Path(__file__).parent / "results"
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -247,6 +248,24 @@ def md_branch(runs: list[dict]) -> str:
                                            "ratio"], rows, note)
 
 
+def md_websocket(runs: list[dict]) -> str:
+    rows = []
+    for run in runs:
+        w = run["load"]["websocket"]
+        cpu = w["client_cpu_ms_per_turn"]
+        for name, key in (("SSE", "sse"), ("WebSocket", "websocket")):
+            rows.append([run["db"], name, str(w["turns"]), _f(w[key]["p50_ms"]), _f(w[key]["p90_ms"]),
+                         _f(w[key]["p99_ms"]), _f(cpu[key], 3)])
+        rows.append([run["db"], "WebSocket - SSE", "-", _f(w["added_p50_ms"]), _f(w["added_p90_ms"]), "-", "-"])
+    note = (f"Stored responses, each continuing the one before by previous_response_id (a new chain every "
+            f"{websocket.CHAIN} turns), one client: POST with `stream: true` on a keep-alive connection, read to the "
+            "end of the stream, against `response.create` on one WebSocket, read to `response.completed`; rounds "
+            "of each alternate. Client CPU: the load client's own, per turn (its WebSocket frames are read in "
+            "Python, its HTTP in C).")
+    return _table("(g) WebSocket mode against SSE, concurrency 1, ms per turn",
+                  ["db", "transport", "turns", "p50", "p90", "p99", "client CPU ms/turn"], rows, note)
+
+
 def md_memory(runs: list[dict]) -> str:
     rows = [[run["db"], _f(run["load"]["rss_kib"]["idle"] / 1024, 1), _f(run["load"]["rss_kib"]["peak"] / 1024, 1),
              _f(run["load"]["rss_kib"]["end"] / 1024, 1)] for run in runs]
@@ -265,7 +284,7 @@ def md_teams(runs: list[dict]) -> str:
             "per request, the project in every statement); a key with limits far above the load (a counter "
             "upsert and a concurrency slot per response, in the database); a key and a new Idempotency-Key on "
             "every request (a claim before, the reply kept after). Added: p50 over the no-key phase's.")
-    return _table("(g) API keys, limits and Idempotency-Key", ["db", "phase", "c=1 p50 ms", "added p50 ms",
+    return _table("(h) API keys, limits and Idempotency-Key", ["db", "phase", "c=1 p50 ms", "added p50 ms",
                                                               "c=32 responses/s", "of no key", "errors"], rows, note)
 
 
@@ -296,6 +315,8 @@ def budgets(runs: list[dict], tree_runs: list[dict]) -> list[tuple[str, bool, st
                        f"{100 * k['throughput_ratio']:.0f}%"))
         r = run["load"]["branch"]["ratio"]
         checks.append((f"[{db}] 16 branches on one conversation <= 1.2x 16 on separate", r <= 1.2, f"{r:.2f}x"))
+        w = run["load"]["websocket"]["added_p50_ms"]
+        checks.append((f"[{db}] WebSocket turn p50 <= SSE turn p50 + 1 ms (c=1)", w <= 1, f"{_f(w)} ms"))
     for res in tree_runs:
         checks += [(f"[{res['db']}] {name}", ok, got) for name, ok, got in tree_ops.budget(res)]
     return checks
@@ -394,6 +415,7 @@ def main() -> int:
     if args.smoke:  # the concurrencies and sizes the tables and budgets read, each once, briefly
         load.SWEEP, load.DIRECT, load.RATES = (1, 16, 32, 64), (1, 16, 32, 64), (600,)
         tree_ops.SIZES = (10, 10000)
+        websocket.ROUNDS, websocket.TURNS = 1, 4
         repeat, warmup, duration, n_streams, branch_repeat = 3, 0.2, 0.5, 4, 1
     kinds = [k for k in ("sqlite", "postgresql") if args.only in (None, k)]
     out: dict = {"machine": _machine(),
@@ -449,7 +471,7 @@ def main() -> int:
         md += [md_added(runs), md_sweep(runs), md_streaming(runs)]
     md += [tree_ops.table(res) for res in out["tree_ops"]]
     if runs:
-        md += [md_branch(runs), md_memory(runs), md_teams(runs)]
+        md += [md_branch(runs), md_memory(runs), md_websocket(runs), md_teams(runs)]
         if args.profile:
             md.append(md_profile(runs))
     checks = budgets(runs, out["tree_ops"])

@@ -6,6 +6,10 @@ fails `test_every_route_has_a_case`, so a route added later cannot forget the ch
 
 from __future__ import annotations
 
+import asyncio
+import json
+
+import openai
 import orjson
 import pytest
 
@@ -14,11 +18,12 @@ from branchwise.app import create_app
 from branchwise.core.ids import new_id
 from branchwise.settings import Settings
 
-from .helpers import MODEL, until
+from .helpers import MODEL, served, until
 from .teams import make_key, raw_client
 
-# Routes that hold no stored object (nothing to isolate).
-NO_OBJECTS = {("GET", "/healthz"), ("GET", "/v1/models"), ("GET", "/openapi.json")}
+# Routes that hold no stored object (nothing to isolate), or that only make the caller's own
+# objects and can name no other (what they make is then checked by the routes that read it).
+NO_OBJECTS = {("GET", "/healthz"), ("GET", "/v1/models"), ("GET", "/openapi.json"), ("POST", "/v1/prompts")}
 
 
 def _resp(**body):
@@ -38,6 +43,8 @@ CASES = {
         ("POST", "/v1/responses", _resp(input=[{"type": "item_reference", "id": i["item"]}])),
         ("POST", "/v1/responses", _resp(conversation=i["b_conv"], input=[{"type": "item_reference",
                                                                             "id": i["item"]}])),
+        ("POST", "/v1/responses", _resp(prompt={"id": i["prompt"]})),
+        ("POST", "/v1/responses", _resp(prompt={"id": i["prompt"], "version": "1"})),
     ],
     ("POST", "/v1/conversations/{conversation_id}/head"): lambda i: [
         ("POST", f"/v1/conversations/{i['conv']}/head", {"item_id": i["item"]}),
@@ -97,10 +104,20 @@ CASES = {
         ("GET", f"/v1/conversations/{i['conv']}/tree", None),
         ("GET", f"/v1/conversations/{i['b_conv']}/tree?after={i['item']}", None),
     ],
-    # GET /v1/conversations (a listing), where the app has it: B's list never shows A's.
-    ("GET", "/v1/conversations"): lambda i: [("GET", "/v1/conversations", None)],
+    # the listings: B's lists never show A's objects
+    ("GET", "/v1/conversations"): lambda i: [("GET", "/v1/conversations", None),
+                                             ("GET", "/v1/conversations?metadata[owner]=a", None)],
+    ("GET", "/v1/prompts"): lambda i: [("GET", "/v1/prompts", None)],
+    ("GET", "/v1/prompts/{prompt_id}"): lambda i: [
+        ("GET", f"/v1/prompts/{i['prompt']}", None), ("GET", f"/v1/prompts/{i['prompt']}?version=1", None)],
+    ("POST", "/v1/prompts/{prompt_id}"): lambda i: [
+        ("POST", f"/v1/prompts/{i['prompt']}", {"instructions": "b's version"})],
+    ("DELETE", "/v1/prompts/{prompt_id}"): lambda i: [("DELETE", f"/v1/prompts/{i['prompt']}", None)],
+    ("GET", "/v1/prompts/{prompt_id}/versions"): lambda i: [
+        ("GET", f"/v1/prompts/{i['prompt']}/versions", None)],
 }
-LISTS = {("GET", "/v1/conversations")}  # answered with B's own objects: compared by what they show
+# answered with B's own objects: compared by what they show
+LISTS = {("GET", "/v1/conversations"), ("GET", "/v1/prompts")}
 
 
 def test_every_route_has_a_case():
@@ -125,14 +142,17 @@ async def _ok(resp) -> dict:
 
 
 async def _objects_of_a(a) -> dict[str, str]:
-    conv = await _ok(await a.post("/v1/conversations", json={"items": [{"role": "user", "content": "secret plan"}]}))
+    conv = await _ok(await a.post("/v1/conversations", json={"items": [{"role": "user", "content": "secret plan"}],
+                                                              "metadata": {"owner": "a"}}))
     resp = await _ok(await a.post("/v1/responses", json=_resp(conversation=conv["id"])))
     item = (await _ok(await a.get(f"/v1/conversations/{conv['id']}/items?order=asc")))["data"][0]["id"]
     stream = await a.post("/v1/responses", json=_resp(stream=True))
     assert stream.status_code == 200
     stream_id = orjson.loads(stream.text.split("data: ", 2)[1].split("\n", 1)[0])["response"]["id"]
     bg = await _ok(await a.post("/v1/responses", json=_resp(background=True, input="[[delay=30]] slow")))
-    return {"conv": conv["id"], "resp": resp["id"], "item": item, "stream": stream_id, "bg": bg["id"]}
+    prompt = await _ok(await a.post("/v1/prompts", json={"instructions": "a's secret prompt"}))
+    return {"conv": conv["id"], "resp": resp["id"], "item": item, "stream": stream_id, "bg": bg["id"],
+            "prompt": prompt["id"]}
 
 
 def _unknown(ids: dict[str, str]) -> dict[str, str]:
@@ -147,7 +167,7 @@ async def test_another_projects_ids_answer_as_unknown_ids_on_every_route(two_pro
     b_conv = (await _ok(await b.post("/v1/conversations", json={})))["id"]
     before = {k: (await a.get(path)).json() for k, path in (
         ("conv", f"/v1/conversations/{ids['conv']}"), ("resp", f"/v1/responses/{ids['resp']}"),
-        ("items", f"/v1/conversations/{ids['conv']}/items"))}
+        ("items", f"/v1/conversations/{ids['conv']}/items"), ("prompt", f"/v1/prompts/{ids['prompt']}/versions"))}
     await until(lambda: any("slow" in str(r) for r in mock.requests), "the background response's model call")
     mock.clear()
     routes = {(m, p) for m, p, _ in ROUTES}
@@ -177,7 +197,7 @@ async def test_another_projects_ids_answer_as_unknown_ids_on_every_route(two_pro
     # and A's objects are as they were: nothing of B's requests touched them
     after = {k: (await a.get(path)).json() for k, path in (
         ("conv", f"/v1/conversations/{ids['conv']}"), ("resp", f"/v1/responses/{ids['resp']}"),
-        ("items", f"/v1/conversations/{ids['conv']}/items"))}
+        ("items", f"/v1/conversations/{ids['conv']}/items"), ("prompt", f"/v1/prompts/{ids['prompt']}/versions"))}
     assert after == before
     assert (await a.get(f"/v1/responses/{ids['bg']}")).json()["status"] in ("queued", "in_progress")
     assert (await a.post(f"/v1/responses/{ids['bg']}/cancel")).json()["status"] == "cancelled"
@@ -218,3 +238,30 @@ async def test_a_stream_started_by_one_project_is_stored_in_it(two_projects):
 async def _status(c, rid: str) -> bool:
     r = await c.get(f"/v1/responses/{rid}")
     return r.status_code == 200 and r.json()["status"] == "completed"
+
+
+async def test_a_websocket_turn_sees_only_its_projects_objects(db_url, mock):
+    """WebSocket mode acts for the key of its handshake: another project's response or
+    conversation answers as an unknown one."""
+    _, a_secret = make_key(db_url, "team-a")
+    _, b_secret = make_key(db_url, "team-b")
+    async with served(Settings(database_url=db_url, upstream_base_url=mock.url)) as (_, url):
+        a = openai.AsyncOpenAI(api_key=a_secret, base_url=f"{url}/v1", max_retries=0)
+        b = openai.AsyncOpenAI(api_key=b_secret, base_url=f"{url}/v1", max_retries=0)
+        theirs = await a.responses.create(model=MODEL, input="a's")
+        conv = await a.conversations.create()
+        got = {}
+        async with b.responses.connect() as conn:
+            for name, body in (("resp", {"previous_response_id": theirs.id}),
+                               ("unknown_resp", {"previous_response_id": new_id("resp")}),
+                               ("conv", {"conversation": conv.id}), ("unknown_conv", {"conversation": new_id("conv")})):
+                await conn.send({"type": "response.create", "model": MODEL, "input": "b's", **body})
+                got[name] = json.loads(await asyncio.wait_for(conn.recv_bytes(), 30))
+        for mine, unknown in (("resp", "unknown_resp"), ("conv", "unknown_conv")):
+            assert got[mine]["type"] == "error" and got[mine]["status"] == got[unknown]["status"], got
+            assert got[mine]["error"]["code"] == got[unknown]["error"]["code"], got
+        assert got["resp"]["error"]["code"] == "previous_response_not_found"
+        async with a.responses.connect() as conn:  # A's own key continues it
+            await conn.send({"type": "response.create", "model": MODEL, "input": "more",
+                             "previous_response_id": theirs.id})
+            assert json.loads(await asyncio.wait_for(conn.recv_bytes(), 30))["type"] == "response.created"

@@ -15,12 +15,14 @@ from contextlib import asynccontextmanager
 
 from branchwise.api.app import API
 from branchwise.backends.router import Router
+from branchwise.services.compact import compaction_key
 from branchwise.services.concurrency import Policies
 from branchwise.services.conversations import Conversations
 from branchwise.services.idempotency import Idempotency
 from branchwise.services.keys import Keys
 from branchwise.services.responses import Responses
 from branchwise.services.runs import Runs
+from branchwise.services.sockets import Sockets
 from branchwise.services.stored import StoredResponses
 from branchwise.services.streams import Streams
 from branchwise.settings import Settings
@@ -45,6 +47,7 @@ def create_app(settings: Settings | None = None) -> API:
         policies = Policies(Leases(db), settings)
         runs = Runs(RunStore(db), settings)
         responses = Responses(store, router, settings, policies, runs)
+        responses.context.compaction_key = await compaction_key(store, settings)
         s = app.state
         s.settings, s.store, s.router, s.policies, s.runs = settings, store, router, policies, runs
         s.responses, s.streams = responses, Streams(responses, runs)
@@ -54,6 +57,7 @@ def create_app(settings: Settings | None = None) -> API:
         s.idempotency = Idempotency(IdempotencyStore(store.db), settings)
         await keys.start(KeyStore(db), Limits(store.db, store.dialect))
         await s.idempotency.start()
+        s.sockets = Sockets(responses, s.streams, settings)
         await runs.start()
         # Everything made so far (modules, app, pools) lives as long as the process: keep it out
         # of the collector's full passes, which would otherwise walk it all again and again.

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from branchwise.api.common import json_response
+from branchwise.api.common import JSONReply, json_response
 from branchwise.core import projects
 from branchwise.core.errors import BranchwiseError
 from branchwise.core.ids import new_id
@@ -29,7 +29,9 @@ _STATUS_TYPES = {429: "rate_limit_error"}
 class Auth:
     """Once any API key exists (`services.keys`), every `/v1/` request, HTTP or WebSocket
     handshake, must carry a valid one as its bearer token; the request then acts for the key's
-    project (`core.projects`) and within the key's limits. Without keys, requests pass untouched."""
+    project (`core.projects`) and within the key's limits. Without keys, requests pass untouched.
+    A WebSocket handshake is refused with the same reply as HTTP (when the server can send one:
+    else with a close code)."""
 
     def __init__(self, app, keys: Keys):
         self.app = app
@@ -106,15 +108,15 @@ class InvalidKey(BranchwiseError):
 async def refuse(exc: BranchwiseError, scope, receive, send) -> None:
     """The refusal of a request `admit` refused: a 401 or 429 reply; a WebSocket handshake is
     closed (1008 policy violation for a key, 1013 try again later for a limit)."""
-    if scope["type"] == "websocket":
-        await send({"type": "websocket.close", "code": 1008 if isinstance(exc, InvalidKey) else 1013})
-        return
     if isinstance(exc, InvalidKey):
         response = json_response(_UNAUTHORIZED, 401)
         response.raw_headers.append((b"www-authenticate", b'Bearer realm="branchwise"'))
     else:
         response = error_reply(exc)
         response.raw_headers += getattr(exc, "headers", [])
+    if scope["type"] == "websocket":
+        await refuse_handshake(scope, send, response, 1008 if isinstance(exc, InvalidKey) else 1013)
+        return
     await response(scope, receive, send)
 
 
@@ -124,6 +126,17 @@ def _with_headers(send, headers: list[tuple[bytes, bytes]]):
             message["headers"] = [*message.get("headers", ()), *headers]
         await send(message)
     return sending
+
+
+async def refuse_handshake(scope, send, response: JSONReply, close_code: int) -> None:
+    """A WebSocket handshake refused with `response` (its status, headers and body) where the
+    server can send one, else closed with `close_code` (which makes it a 403)."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": response.status_code,
+                    "headers": response.raw_headers})
+        await send({"type": "websocket.http.response.body", "body": response.body})
+    else:
+        await send({"type": "websocket.close", "code": close_code})
 
 
 async def reply(pending: Awaitable[Response], scope, receive, send) -> None:

@@ -83,12 +83,12 @@ async def create_response(request: Request) -> Response:
         first_id = claim.resource_id
     if req.background:
         streams = _streams(request)
-        run = await streams.start_background(await responses.validate(req, first_id))
+        run = await streams.start_background(await responses.validate(req, first_id=first_id))
         if req.stream:
             return _timed(_sse(run.follow()), started)
         return _timed(json_response(await streams.stored_body(run)), started)
     try:
-        plan = await responses.prepare(req, request.is_disconnected, first_id)
+        plan = await responses.prepare(req, request.is_disconnected, first_id=first_id)
     except ClientGone:
         return Response(status_code=499)
     if not req.stream:

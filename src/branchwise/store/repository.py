@@ -10,7 +10,7 @@ method builds its parameters, in the caller's task: a grouped statement (Postgre
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -19,6 +19,7 @@ from branchwise.core.ids import now
 from branchwise.core.projects import current_project
 from branchwise.core.tree import (
     Conversation,
+    ImportedConversation,
     NewItem,
     PathRow,
     Placed,
@@ -31,9 +32,12 @@ from branchwise.core.tree import (
 )
 from branchwise.store import statements as q
 from branchwise.store.connect import is_sqlite
-from branchwise.store.group_commit import OneInFlight, in_rounds
-from branchwise.store.history_cache import PathCache, extend
+from branchwise.store.group_commit import OneInFlight
+from branchwise.store.history_cache import PathCache
+from branchwise.store.imports import store_batch
+from branchwise.store.pg_groups import PgGroups
 from branchwise.store.postgres import PgDatabase
+from branchwise.store.prompts import PromptStore
 from branchwise.store.sqlite_writer import SqliteWriter
 from branchwise.store.statements import Tx
 
@@ -61,6 +65,13 @@ def _item_rows(tree: str, placed: Sequence[Placed], created: int, project: str) 
     ]
 
 
+RAREST_CAP = 1000  # metadata pairs are counted up to this many conversations to find the rarest
+
+
+def _metadata_rows(conv_id: str, metadata: dict) -> list[dict]:
+    return [{"conversation_id": conv_id, "key": k, "value": v} for k, v in metadata.items()]
+
+
 class Repository:
     def __init__(self, engine: AsyncEngine, history_cache_bytes: int = 16 << 20):
         self.engine = engine
@@ -68,14 +79,16 @@ class Repository:
         self.db: SqliteWriter | PgDatabase = SqliteWriter(engine) if is_sqlite(engine) else PgDatabase(engine)
         # PostgreSQL: the hot path's reads, commits (SQLite's group commit is the writer's) and
         # head moves, each kind grouped (see `group_commit`)
-        self._pg_reads = OneInFlight(self._pg_read_group)
-        self._pg_commits = OneInFlight(self._pg_commit_group)
-        self._pg_moves = OneInFlight(self._pg_move_group)
+        groups = PgGroups(self.db)
+        self._pg_reads = OneInFlight(groups.reads)
+        self._pg_commits = OneInFlight(groups.commits)
+        self._pg_moves = OneInFlight(groups.moves)
         self._history_cache_bytes = history_cache_bytes
         # node -> its path's messages (see `history_cache`); None when switched off
         self._histories = PathCache(history_cache_bytes) if history_cache_bytes > 0 else None
         # conversation -> the head this process last read or set (a hint: always checked)
         self._heads: dict[str, str] = {}
+        self.prompts = PromptStore(self.db)
 
     async def close(self) -> None:
         await self.db.close()
@@ -90,11 +103,6 @@ class Repository:
         """Empty the history cache (every history is read from the database again)."""
         if self._histories is not None:
             self._histories = PathCache(self._history_cache_bytes)
-
-    def history_after(self, history: bytes, chats: list[bytes | None]) -> bytes | None:
-        """`history` followed by the messages `chats`, as the path query would read it back once
-        they are stored; None when the cache is off (nothing will keep it)."""
-        return extend(history, chats) if self._histories is not None else None
 
     def _note_head(self, conv_id: str, head: str | None) -> None:
         if self._histories is None:
@@ -111,6 +119,32 @@ class Repository:
     async def conversation(self, conv_id: str) -> Conversation | None:
         row = await self.db.one(q.CONVERSATION, {"id": conv_id, "project": current_project()})
         return None if row is None else Conversation(*row)
+
+    async def list_conversations(self, *, limit: int, order: str, after: str | None,
+                                 metadata: Sequence[tuple[str, str]] = ()) -> tuple[list[Conversation], bool]:
+        """A page of conversations in creation order (`desc`: newest first), after the id
+        `after` (a cursor: it need not exist any more), each holding every (key, value) of
+        `metadata`; and whether there is more. The one place conversations are listed."""
+        if len(metadata) > 1:  # the rarest pair first: it drives the scan, the others are checked per row
+            counts = [await self.db.value(q.METADATA_PAIR_COUNT, {"k": k, "v": v, "cap": RAREST_CAP})
+                      for k, v in metadata]
+            metadata = [pair for _, pair in sorted(zip(counts, metadata, strict=True), key=lambda x: x[0])]
+        params: dict = {"limit": limit + 1, "project": current_project()}
+        if after is not None:
+            params["after"] = after
+        for n, (key, value) in enumerate(metadata):
+            params[f"k{n}"], params[f"v{n}"] = key, value
+        rows = await self.db.all(q.list_conversations(order, after is not None, len(metadata)), params)
+        return [Conversation(*r) for r in rows[:limit]], len(rows) > limit
+
+    async def secret(self, name: str, make: Callable[[], str]) -> str:
+        """The shared value `name`: the one stored, or `make()`'s, stored now. Two processes
+        starting at once agree: the second's insert does nothing and it reads the first's."""
+        value = await self.db.value(q.SECRET, {"name": name})
+        if value is None:
+            await self.db.write([(q.INSERT_SECRET, {"name": name, "value": make(), "created_at": now()})])
+            value = await self.db.value(q.SECRET, {"name": name})
+        return value
 
     async def conversation_with_history(self, conv_id: str) -> tuple[Conversation | None, bytes]:
         """The conversation and the comma-joined messages of its current path, in one query. When
@@ -219,6 +253,18 @@ class Repository:
         rows = await self.db.all(q.TREE_PAGE, {"tree": tree, "after": after_seq, "limit": limit + 1})
         return [tuple(r) for r in rows[:limit]], len(rows) > limit
 
+    async def tree_items(self, tree: str, page: int = 1000) -> list[tuple]:
+        """Every node of `tree` with its content, in the order stored (parents first): rows of
+        (node, parent, item_id, type, role, response_id, created_at, data, chat)."""
+        out: list[tuple] = []
+        after = 0
+        while True:
+            rows = await self.db.all(q.TREE_ITEMS, {"tree": tree, "after": after, "limit": page})
+            out += [tuple(r[1:]) for r in rows]
+            if len(rows) < page:
+                return out
+            after = rows[-1][0]
+
     # ------------------------------------------------------------------ conversation writes
 
     async def create_conversation(self, conv_id: str, tree: str, metadata: dict, chain: Sequence[NewItem],
@@ -241,14 +287,43 @@ class Repository:
             "forked_from_item": forked_from[1] if forked_from else None,
             "project": project,
         }))
+        if metadata:
+            steps.append((q.INSERT_CONVERSATION_METADATA, _metadata_rows(conv_id, metadata)))
         await self.db.write(steps)
 
+    async def import_conversations(self, batch: Sequence[ImportedConversation]) -> list[tuple[str, bool]]:
+        """Store whole conversations made elsewhere, in one transaction, unless they are there
+        already (see `imports.store_batch`): per conversation, (the id of the conversation that
+        holds it, whether this call stored it)."""
+        if not batch:
+            return []
+        return await self.db.transaction(lambda tx: store_batch(tx, self.dialect, batch))
+
     async def update_metadata(self, conv_id: str, metadata: dict) -> bool:
-        return await self.db.write([(q.UPDATE_METADATA, {"id": conv_id, "project": current_project(),
-                                                         "metadata": orjson.dumps(metadata).decode()})]) > 0
+        """Replace the conversation's metadata; False when there is no such conversation."""
+        project = current_project()
+
+        async def update(tx: Tx) -> bool:
+            if await tx.execute(q.UPDATE_METADATA, {"id": conv_id, "project": project,
+                                                    "metadata": orjson.dumps(metadata).decode()}) == 0:
+                return False
+            await tx.execute(q.DELETE_CONVERSATION_METADATA, {"id": conv_id})
+            await tx.execute(q.INSERT_CONVERSATION_METADATA, _metadata_rows(conv_id, metadata))
+            return True
+
+        return await self.db.transaction(update)
 
     async def delete_conversation(self, conv_id: str) -> bool:
-        return await self.db.write([(q.DELETE_CONVERSATION, {"id": conv_id, "project": current_project()})]) > 0
+        """False when the project has no such conversation (nothing of another's is touched)."""
+        project = current_project()
+
+        async def delete(tx: Tx) -> bool:
+            if await tx.execute(q.DELETE_CONVERSATION, {"id": conv_id, "project": project}) == 0:
+                return False
+            await tx.execute(q.DELETE_CONVERSATION_METADATA, {"id": conv_id})
+            return True
+
+        return await self.db.transaction(delete)
 
     async def _locked_conversation(self, tx: Tx, conv_id: str, project: str) -> Conversation | None:
         key = {"id": conv_id, "project": project}
@@ -343,7 +418,7 @@ class Repository:
         """Store a finished response in one short transaction: its items, its row(s), and the
         conversation head moved from `base` to `new_head` if it is still at `base`
         (compare-and-swap). `histories`: (node, its history) of the new branches'
-        ends (see `history_after`), kept once the items are stored. Returns whether the head
+        ends (`history_cache.extend`), kept once the items are stored. Returns whether the head
         moved."""
         project = current_project()
         for row in response_rows:
@@ -385,68 +460,6 @@ class Repository:
 
     async def delete_response(self, resp_id: str) -> bool:
         return await self.db.write([(q.DELETE_RESPONSE, {"id": resp_id, "project": current_project()})]) > 0
-
-    # ------------------------------------------------------------------ PostgreSQL's groups
-
-    async def _pg_read_group(self, entries: list[tuple[str, str | None, str]]) -> list:
-        """A group of conversation reads (conversation id, known head, project), one statement for
-        all of them when there are several: each one's row or None."""
-        if len(entries) == 1:  # (no known head: `c.head = NULL` is not true, so it walks)
-            conv_id, known, project = entries[0]
-            return [await self.db.one(q.CONVERSATION_HISTORY_UNLESS["postgresql"],
-                                      {"id": conv_id, "known": known, "project": project})]
-        out: list = [None] * len(entries)
-        rows = await self.db.all(q.PG_CONVERSATION_HISTORY_MANY, {"ids": [e[0] for e in entries],
-                                                                  "known": [e[1] for e in entries],
-                                                                  "projects": [e[2] for e in entries]})
-        for row in rows:
-            out[row[0] - 1] = row[1:]
-        return out
-
-    async def _pg_move_group(self, entries: list[tuple[str, str, str]]) -> list:
-        """A group of head moves (conversation id, item id, project), in rounds (see `in_rounds`; a second
-        move of one conversation sees the first): each one's (head, created_at, metadata,
-        forked_from...) or None when it did not move."""
-        async def together(group: list[int]) -> list:
-            rows = await self.db.write_returning(q.PG_SET_HEADS_TO_ITEMS, {
-                "ids": [entries[i][0] for i in group], "item_ids": [entries[i][1] for i in group],
-                "projects": [entries[i][2] for i in group]})
-            out: list = [None] * len(group)
-            for row in rows:
-                out[row[0] - 1] = row[1:]
-            return out
-
-        async def alone(i: int):
-            rows = await self.db.write_returning(q.SET_HEAD_TO_ITEM, {"id": entries[i][0], "item_id": entries[i][1],
-                                                                      "project": entries[i][2]})
-            return rows[0] if rows else None
-
-        return await in_rounds([e[0] for e in entries], together, alone)
-
-    async def _pg_commit_group(self, entries: list[tuple]) -> list:
-        """The group commit: commits (items, response rows, conversation, base, new head) in
-        rounds (see `in_rounds`; a conversation named twice, parallel branches, waits for the
-        next round, so that each compare-and-swap sees the one before it): whether each one
-        moved its head."""
-        async def together(group: list[int]) -> list:
-            moved = await self._pg_commit_many([entries[i] for i in group])
-            return [entries[i][2] in moved for i in group]
-
-        async def alone(i: int) -> bool:
-            moved = await self._pg_commit_many([entries[i]])
-            return entries[i][2] is not None and entries[i][2] in moved
-
-        return await in_rounds([e[2] for e in entries], together, alone)
-
-    async def _pg_commit_many(self, entries: list[tuple]) -> set[str]:
-        """Commits (items, response rows, conversation, base, new head), each conversation at most
-        once and in conversation order, in one statement: the conversations whose head moved."""
-        rows = [r for e in entries for r in e[0]]
-        response_rows = [r for e in entries for r in e[1]]
-        moves = [(e[2], e[3], e[4]) for e in entries if e[2] is not None]  # (in conversation order)
-        arrays = q.commit_in_arrays(len(entries), len(rows), len(response_rows), len(moves))
-        text = q.pg_commit(len(rows), len(response_rows), len(moves), arrays)
-        return {r[0] for r in await self.db.fetch_numbered(text, q.commit_args(rows, response_rows, moves, arrays))}
 
 
 async def _find_on_path(reader: SqliteWriter | PgDatabase | Tx, conv: Conversation, item_id: str) -> PathRow | None:

@@ -1,7 +1,7 @@
 """Teams: API keys per project, the project of every stored object, idempotency records, rate
 limits.
 
-- `project` on conversations, responses and items: the project of the key that made them.
+- `project` on conversations, responses, items and prompts: the project of the key that made them.
   Everything stored before belongs to `default`, the project of `BRANCHWISE_API_KEY` and of a
   server without keys, so a single-user server sees all of it as before.
 - `api_keys`: one row per key made with `branchwise keys create`; only the secret's SHA-256 is
@@ -10,22 +10,20 @@ limits.
 - `rate_windows`: requests per key per minute, one counter row per key and minute.
 - `idempotency`: one record per (project, Idempotency-Key).
 
-(down_revision "0005": re-pointed to the revision before it when branches are merged.)
-
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
 Seq = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-_OWNED = ("conversations", "responses", "items")
+_OWNED = ("conversations", "responses", "items", "prompts")
 
 
 def upgrade() -> None:
