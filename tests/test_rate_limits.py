@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -15,7 +16,7 @@ from sqlalchemy import text
 from branchwise.app import create_app
 from branchwise.settings import Settings
 
-from .helpers import MODEL, until
+from .helpers import MODEL, served, until
 from .teams import make_key, raw_client, sdk
 
 CLIENTS = 64
@@ -152,3 +153,27 @@ async def test_unlimited_keys_and_open_servers_send_no_rate_headers(db_url, mock
         async with raw_client(app, secret) as c:
             r = await c.post("/v1/responses", json={"model": MODEL, "input": "x"})
             assert r.status_code == 200 and "x-ratelimit-limit-requests" not in r.headers
+
+
+async def test_each_websocket_turn_counts_as_a_request(db_url, mock):
+    """A WebSocket connection cannot go past --rpm: its handshake and each turn count."""
+    make_key(db_url, "other")  # (the server starts locked)
+    async with served(Settings(database_url=db_url, upstream_base_url=mock.url)) as (_, url):
+        for _ in range(3):  # (again with a new key, should a minute end in between)
+            _, secret = make_key(db_url, "team-a", "--rpm", "3")
+            await asyncio.sleep(2 * Settings().key_refresh_interval)
+            start = _minute()
+            client = openai.AsyncOpenAI(api_key=secret, base_url=f"{url}/v1", max_retries=0)
+            kinds = []
+            async with client.responses.connect() as conn:  # 1
+                for k in range(3):  # 2, 3, then over
+                    await conn.send({"type": "response.create", "model": MODEL, "input": f"turn {k}"})
+                    while True:
+                        event = json.loads(await asyncio.wait_for(conn.recv_bytes(), 30))
+                        if event["type"] in ("response.completed", "error"):
+                            kinds.append(event)
+                            break
+            if _minute() == start:
+                break
+        assert [e["type"] for e in kinds] == ["response.completed", "response.completed", "error"]
+        assert kinds[-1]["status"] == 429 and kinds[-1]["error"]["code"] == "rate_limit_exceeded"

@@ -97,7 +97,7 @@ async def admit(keys: Keys, scope) -> tuple[projects.Caller, list[tuple[bytes, b
         except OverLimit as exc:
             exc.headers = headers + exc.headers
             raise
-    return projects.Caller(key.project, key.id, slot), headers
+    return projects.Caller(key.project, key.id, slot, key), headers
 
 
 class InvalidKey(BranchwiseError):

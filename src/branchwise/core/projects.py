@@ -33,12 +33,13 @@ class Slot(Protocol):
 
 
 class Caller:
-    __slots__ = ("project", "key_id", "slot")
+    __slots__ = ("project", "key_id", "slot", "key")
 
-    def __init__(self, project: str, key_id: str | None = None, slot: Slot | None = None):
+    def __init__(self, project: str, key_id: str | None = None, slot: Slot | None = None, key: object = None):
         self.project = project
         self.key_id = key_id
         self.slot = slot
+        self.key = key  # the API key (`services.keys.Key`), for limits counted after the handshake
 
 
 _NOBODY = Caller(DEFAULT_PROJECT)
