@@ -110,9 +110,13 @@ RESPONSE_SCHEMAS: dict[str, dict] = {
         "type": "object", "required": ["object", "head", "data", "has_more", "first_id", "last_id"],
         "properties": {
             "object": {"const": "conversation.tree"}, "head": _nullable(_STR),
+            "head_node": {**_STR, "description": "with include=node: the head's node"},
             "data": {"type": "array", "items": {"type": "object", "properties": {
                 "id": _STR, "parent_id": _nullable(_STR), "type": _STR, "role": _nullable(_STR),
-                "response_id": _nullable(_STR), "status": _nullable(_STR), "created_at": _INT}}},
+                "response_id": _nullable(_STR), "status": _nullable(_STR), "created_at": _INT,
+                "node": {**_STR, "description": "with include=node: this row's node (its cursor)"},
+                "parent_node": {**_nullable(_STR), "description": "with include=node: the parent's node"},
+                "item": {"type": "object", "description": "with include=item: the item as stored"}}}},
             "has_more": {"type": "boolean"}, "first_id": _nullable(_STR), "last_id": _nullable(_STR),
         },
     },
@@ -198,7 +202,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", _V1 + "/head"): Op("Move a conversation's head to an item of its tree", "Conversation",
                                 m.MoveHead, errors=(400, 404), tag="conversations", extension=True),
     ("GET", _V1 + "/tree"): Op("Every item of a conversation's tree", "ConversationTree",
-                               query=_paging(max_limit=1000, default_limit=100, order=False),
+                               query=(*_paging(max_limit=1000, default_limit=100, order=False), _query(
+                                   "include", {"type": "array", "items": {"enum": ["item", "node"]}},
+                                   "item: each row's item as stored; node: the node ids of rows and head.")),
                                errors=(400, 404), tag="conversations", extension=True),
     ("GET", "/v1/models"): Op("List the model names routed", "ModelList", errors=(), tag="server"),
     ("GET", "/healthz"): Op("200 once the server is ready", "Health", errors=(), tag="server",
