@@ -139,6 +139,8 @@ class Settings(BaseSettings):
 
     api_key: str | None = None
     """When set, clients must send `Authorization: Bearer <api_key>`."""
+    explorer: bool = True
+    """Serve the web explorer at `/` (docs/explorer.md); false leaves the server API-only."""
 
     # stopping, and slow clients (`branchwise serve`; docs/decisions/0035-process-model.md)
     drain_timeout: float = Field(30.0, ge=0)
