@@ -1,9 +1,10 @@
-// The whole tree of a conversation as a graph: one row per node, in depth-first order with
-// siblings in the order they were made, each row a lane's dot and the item's card; one SVG
-// behind the rows draws the edges. A first child continues its parent's lane; every other
-// child gets a lane of its own from its parent's row down to its own (as `git log --graph`
-// draws branches), and a lane is free again below the leaf that ends it. Linear runs longer
-// than RUN_FOLD items fold to their two first and two last items.
+// The whole tree of a conversation as a graph: one row per node, each row a lane's dot and the
+// item's card, and one SVG behind the rows for the edges. At a node with several children the
+// biggest subtree (the earliest, among equals) is the main line: it keeps its parent's lane and
+// comes last; the other children come first, each in a lane of its own from its parent's row
+// down to its last row, which frees the lane again. Side branches thus sit right under the
+// message they branch from, and a long main line stays straight in one lane with few lanes
+// beside it. Linear runs longer than RUN_FOLD items fold to their two first and last items.
 
 import { el, itemBody, itemText, label } from './render.js';
 
@@ -24,6 +25,20 @@ export function layout(rows, headNode) {
   const onHead = new Set();
   for (let n = byNode.get(headNode); n; n = byNode.get(n.parent)) onHead.add(n.node);
 
+  // subtree sizes: rows come in the order they were stored, so every parent before its children
+  const size = new Map();
+  for (let i = rows.length - 1; i >= 0; i--) {
+    const n = byNode.get(rows[i].node);
+    size.set(n.node, (size.get(n.node) || 0) + 1);
+    if (n.parent !== null && byNode.has(n.parent)) size.set(n.parent, (size.get(n.parent) || 0) + size.get(n.node));
+  }
+  for (const n of byNode.values()) {
+    if (n.children.length < 2) continue;
+    let main = 0;
+    n.children.forEach((c, i) => { if (size.get(c.node) > size.get(n.children[main].node)) main = i; });
+    n.children.push(...n.children.splice(main, 1)); // the main line last
+  }
+
   const order = [];
   const used = [];
   const alloc = () => {
@@ -40,9 +55,10 @@ export function layout(rows, headNode) {
     order.push(n);
     const kids = n.children;
     if (!kids.length) { used[n.lane] = false; continue; }
-    const lanes = kids.slice(1).map(alloc);
-    for (let i = kids.length - 1; i >= 1; i--) stack.push([kids[i], lanes[i - 1]]);
-    stack.push([kids[0], n.lane]);
+    const last = kids.length - 1;
+    const lanes = kids.slice(0, last).map(alloc);
+    stack.push([kids[last], n.lane]);
+    for (let i = last - 1; i >= 0; i--) stack.push([kids[i], lanes[i]]);
   }
 
   // runs: a start (a root, or a child of a node with several) and its only-children below
