@@ -136,7 +136,8 @@ export async function showConversation(view, id, { navigate }) {
     const ms = performance.now() - started;
     treeEl.dataset.renderMs = ms.toFixed(1);
     const { order, leaves } = treeView.tree;
-    stats.textContent = `${order.length} items · ${leaves} ${leaves === 1 ? 'branch' : 'branches'}`
+    stats.textContent = `${order.length} ${order.length === 1 ? 'item' : 'items'} · ${leaves} `
+      + `${leaves === 1 ? 'branch' : 'branches'}`
       + (tree.truncated ? ' · (tree cut at 100,000 items)' : '');
     if (!order.length) say('This conversation has no items yet: send the first message below.');
     else if (notice.dataset.kind === 'error') say(null);

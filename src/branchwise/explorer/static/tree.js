@@ -1,10 +1,10 @@
 // The whole tree of a conversation as a graph: one row per node, each row a lane's dot and the
 // item's card, and one SVG behind the rows for the edges. At a node with several children the
-// biggest subtree (the earliest, among equals) is the main line: it keeps its parent's lane and
-// comes last; the other children come first, each in a lane of its own from its parent's row
-// down to its last row, which frees the lane again. Side branches thus sit right under the
-// message they branch from, and a long main line stays straight in one lane with few lanes
-// beside it. Linear runs longer than RUN_FOLD items fold to their two first and last items.
+// biggest subtree (the latest, among equals) is the main line: it keeps its parent's lane and
+// comes last; the other children come first, in the order they were made, each in a lane of its
+// own from its parent's row down to its last row, which frees the lane again. Side branches
+// thus sit right under the message they branch from, and a long main line stays straight in
+// one lane with few lanes beside it. Linear runs longer than RUN_FOLD items fold to their two first and last items.
 
 import { el, itemBody, itemText, label } from './render.js';
 
@@ -35,7 +35,7 @@ export function layout(rows, headNode) {
   for (const n of byNode.values()) {
     if (n.children.length < 2) continue;
     let main = 0;
-    n.children.forEach((c, i) => { if (size.get(c.node) > size.get(n.children[main].node)) main = i; });
+    n.children.forEach((c, i) => { if (size.get(c.node) >= size.get(n.children[main].node)) main = i; });
     n.children.push(...n.children.splice(main, 1)); // the main line last
   }
 
