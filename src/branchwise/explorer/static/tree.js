@@ -10,6 +10,7 @@ import { el, itemBody, itemText, label } from './render.js';
 
 const RUN_FOLD = 8;
 const DOT_Y = 17; // px from a row's top to its dot: the middle of the card's first line
+const LANE_X = 6; // px left of the first lane (app.css: --lane-x), so that no dot is cut off
 const SVG = 'http://www.w3.org/2000/svg';
 
 export function layout(rows, headNode) {
@@ -87,6 +88,7 @@ export class TreeView {
     this.folded = new Set(); // runs folded
     this.unfolded = new Set(); // runs the user opened
     this.rowOf = new Map();
+    this.bodies = new Map(); // node -> its item's rendered body: nodes never change, so kept across renders
     this.selected = null;
     this.pending = false;
     this.resize = new ResizeObserver(() => this.schedule());
@@ -102,7 +104,7 @@ export class TreeView {
     const w = Math.max(8, Math.min(18, 360 / Math.max(1, lanes)));
     this.laneW = w;
     this.root.style.setProperty('--lane-w', `${w}px`);
-    this.root.style.setProperty('--gutter', `${lanes * w + 10}px`);
+    this.root.style.setProperty('--gutter', `${lanes * w + 2 * LANE_X + 4}px`);
 
     this.folded = new Set();
     runs.forEach((run, i) => {
@@ -141,7 +143,9 @@ export class TreeView {
     if (r.status && r.status !== 'completed') meta.append(el('span', 'status', r.status));
     if (n.children.length > 1) meta.append(el('span', 'fork-count', `${n.children.length} branches`));
     meta.append(el('span', 'item-id', r.id));
-    card.append(meta, itemBody(r.item));
+    let body = this.bodies.get(n.node);
+    if (!body) this.bodies.set(n.node, body = itemBody(r.item));
+    card.append(meta, body);
     row.append(el('span', 'dot'), card);
     return row;
   }
@@ -258,7 +262,7 @@ export class TreeView {
     if (!this.tree) return;
     const { order, byNode, onHead } = this.tree;
     const w = this.laneW;
-    const x = (lane) => lane * w + w / 2;
+    const x = (lane) => LANE_X + lane * w + w / 2;
     const ys = new Map();
     for (const [i, t] of this.toggles) {
       if (!this.folded.has(i)) continue;
@@ -283,7 +287,7 @@ export class TreeView {
       paths[folded ? 'folded' : onHead.has(n.node) ? 'head' : 'plain'].push(d);
     }
     const height = this.rowsEl.offsetHeight;
-    this.svg.setAttribute('width', String(this.tree.lanes * w));
+    this.svg.setAttribute('width', String(this.tree.lanes * w + 2 * LANE_X));
     this.svg.setAttribute('height', String(height));
     const out = [];
     for (const kind of ['plain', 'folded', 'head']) {
