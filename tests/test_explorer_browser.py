@@ -407,6 +407,20 @@ def test_conversation_list_newest_first_and_filtered(site, watch):
     expect(page.locator(".conv-head h1")).to_have_text("beta list test")
     page.go_back()
     expect(page.locator("#filter")).to_have_value(f"run={run} beta")
+    # a new conversation from the list, and its first message
+    page.fill(".new-title", f"delta {run}")
+    page.click("#new-conversation")
+    page.wait_for_url("**/conversations/conv_*")
+    expect(page.locator(".notice")).to_contain_text("no items yet")
+    conv_id = page.url.rsplit("/", 1)[1]
+    assert site.conversation(conv_id)["metadata"] == {"title": f"delta {run}"}
+    page.fill("#model", MODEL)
+    page.fill("#message", "First words")
+    page.keyboard.press("Control+Enter")
+    expect(page.locator("#tree .row")).to_have_count(2)
+    expect(page.locator(".notice")).to_be_hidden()
+    assert [r["item"]["content"][0]["text"] for r in site.tree(conv_id)["data"]] == [
+        "First words", "[1 messages] Echo: First words"]
 
 
 def test_api_key_prompted_kept_and_sent_only_here(browser, mock, watch):

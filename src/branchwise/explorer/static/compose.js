@@ -16,12 +16,17 @@ export class Compose {
     this.base = el('div', 'base-chip');
     this.base.hidden = true;
     this.streams = el('div', 'streams');
-    this.streams.hidden = true;
+    this.close = el('button', 'link close', 'close');
+    this.close.type = 'button';
+    this.close.title = 'Hide these answers (they stay in the tree)';
+    this.streamsBox = el('div', 'streams-box');
+    this.streamsBox.append(this.close, this.streams);
+    this.streamsBox.hidden = true;
     this.error = el('div', 'compose-error');
     this.error.hidden = true;
     this.text = el('textarea', 'message');
     this.text.id = 'message';
-    this.text.rows = 3;
+    this.text.rows = 2;
     this.text.placeholder = 'Message (Ctrl+Enter to send)';
     this.model = el('input', 'model');
     this.model.id = 'model';
@@ -48,10 +53,11 @@ export class Compose {
     side.append(this.model, this.models, this.n, this.sendButton, this.stopButton);
     const line = el('div', 'compose-row');
     line.append(this.text, side);
-    root.replaceChildren(this.streams, this.base, this.error, line);
+    root.replaceChildren(this.streamsBox, this.base, this.error, line);
 
     this.sendButton.addEventListener('click', () => this.send());
     this.stopButton.addEventListener('click', () => this.abort && this.abort.abort());
+    this.close.addEventListener('click', () => { this.streamsBox.hidden = true; });
     this.text.addEventListener('keydown', (e) => {
       if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); this.send(); }
     });
@@ -98,7 +104,8 @@ export class Compose {
     const cards = [];
     for (let i = 0; i < n; i++) cards.push(this.card(i, model));
     this.streams.replaceChildren(...cards.map((c) => c.root));
-    this.streams.hidden = false;
+    this.streamsBox.hidden = false;
+    this.close.hidden = true;
     this.streams.dataset.state = 'streaming';
     try {
       const base = this.host.base();
@@ -118,7 +125,8 @@ export class Compose {
       this.sendButton.disabled = false;
       this.stopButton.hidden = true;
       this.streams.dataset.state = 'done';
-      await this.host.refresh();
+      this.close.hidden = false;
+      await this.host.refresh({ toHead: true });
       this.markHead();
     }
   }
@@ -144,7 +152,7 @@ export class Compose {
       if (!card.item) return;
       pick.disabled = true;
       try { await this.host.moveHead(card.item); } catch (e) { this.fail(e.message); }
-      await this.host.refresh();
+      await this.host.refresh({ toHead: true });
       this.markHead();
     });
     return card;

@@ -54,7 +54,10 @@ export async function showConversation(view, id, { navigate }) {
     headItem: () => conv && conv.head,
     base: () => base,
     clearBase: () => { base = null; compose.showBase(null); },
-    refresh: () => refresh(),
+    refresh: async ({ toHead = false } = {}) => {
+      await refresh();
+      if (toHead && tree && tree.headNode) treeView.scrollTo(tree.headNode);
+    },
     moveHead: async (item) => { conv = await post(`${path}/head`, { item_id: item }); },
   });
 
@@ -139,8 +142,8 @@ export async function showConversation(view, id, { navigate }) {
     stats.textContent = `${order.length} ${order.length === 1 ? 'item' : 'items'} · ${leaves} `
       + `${leaves === 1 ? 'branch' : 'branches'}`
       + (tree.truncated ? ' · (tree cut at 100,000 items)' : '');
-    if (!order.length) say('This conversation has no items yet: send the first message below.');
-    else if (notice.dataset.kind === 'error') say(null);
+    if (!order.length) say('This conversation has no items yet: send the first message below.', 'empty');
+    else if (notice.dataset.kind === 'error' || notice.dataset.kind === 'empty') say(null);
   }
 
   await refresh();

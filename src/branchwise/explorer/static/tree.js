@@ -42,8 +42,8 @@ export function layout(rows, headNode) {
 
   const order = [];
   const used = [];
-  const alloc = () => {
-    let i = used.indexOf(false);
+  const alloc = (right) => { // the first free lane right of lane `right`: branches go rightwards
+    let i = used.indexOf(false, right + 1);
     if (i < 0) { i = used.length; used.push(true); } else used[i] = true;
     return i;
   };
@@ -51,13 +51,13 @@ export function layout(rows, headNode) {
   for (let i = roots.length - 1; i >= 0; i--) stack.push([roots[i], -1]);
   while (stack.length) {
     const [n, reserved] = stack.pop();
-    n.lane = reserved >= 0 ? reserved : alloc();
+    n.lane = reserved >= 0 ? reserved : alloc(-1);
     n.index = order.length;
     order.push(n);
     const kids = n.children;
     if (!kids.length) { used[n.lane] = false; continue; }
     const last = kids.length - 1;
-    const lanes = kids.slice(0, last).map(alloc);
+    const lanes = kids.slice(0, last).map(() => alloc(n.lane));
     stack.push([kids[last], n.lane]);
     for (let i = last - 1; i >= 0; i--) stack.push([kids[i], lanes[i]]);
   }
