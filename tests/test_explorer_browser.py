@@ -344,6 +344,26 @@ def test_two_branch_parallel_send_streams_side_by_side(site, watch):
     expect(page.locator(".base-chip")).to_be_hidden()
 
 
+def test_a_failed_send_says_so(site, watch):
+    """The model fails: each branch's card says why, offers nothing to continue with, and the
+    conversation's head stays where it was."""
+    conv = site.sdk.conversations.create(items=[{"type": "message", "role": "user", "content": "Hi"}])
+    head = site.conversation(conv.id)["head"]
+    page = watch().page
+    open_conversation(page, site, conv.id)
+    page.fill("#model", MODEL)
+    page.select_option("#branches", "2")
+    page.fill("#message", "Break [[fail=503]]")
+    page.click("#send")
+    cards = page.locator(".streams .stream")
+    for i in range(2):
+        expect(cards.nth(i)).to_have_attribute("data-state", "failed")
+        expect(cards.nth(i).locator(".stream-body")).to_contain_text("Failed:")
+        expect(cards.nth(i).locator("[data-pick]")).to_be_disabled()
+    assert site.conversation(conv.id)["head"] == head
+    shot(page, "failed")
+
+
 HOSTILE = (
     "<script>window.__pwned = 1</script> plain words\n\n"
     '<img src="x" onerror="window.__pwned = 2"> <img src="http://evil.example/pixel.png">\n\n'

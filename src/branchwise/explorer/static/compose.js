@@ -121,6 +121,11 @@ export class Compose {
       else this.fail(e instanceof ApiError ? e.message : `Sending failed: ${e.message}`);
       if (!this.text.value) this.text.value = text;
     } finally {
+      for (const card of cards) {  // a stream that ended without its terminal event
+        if (card.root.dataset.state === 'waiting' || card.root.dataset.state === 'streaming') {
+          this.setState(card, card.root.dataset.state === 'waiting' ? 'not sent' : 'interrupted');
+        }
+      }
       this.busy = false;
       this.sendButton.disabled = false;
       this.stopButton.hidden = true;
