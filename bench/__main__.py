@@ -5,9 +5,10 @@ printed either way). `--smoke` is the test suite's check that every section and 
 is produced, in phases too short to time anything.
 
 Sections: (a) added latency and (b) throughput of stored responses, (c) streaming, (d) tree
-operations (bench/tree_ops.py, in-process), (e) parallel branches, (f) server memory. The load
-sections run branchwise and the mock upstream in their own processes on 127.0.0.1 and drive them
-from this process (bench/loadgen.py); see bench/load.py for what each one does.
+operations (bench/tree_ops.py, in-process), (e) parallel branches, (f) server memory, (g)
+WebSocket mode against SSE (bench/websocket.py). The load sections run branchwise and the mock
+upstream in their own processes on 127.0.0.1 and drive them from this process
+(bench/loadgen.py); see bench/load.py for what each one does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import load, loadgen, tree_ops
+from bench import load, loadgen, tree_ops, websocket
 
 RESULTS = Path(__file__).parent / "results"
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -246,6 +247,24 @@ def md_branch(runs: list[dict]) -> str:
                                            "ratio"], rows, note)
 
 
+def md_websocket(runs: list[dict]) -> str:
+    rows = []
+    for run in runs:
+        w = run["load"]["websocket"]
+        cpu = w["client_cpu_ms_per_turn"]
+        for name, key in (("SSE", "sse"), ("WebSocket", "websocket")):
+            rows.append([run["db"], name, str(w["turns"]), _f(w[key]["p50_ms"]), _f(w[key]["p90_ms"]),
+                         _f(w[key]["p99_ms"]), _f(cpu[key], 3)])
+        rows.append([run["db"], "WebSocket - SSE", "-", _f(w["added_p50_ms"]), _f(w["added_p90_ms"]), "-", "-"])
+    note = (f"Stored responses, each continuing the one before by previous_response_id (a new chain every "
+            f"{websocket.CHAIN} turns), one client: POST with `stream: true` on a keep-alive connection, read to the "
+            "end of the stream, against `response.create` on one WebSocket, read to `response.completed`; rounds "
+            "of each alternate. Client CPU: the load client's own, per turn (its WebSocket frames are read in "
+            "Python, its HTTP in C).")
+    return _table("(g) WebSocket mode against SSE, concurrency 1, ms per turn",
+                  ["db", "transport", "turns", "p50", "p90", "p99", "client CPU ms/turn"], rows, note)
+
+
 def md_memory(runs: list[dict]) -> str:
     rows = [[run["db"], _f(run["load"]["rss_kib"]["idle"] / 1024, 1), _f(run["load"]["rss_kib"]["peak"] / 1024, 1),
              _f(run["load"]["rss_kib"]["end"] / 1024, 1)] for run in runs]
@@ -275,6 +294,8 @@ def budgets(runs: list[dict], tree_runs: list[dict]) -> list[tuple[str, bool, st
                        f"{_f(s['gap_p99_ms'])} ms"))
         r = run["load"]["branch"]["ratio"]
         checks.append((f"[{db}] 16 branches on one conversation <= 1.2x 16 on separate", r <= 1.2, f"{r:.2f}x"))
+        w = run["load"]["websocket"]["added_p50_ms"]
+        checks.append((f"[{db}] WebSocket turn p50 <= SSE turn p50 + 1 ms (c=1)", w <= 1, f"{_f(w)} ms"))
     for res in tree_runs:
         checks += [(f"[{res['db']}] {name}", ok, got) for name, ok, got in tree_ops.budget(res)]
     return checks
@@ -370,6 +391,7 @@ def main() -> int:
     if args.smoke:  # the concurrencies and sizes the tables and budgets read, each once, briefly
         load.SWEEP, load.DIRECT, load.RATES = (1, 16, 32, 64), (1, 16, 32, 64), (600,)
         tree_ops.SIZES = (10, 10000)
+        websocket.ROUNDS, websocket.TURNS = 1, 4
         repeat, warmup, duration, n_streams, branch_repeat = 3, 0.2, 0.5, 4, 1
     kinds = [k for k in ("sqlite", "postgresql") if args.only in (None, k)]
     out: dict = {"machine": _machine(),
@@ -425,7 +447,7 @@ def main() -> int:
         md += [md_added(runs), md_sweep(runs), md_streaming(runs)]
     md += [tree_ops.table(res) for res in out["tree_ops"]]
     if runs:
-        md += [md_branch(runs), md_memory(runs)]
+        md += [md_branch(runs), md_memory(runs), md_websocket(runs)]
         if args.profile:
             md.append(md_profile(runs))
     checks = budgets(runs, out["tree_ops"])

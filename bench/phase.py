@@ -6,7 +6,8 @@ responses/s, branchwise p50/p99, mock p99, added p99 and CPU per response of eac
 `--workers N` and `--env K=V` go to `branchwise serve`; `--src DIR` serves the package in another
 checkout's `src/` (e.g. a `git worktree` of the commit to compare against). `--trace` times each
 response's steps and each grouped statement inside the server (`bench/trace/`) and prints what
-`bench/trace_report.py` makes of it once the server stops.
+`bench/trace_report.py` makes of it once the server stops. `--websocket` runs the WebSocket
+against SSE turns of `bench/websocket.py` instead.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import load, loadgen, trace_report
+from bench import load, loadgen, trace_report, websocket
 from bench.__main__ import RESULTS, _fresh, _settle
 
 
@@ -32,6 +33,8 @@ def main() -> int:
                     help="a fixed-rate (open-loop) phase at this many responses/s over -c connections instead")
     ap.add_argument("--streams", type=int, default=0,
                     help="a streaming phase of this many stored streams (4 at a time) instead, and the mock's own")
+    ap.add_argument("--websocket", action="store_true",
+                    help="the WebSocket-against-SSE turns at concurrency 1 instead (bench/websocket.py)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--env", action="append", default=[], help="K=V for branchwise serve")
     ap.add_argument("--src", default=None,
@@ -76,6 +79,14 @@ def main() -> int:
                 setup.close()
             meter = load._meter({"branchwise": bw, "mock": mock})
             for i in range(args.repeat):
+                if args.websocket:
+                    w = await websocket.compare(port)
+                    print(f"[{args.db} websocket #{i + 1}] {w['turns']} turns each | SSE p50 {w['sse']['p50_ms']:.2f} "
+                          f"p90 {w['sse']['p90_ms']:.2f} | WebSocket p50 {w['websocket']['p50_ms']:.2f} p90 "
+                          f"{w['websocket']['p90_ms']:.2f} | added p50 {w['added_p50_ms']:.2f} p90 "
+                          f"{w['added_p90_ms']:.2f} | client cpu ms/turn SSE {w['client_cpu_ms_per_turn']['sse']:.3f} "
+                          f"WebSocket {w['client_cpu_ms_per_turn']['websocket']:.3f}", flush=True)
+                    continue
                 if args.streams:
                     d = await load.streams(mock_port, args.streams, None)
                     b = await load.streams(port, args.streams, convs[:load.STREAM_CONCURRENCY])

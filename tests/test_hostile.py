@@ -20,7 +20,7 @@ MODEL = "mock"
 LIMITS = {"max_body_bytes": 64 << 10, "max_input_items": 50, "max_text_chars": 1000, "max_json_depth": 16}
 
 # every path parameter, by name: the kind of id it takes
-PATH_KINDS = {"response_id": "resp", "conversation_id": "conv", "item_id": "msg"}
+PATH_KINDS = {"response_id": "resp", "conversation_id": "conv", "item_id": "msg", "prompt_id": "pmpt"}
 # routes whose body is parsed, and a valid body for each (path parameters filled in by `_fill`)
 BODY_ROUTES = {
     ("POST", "/v1/responses"): {"model": MODEL, "input": "x"},
@@ -31,6 +31,8 @@ BODY_ROUTES = {
     ("POST", "/v1/conversations/{conversation_id}/items"): {"items": [{"role": "user", "content": "x"}]},
     ("POST", "/v1/conversations/{conversation_id}/fork"): {"metadata": {"k": "v"}},
     ("POST", "/v1/conversations/{conversation_id}/head"): {"item_id": "{item_id}"},
+    ("POST", "/v1/prompts"): {"instructions": "x"},
+    ("POST", "/v1/prompts/{prompt_id}"): {"instructions": "x"},
 }
 NO_BODY_ROUTES = {(m, p) for m, p, _ in ROUTES if (m, p) not in BODY_ROUTES}
 
@@ -62,7 +64,8 @@ async def hostile(db_url, mock):
         conv = await client.conversations.create(items=[{"role": "user", "content": "a"}])
         item = (await client.conversations.items.list(conv.id)).data[0].id
         resp = await client.responses.create(model=MODEL, input="b")
-        yield raw, {"conversation_id": conv.id, "item_id": item, "response_id": resp.id}
+        prompt = (await raw.post("/v1/prompts", json={"instructions": "c"})).json()["id"]
+        yield raw, {"conversation_id": conv.id, "item_id": item, "response_id": resp.id, "prompt_id": prompt}
 
 
 def _fill(path: str, ids: dict[str, str]) -> str:

@@ -16,10 +16,12 @@ from contextlib import asynccontextmanager
 from branchwise import explorer
 from branchwise.api.app import API
 from branchwise.backends.router import Router
+from branchwise.services.compact import compaction_key
 from branchwise.services.concurrency import Policies
 from branchwise.services.conversations import Conversations
 from branchwise.services.responses import Responses
 from branchwise.services.runs import Runs
+from branchwise.services.sockets import Sockets
 from branchwise.services.stored import StoredResponses
 from branchwise.services.streams import Streams
 from branchwise.settings import Settings
@@ -41,11 +43,13 @@ def create_app(settings: Settings | None = None) -> API:
         policies = Policies(Leases(db), settings)
         runs = Runs(RunStore(db), settings)
         responses = Responses(store, router, settings, policies, runs)
+        responses.context.compaction_key = await compaction_key(store, settings)
         s = app.state
         s.settings, s.store, s.router, s.policies, s.runs = settings, store, router, policies, runs
         s.responses, s.streams = responses, Streams(responses, runs)
         s.conversations = Conversations(store, responses.context, policies, settings)
         s.stored = StoredResponses(store)
+        s.sockets = Sockets(responses, s.streams, settings)
         await runs.start()
         # Everything made so far (modules, app, pools) lives as long as the process: keep it out
         # of the collector's full passes, which would otherwise walk it all again and again.

@@ -3,7 +3,8 @@
 Every request takes the same path: `Auth` (a pure ASGI middleware, present when an API key is
 set), then `Routing`, which calls the route's plain handler `handler(request, **path_params)`
 through `middleware.reply`, the one place where errors become OpenAI-shaped replies. There is
-no framework layer in between.
+no framework layer in between. A WebSocket connection takes the same `Auth`, then goes to its
+path's endpoint in `SOCKETS` (`api.sockets`).
 
 `Routing` finds a route by a dictionary lookup of (method, path) for exact paths and by the
 route's compiled pattern for the others, in `ROUTES` order (the hot routes first); what matches
@@ -21,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, Router, compile_path
 
-from branchwise.api import conversations, openapi, responses
+from branchwise.api import conversations, openapi, prompts, responses, sockets
 from branchwise.api.common import json_response
 from branchwise.api.middleware import Auth, http_exception_reply, reply
 
@@ -33,9 +34,11 @@ async def healthz(request: Request) -> Response:
 
 
 async def models(request: Request) -> Response:
-    ids = request.app.state.router.model_ids()
+    """The model names routable: the routes' literal names, and the names the upstreams of
+    pattern routes list that match the pattern (`Router.list_models`)."""
+    listed = await request.app.state.router.list_models()
     return json_response({"object": "list", "data": [
-        {"id": i, "object": "model", "created": 0, "owned_by": "branchwise"} for i in ids]})
+        {"id": name, "object": "model", "created": 0, "owned_by": owner} for name, owner in listed]})
 
 
 ROUTES: list[tuple[str, str, Handler]] = [
@@ -46,9 +49,11 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/v1/models", models),
     *responses.ROUTES,
     *conversations.ROUTES,
+    *prompts.ROUTES,
     ("GET", "/openapi.json", openapi.serve),
 ]
 openapi.publish(ROUTES)  # the document of the table above, built once at start-up
+SOCKETS = {"/v1/responses": sockets.responses_socket}  # WebSocket endpoints: path -> ASGI app
 
 
 class Endpoint:
@@ -97,7 +102,10 @@ class Routing:
             except HTTPException as exc:
                 await http_exception_reply(exc)(scope, receive, send)
             return
-        await self.router(scope, receive, send)
+        if scope["type"] == "websocket" and (socket := SOCKETS.get(scope["path"])) is not None:
+            await socket(scope, receive, send)
+            return
+        await self.router(scope, receive, send)  # (the lifespan; an unknown socket path is refused, 403)
 
 
 def _by_method(path: str) -> Handler:

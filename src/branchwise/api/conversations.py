@@ -33,6 +33,40 @@ async def create_conversation(request: Request) -> Response:
     return json_response(_obj(await _service(request).create(body.metadata, body.items or [])))
 
 
+MAX_METADATA_FILTERS = 16  # (metadata holds 16 pairs at most)
+
+
+def _metadata_filters(request: Request) -> list[tuple[str, str]]:
+    """`metadata[KEY]=VALUE` query parameters: (key, value) pairs a conversation's metadata must
+    all hold."""
+    found = []
+    for name, value in request.query_params.multi_items():
+        if not name.startswith("metadata"):
+            continue
+        if not (name.startswith("metadata[") and name.endswith("]")) or len(name) == len("metadata[]"):
+            raise InvalidRequest(f"Invalid query parameter '{name[:80]}': filter by metadata with "
+                                 "'metadata[KEY]=VALUE'.", param="metadata", code="invalid_value")
+        key = name[len("metadata["):-1]
+        if len(key) > 64 or len(value) > 512 or "\x00" in key or "\x00" in value:
+            raise InvalidRequest("Invalid metadata filter: keys have at most 64 characters and values at most "
+                                 "512, without NUL.", param=f"metadata[{key[:64]}]", code="invalid_value")
+        found.append((key, value))
+    if len(found) > MAX_METADATA_FILTERS:
+        raise InvalidRequest(f"Too many metadata filters: at most {MAX_METADATA_FILTERS}.", param="metadata",
+                             code="invalid_value")
+    return found
+
+
+async def list_conversations(request: Request) -> Response:
+    """branchwise extension: GET /v1/conversations (OpenAI has no such route)."""
+    limit, order, after = paging(request, kind="conversation")
+    convs, has_more = await _service(request).list(limit=limit, order=order, after=after,
+                                                   metadata=_metadata_filters(request))
+    return json_response({"object": "list", "data": [_obj(c) for c in convs],
+                          "first_id": convs[0].id if convs else None, "last_id": convs[-1].id if convs else None,
+                          "has_more": has_more})
+
+
 async def retrieve_conversation(request: Request, conversation_id: str) -> Response:
     check_id(conversation_id, "conversation", "conversation_id")
     return json_response(_obj(await _service(request).get(conversation_id)))
@@ -148,6 +182,7 @@ async def tree(request: Request, conversation_id: str) -> Response:
 
 ROUTES = [
     ("POST", "/v1/conversations", create_conversation),
+    ("GET", "/v1/conversations", list_conversations),
     ("GET", "/v1/conversations/{conversation_id}", retrieve_conversation),
     ("POST", "/v1/conversations/{conversation_id}", update_conversation),
     ("DELETE", "/v1/conversations/{conversation_id}", delete_conversation),

@@ -25,7 +25,9 @@ _STATUS_TYPES = {429: "rate_limit_error"}
 
 
 class Auth:
-    """With an API key configured, every `/v1/` request must carry it as its bearer token."""
+    """With an API key configured, every `/v1/` request must carry it as its bearer token; a
+    WebSocket handshake too, refused with the same 401 reply as HTTP (when the server can send
+    one: else with the close code that makes it a 403)."""
 
     def __init__(self, app, api_key: str):
         self.app = app
@@ -36,11 +38,20 @@ class Auth:
             auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             if not hmac.compare_digest(auth, self.expected):
                 if scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 1008})
+                    await refuse_handshake(scope, send)
                     return
                 await json_response(_UNAUTHORIZED, 401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+async def refuse_handshake(scope, send) -> None:
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": 401, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(_UNAUTHORIZED))]})
+        await send({"type": "websocket.http.response.body", "body": _UNAUTHORIZED})
+    else:
+        await send({"type": "websocket.close", "code": 1008})
 
 
 async def reply(pending: Awaitable[Response], scope, receive, send) -> None:

@@ -41,22 +41,16 @@ def serve(
     """Serve the API."""
     import uvicorn
 
-    from branchwise.cli.protocol import SlowClientProtocol
-
     settings = Settings()
     host = host or settings.host
     port = port or settings.port
-    # No proxy-header rewriting: branchwise never reads the client's address, and the layer costs
-    # CPU on every request.
-    kwargs = dict(host=host, port=port, log_level=log_level, access_log=False, lifespan="on", proxy_headers=False,
-                  timeout_graceful_shutdown=settings.drain_timeout + DRAIN_MARGIN_S)
+    kwargs = dict(host=host, port=port, log_level=log_level, **server_options(settings))
     try:
         import uvloop  # noqa: F401
 
         kwargs["loop"] = "uvloop"
     except ImportError:
         pass
-    kwargs["http"] = SlowClientProtocol
     typer.echo(f"branchwise serving on http://{host}:{port} (database: {settings.database_url})")
     warn_if_too_many_connections(settings, workers)
     if workers > 1:
@@ -68,6 +62,18 @@ def serve(
 
         prepare_process(settings)
         uvicorn.run(create_app(settings), **kwargs)
+
+
+def server_options(settings: Settings) -> dict:
+    """uvicorn's options for serving the app (the tests' real servers take them too)."""
+    from branchwise.cli.protocol import SlowClientProtocol
+
+    # No proxy-header rewriting: branchwise never reads the client's address, and the layer costs
+    # CPU on every request. WebSockets (/v1/responses in WebSocket mode) are uvicorn's, over the
+    # `websockets` package; a message may be as long as a request body.
+    return dict(access_log=False, lifespan="on", proxy_headers=False,
+                timeout_graceful_shutdown=settings.drain_timeout + DRAIN_MARGIN_S, http=SlowClientProtocol,
+                ws="websockets-sansio", ws_max_size=settings.max_body_bytes)
 
 
 def prepare_process(settings: Settings) -> None:

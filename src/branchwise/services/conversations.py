@@ -30,6 +30,12 @@ class Conversations:
             raise not_found("Conversation", conv_id)
         return conv
 
+    async def list(self, *, limit: int, order: str, after: str | None,
+                   metadata: list[tuple[str, str]]) -> tuple[list[Conversation], bool]:
+        """A page of the stored conversations (a branchwise extension), in creation order, those
+        whose metadata holds every (key, value) of `metadata`; and whether there is more."""
+        return await self.store.list_conversations(limit=limit, order=order, after=after, metadata=metadata)
+
     async def _items(self, raw: list) -> list[NewItem]:
         return await self.context.input_items(raw, param="items")
 
