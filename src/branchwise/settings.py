@@ -139,6 +139,9 @@ class Settings(BaseSettings):
 
     api_key: str | None = None
     """When set, clients must send `Authorization: Bearer <api_key>`."""
+    explorer: bool = True
+    """Serve the web explorer at `/` (docs/explorer.md); false leaves the server API-only."""
+
     compaction_secret: str | None = Field(None, min_length=16)
     """The key that signs the `compaction` items POST /v1/responses/compact returns, so that one
     sent back can be trusted (docs/decisions/0040). Unset: a random key made on first start and
