@@ -82,7 +82,7 @@ def default_threads() -> int:
 _LOG_LEVEL_ERROR = 3
 
 
-def _quiet_llama() -> None:
+def quiet_llama_logs() -> None:
     """Route llama.cpp's log lines to `log`: errors only (it otherwise prints every tensor it
     loads to stderr)."""
     import llama_cpp
@@ -113,7 +113,9 @@ class Model:
         self.parallel = parallel
         self._model = self._ctx = None
         self._batch: Any = None
-        _quiet_llama()
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
+        quiet_llama_logs()
         L.llama_backend_init()
         mparams = L.llama_model_default_params()
         model = L.llama_model_load_from_file(path.encode("utf-8"), mparams)
@@ -196,7 +198,14 @@ class Model:
         return len(self.tokenize(prompt, not added_special))
 
     def piece(self, token: int) -> bytes:
-        """The bytes of one sampled token (special tokens render as nothing)."""
+        """The bytes of one sampled token (special tokens render as nothing). Remembered: each
+        ctypes call gives the GIL up and has to wait for it again, the decoding thread's time."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._piece(token)
+        return piece
+
+    def _piece(self, token: int) -> bytes:
         import llama_cpp as L
 
         buf = ctypes.create_string_buffer(64)
@@ -207,9 +216,13 @@ class Model:
         return buf.raw[:n]
 
     def is_eog(self, token: int) -> bool:
-        import llama_cpp as L
+        """Whether `token` ends a generation (remembered, as `piece`)."""
+        eog = self._eog.get(token)
+        if eog is None:
+            import llama_cpp as L
 
-        return bool(L.llama_vocab_is_eog(self.vocab, token))
+            eog = self._eog[token] = bool(L.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     def close(self) -> None:
         import llama_cpp as L
