@@ -33,7 +33,7 @@ from statistics import median
 
 import orjson
 
-from bench.loadgen import Server, free_port
+from bench.loadgen import Server, free_port, machine_ticks, rss_kib
 
 TOKENS = 96
 CONCURRENT = (1, 2, 4)
@@ -235,11 +235,15 @@ def run(logs: Path, smoke: bool = False, repeat: int = REPEAT) -> dict:
     server = Server("branchwise-embedded", [*exe, "serve", "--host", "127.0.0.1", "--port", str(port)], port, logs,
                     cwd=str(logs), env={"BRANCHWISE_DATABASE_URL": f"sqlite:///{logs / 'embedded.db'}",
                                         "BRANCHWISE_CONFIG": str(logs / "none.toml")})
+    b0, t0 = machine_ticks()
+    time.sleep(1.0)
+    b1, t1 = machine_ticks()
     raw = Raw(parallel, window)
     try:
         server.start()
         res = asyncio.run(asyncio.wait_for(
             _measure(port, raw, tokens, concurrent, alternatives, repeat, prefix_tokens), 1800))
+        res["server_rss_mib"] = rss_kib(server.pids()) / 1024
     except BaseException:
         print(f"branchwise log tail:\n{server.tail()}", file=sys.stderr)
         raise
@@ -247,7 +251,8 @@ def run(logs: Path, smoke: bool = False, repeat: int = REPEAT) -> dict:
         server.stop()
         raw.close()
     res["config"] = {"tokens": tokens, "repeat": repeat, "threads": raw.threads, "parallel": parallel,
-                     "window": window, "prefix_tokens_target": prefix_tokens}
+                     "window": window, "prefix_tokens_target": prefix_tokens,
+                     "busy_before_pct": 100 * (b1 - b0) / max(1, t1 - t0)}
     return res
 
 
@@ -276,7 +281,9 @@ def table(res: dict) -> str:
         *["| " + " | ".join(r) + " |" for r in rows], "",
         f"Follow-up on a cached {p['input_tokens']}-token prompt: first delta {_f(p['warm_first_s'] * 1000, 0)} ms "
         f"({p['warm_cached_tokens']} tokens cached) against {_f(p['cold_first_s'] * 1000, 0)} ms cold: "
-        f"{p['ratio']:.2f}x (median of {p['runs']}).",
+        f"{p['ratio']:.2f}x (median of {p['runs']}). Server RSS at the end: {_f(res['server_rss_mib'], 0)} MiB "
+        f"(model, {c['parallel']} x {c['window']} tokens of KV cache, SQLite). Machine "
+        f"{c['busy_before_pct']:.0f}% busy before the section.",
     ]
     return "\n".join(lines)
 
