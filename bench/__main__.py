@@ -6,10 +6,12 @@ is produced, in phases too short to time anything.
 
 Sections: (a) added latency and (b) throughput of stored responses, (c) streaming, (d) tree
 operations (bench/tree_ops.py, in-process), (e) parallel branches, (f) server memory, (g)
-WebSocket mode against SSE (bench/websocket.py), (h) what API keys, their limits and
-Idempotency-Key add (bench/teams.py). The load sections run branchwise and the mock upstream in
-their own processes on 127.0.0.1 and drive them from this process (bench/loadgen.py); see
-bench/load.py for what each one does.
+WebSocket mode against SSE (bench/websocket.py), (h) the embedded model's batched decoding and
+prefix reuse against llama.cpp's own rate (bench/embedded.py; `--skip-embedded` leaves it out),
+(i) what API keys, their limits and Idempotency-Key add (bench/teams.py).
+The load sections run branchwise and the mock upstream in their own processes on 127.0.0.1
+and drive them from this process
+(bench/loadgen.py); see bench/load.py for what each one does.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import load, loadgen, teams, tree_ops, websocket
+from bench import embedded, load, loadgen, teams, tree_ops, websocket
 
 RESULTS = Path(__file__).parent / "results"
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -284,7 +286,7 @@ def md_teams(runs: list[dict]) -> str:
             "per request, the project in every statement); a key with limits far above the load (a counter "
             "upsert and a concurrency slot per response, in the database); a key and a new Idempotency-Key on "
             "every request (a claim before, the reply kept after). Added: p50 over the no-key phase's.")
-    return _table("(h) API keys, limits and Idempotency-Key", ["db", "phase", "c=1 p50 ms", "added p50 ms",
+    return _table("(i) API keys, limits and Idempotency-Key", ["db", "phase", "c=1 p50 ms", "added p50 ms",
                                                               "c=32 responses/s", "of no key", "errors"], rows, note)
 
 
@@ -397,6 +399,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also run one concurrency-32 phase under py-spy (bench/results/profile-<db>.svg/.txt)")
     ap.add_argument("--skip-tree-ops", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--skip-embedded", action="store_true", help="leave out (g), the embedded model (minutes)")
     ap.add_argument("--smoke", action="store_true",
                     help="every section and budget check, in phases too short to mean anything (the test "
                          "suite's check that the benchmark runs; about a minute)")
@@ -457,6 +460,14 @@ def main() -> int:
                 msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                 print(f"[{kind}] FAILED: {msg}", file=sys.stderr)
                 out["errors"].append({"db": kind, "error": msg})
+        if not args.skip_embedded:
+            print("embedded model: raw and delivered rates, prefix reuse ...", file=sys.stderr)
+            try:
+                out["embedded"] = embedded.run(logs, smoke=args.smoke, repeat=2 if quick else embedded.REPEAT)
+            except Exception as e:
+                msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(f"[embedded] FAILED: {msg}", file=sys.stderr)
+                out["errors"].append({"db": "embedded", "error": msg})
     finally:
         for s in reversed(servers):
             s.stop()
@@ -474,7 +485,11 @@ def main() -> int:
         md += [md_branch(runs), md_memory(runs), md_websocket(runs), md_teams(runs)]
         if args.profile:
             md.append(md_profile(runs))
+    if out.get("embedded"):
+        md.append(embedded.table(out["embedded"]))
     checks = budgets(runs, out["tree_ops"])
+    if out.get("embedded"):
+        checks += embedded.budget(out["embedded"])
     checks += [(f"[{e['db']}] benchmark ran", False, e["error"]) for e in out["errors"]]
     out["budgets"] = [{"budget": n, "met": ok, "result": got} for n, ok, got in checks]
     md.append(_table("Budgets", ["budget", "result", ""], [[n, got, "met" if ok else "MISSED"] for n, ok, got in checks]))

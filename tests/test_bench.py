@@ -55,9 +55,13 @@ def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
         assert res["branch"]["ratio"] > 0
         assert res["websocket"]["turns"] > 0 and res["websocket"]["sse"]["p50_ms"] > 0
         assert res["rss_kib"]["peak"] >= res["rss_kib"]["idle"] > 0
-        for phase, by_c in res["teams"].items():  # (g): every phase served, none refused
-            for c in ("1", "32"):
-                assert by_c[c]["requests"] > 0 and by_c[c]["errors"] == 0, (db, phase, c, by_c[c])
+    emb = out["embedded"]  # (g): every figure, for fewer loads and tokens than the real run
+    for kind, sizes in (("concurrent", ("1", "2")), ("n", ("2",))):
+        for s in sizes:
+            e = emb[kind][s]
+            assert e["raw"] > 0 and e["tokens"] > 0 and e["ratio"] > 0, (kind, s, e)
+    assert len(emb["concurrent"]["2"]["first_s"]) == 2
+    assert emb["prefix"]["warm_cached_tokens"] > 0 and emb["prefix"]["ratio"] > 0
     trees = {t["db"]: t["sizes"] for t in out["tree_ops"]}
     assert set(trees) == {"sqlite", "postgresql"}
     for sizes in trees.values():
@@ -69,14 +73,15 @@ def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
         assert f"[sqlite] {budget}" in names
     for budget in BUDGETS[3:]:  # (the first three budgets are SQLite's alone)
         assert f"[postgresql] {budget}" in names
+    assert sum(name.startswith("[embedded] ") for name in names) == 5
     assert all(b["result"] and b["met"] in (True, False) for b in out["budgets"])
     assert done.returncode == (0 if all(b["met"] for b in out["budgets"]) else 1)
 
     md = (tmp_path / "latest.md").read_text()
     for title in ("Load client check", "(a) Added latency", "(b) Throughput", "(b) Fixed rate", "(c) Streaming",
                   "Tree operations (sqlite)", "Tree operations (postgresql)", "(e) Parallel branches",
-                  "(f) branchwise memory", "(g) WebSocket mode against SSE", "(h) API keys, limits and Idempotency-Key",
-                  "Budgets"):
+                  "(f) branchwise memory", "(g) WebSocket mode against SSE", "(h) The embedded model",
+                  "(i) API keys, limits and Idempotency-Key", "Budgets"):
         assert f"### {title}" in md, title
 
 

@@ -23,8 +23,9 @@ ALLOWED: dict[str, set[str]] = {
     "services": {"core", "wire", "store", "backends", "settings"},
     "api": {"core", "wire", "services", "settings"},
     "testing": set(),
+    "explorer": set(),  # static files and the routes that serve them
     # composition roots: they wire everything together
-    "app": {"core", "wire", "store", "backends", "services", "api", "settings"},
+    "app": {"core", "wire", "store", "backends", "services", "api", "settings", "explorer"},
     "cli": {"core", "wire", "store", "backends", "services", "api", "settings", "app"},
     "__init__": {"settings", "app"},
     "__main__": {"cli"},

