@@ -126,8 +126,11 @@ class API:
         self.state = State()
         routing = Routing(lifespan, pages)
         self.router = routing.router  # (its `lifespan_context` runs the lifespan in tests)
-        self._app = Auth(routing, keys)
+        self._keys = keys
+        self._routing = routing
+        self._auth = Auth(routing, keys)
 
     async def __call__(self, scope, receive, send) -> None:
         scope["app"] = self  # (also makes Starlette's router raise 404/405 for `Routing` to shape)
-        await self._app(scope, receive, send)
+        # without any API key, a request goes straight to routing (no layer to pass through)
+        await (self._auth if self._keys.locked else self._routing)(scope, receive, send)

@@ -46,11 +46,12 @@ def idempotent(prefix: str | None, recover: Recover | None = None, stream: Strea
     made; `stream`: replays a response's events."""
     def wrap(handler):
         @functools.wraps(handler)
-        async def wrapped(request: Request, **params) -> Response:
+        def wrapped(request: Request, **params) -> Awaitable[Response]:
+            # (not a coroutine of its own: without the header, the handler's is awaited as it is)
             raw = _header(request.scope)
             if raw is None:
-                return await handler(request, **params)
-            return await _run(handler, request, params, parse_key(raw), prefix, recover, stream)
+                return handler(request, **params)
+            return _run(handler, request, params, raw, prefix, recover, stream)
         return wrapped
     return wrap
 
@@ -66,8 +67,9 @@ async def _replay(request: Request, record: Record, stream: StreamReplay | None)
     return _replayed(JSONReply(record.body or b"", record.status or 200))
 
 
-async def _run(handler, request: Request, params: dict, key: str, prefix: str | None, recover: Recover | None,
+async def _run(handler, request: Request, params: dict, raw: bytes, prefix: str | None, recover: Recover | None,
                stream: StreamReplay | None) -> Response:
+    key = parse_key(raw)
     service: Idempotency = request.app.state.idempotency
     body = await read_body(request, request.app.state.settings.max_body_bytes)
     got = await service.claim(key, fingerprint(request.method, request.url.path, body), prefix)

@@ -38,7 +38,7 @@ class Auth:
         self.keys = keys
 
     async def __call__(self, scope, receive, send) -> None:
-        if not self.keys.locked or scope["type"] == "lifespan" or not scope["path"].startswith("/v1/"):
+        if scope["type"] == "lifespan" or not scope["path"].startswith("/v1/") or not self.keys.locked:
             await self.app(scope, receive, send)
             return
         try:

@@ -123,7 +123,7 @@ class Keys:
             return
         self._refreshing = asyncio.get_running_loop().create_future()
         try:
-            version = await self.store.version()
+            version = await self.limits.keys_version()
             if version != self._version:
                 by_hash = dict(self._env)
                 for row in await self.store.active():

@@ -14,7 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from branchwise.core.ids import new_id, now
@@ -89,13 +89,6 @@ class KeyStore:
                                    .values(revoked_at=now()))
         return r.rowcount > 0
 
-    async def version(self) -> tuple[int, int]:
-        """(keys made, keys revoked): keys are never deleted nor un-revoked, so this changes
-        whenever the set of valid keys does."""
-        async with self.reader.connect() as conn:
-            row = (await conn.execute(select(func.count(), func.count(api_keys.c.revoked_at)))).one()
-        return int(row[0]), int(row[1])
-
     async def touch(self, key_ids: list[str], when: int) -> None:
         """Record `last_used_at` (a minute's precision is all `keys list` shows)."""
         if key_ids:
@@ -127,14 +120,24 @@ DROP_SLOT = SQL("DELETE FROM key_slots WHERE seq = :seq")
 RENEW_SLOT = SQL("UPDATE key_slots SET expires_at = :expires_at WHERE seq = :seq")
 FORGET_SLOTS = SQL("DELETE FROM key_slots WHERE expires_at < :now")
 FORGET_WINDOWS = SQL("DELETE FROM rate_windows WHERE window_start < :before")
+# (keys made, keys revoked): keys are never deleted nor un-revoked, so this changes exactly when
+# the set of valid keys does. Every process asks it every second: on the raw driver, not through
+# SQLAlchemy's execution, which costs many times the query.
+KEYS_VERSION = SQL("SELECT count(*), count(revoked_at) FROM api_keys")
 
 
 class Limits:
-    """Requests per minute and concurrent responses per key, on the repository's database."""
+    """What a server process asks of the keys' rows on its hot paths, on the repository's
+    database (its raw drivers): whether the keys changed; requests per minute and concurrent
+    responses per key."""
 
     def __init__(self, db: SqliteWriter | PgDatabase, dialect: str):
         self.db = db
         self.dialect = dialect
+
+    async def keys_version(self) -> tuple[int, int]:
+        row = await self.db.one(KEYS_VERSION, {})
+        return int(row[0]), int(row[1])
 
     async def count_request(self, key_id: str, limit: int) -> tuple[int | None, int]:
         """(the key's count in this minute with this request, the minute's start); the count is
