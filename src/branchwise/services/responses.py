@@ -29,6 +29,7 @@ from branchwise.core.tree import Conversation, NewItem, Placed, place
 from branchwise.services.concurrency import Lease, Policies
 from branchwise.services.context import Context
 from branchwise.services.runs import Run, Runs
+from branchwise.services.upstream import Upstream
 from branchwise.settings import Settings
 from branchwise.store.repository import Repository
 from branchwise.wire import items as witems
@@ -58,6 +59,8 @@ class Plan:
     terminal_frames: list[bytes] = field(default_factory=list)
     upstream_s: float = 0.0  # seconds spent waiting for the model (for Server-Timing)
     body: bytes | None = None  # the stored Response (alternative 0) as serialised for its row
+    status: str = "queued"  # alternative 0's, once stored (for the request's log line)
+    usage: Usage | None = None  # the model's, once it answered (for the request's log line)
 
     @property
     def n(self) -> int:
@@ -75,6 +78,7 @@ class Responses:
         self.settings = settings
         self.runs = runs
         self.context = Context(store)
+        self.upstream = Upstream()
 
     # ------------------------------------------------------------------ prepare
 
@@ -100,6 +104,11 @@ class Responses:
         if backend is None:
             raise InvalidRequest(f"The model '{req.model}' does not exist or no upstream serves it.",
                                  param="model", code="model_not_found")
+        caps = backend.capabilities
+        if req.max_output_tokens is None and caps.default_max_output_tokens:
+            req.max_output_tokens = caps.default_max_output_tokens  # (echoed: the response says what applied)
+        if req.truncation is None and caps.default_truncation:
+            req.truncation = caps.default_truncation
         raw = req.input
         if raw is None or raw == [] or raw == "":
             if not conv_id and not req.previous_response_id:
@@ -191,13 +200,13 @@ class Responses:
     async def _generate_now(self, plan: Plan) -> ChatResult:
         backend, chat = plan.backend, plan.chat
         if plan.n == 1 or backend.capabilities.supports_n:
-            result = await backend.complete(chat)
+            result = await self.upstream.complete(plan, chat)
             if len(result.choices) < plan.n:
                 raise BackendError(f"The upstream returned {len(result.choices)} choices for n={plan.n}.",
                                    code="upstream_error")
             return result
         one = ChatRequest(model=chat.model, messages=chat.messages, params=chat.params, n=1)
-        results = await asyncio.gather(*(backend.complete(one) for _ in range(plan.n)))
+        results = await asyncio.gather(*(self.upstream.complete(plan, one) for _ in range(plan.n)))
         usage = Usage(
             input_tokens=results[0].usage.input_tokens,
             output_tokens=sum(r.usage.output_tokens for r in results),
@@ -252,6 +261,7 @@ class Responses:
         objs: list[dict[str, Any]] = []
         lasts: list[str | None] = []
         usages = self._usages(plan, usage)
+        plan.usage = usage
         # the new branches' histories, for the path cache once they are stored
         with_inputs = None
         if plan.history is not None:  # (None when the store keeps no histories)
@@ -293,6 +303,7 @@ class Responses:
                 })
         if rows:
             plan.body = rows[0]["body"]  # the reply reuses it: the object is serialised once
+        plan.status = first["status"]
         events: list[dict] = []
         if terminal is not None:
             frames = terminal(objs)

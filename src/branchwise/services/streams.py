@@ -183,7 +183,7 @@ class Streams:
         max_calls = plan.req.max_tool_calls
         try:
             if plan.n == 1 or plan.backend.supports_n:
-                async for d in plan.backend.stream(plan.chat):
+                async for d in self.responses.upstream.stream(plan):
                     if d.usage is not None:
                         usage = d.usage
                         continue

@@ -37,7 +37,7 @@ class LocalBackend(BaseBackend):
         self.n_threads = n_threads or default_threads()
         self.repeat_penalty = repeat_penalty
         self.seed = seed
-        self.capabilities = Capabilities(supports_n=False, count_tokens=True, context_window=n_ctx)
+        self.capabilities = Capabilities(supports_n=False, count_tokens=True, context_window=n_ctx, slots=1)
         self._model: Model | None = None
         self._runner = Runner()
         self._load_lock = asyncio.Lock()
