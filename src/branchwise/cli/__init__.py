@@ -27,5 +27,13 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 app.command()(serve)
 
 
+@app.command()
+def settings() -> None:
+    """Print every setting (variable, default, meaning) as a Markdown table."""
+    from branchwise.settings import reference
+
+    typer.echo(reference(), nl=False)
+
+
 if __name__ == "__main__":
     app()
