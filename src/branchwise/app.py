@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from branchwise.api.app import API
 from branchwise.backends.router import Router
-from branchwise.observe import metrics
+from branchwise.observe import metrics, traces
 from branchwise.observe.logs import masked_url
 from branchwise.services.concurrency import Policies
 from branchwise.services.conversations import Conversations
@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None) -> API:
 
     @asynccontextmanager
     async def lifespan(app: API):
+        traces.configure(settings.otlp_endpoint)
         db = create_engine(settings.database_url, settings.db_pool_size, settings.db_pool_timeout)
         await migrate(db)
         router = Router(settings)
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> API:
             await store.close()
             await db.dispose()
             metrics.process_stopped()
+            traces.shutdown()
             log.info("stopped")
 
     return API(lifespan, api_key=settings.api_key, metrics=settings.metrics)

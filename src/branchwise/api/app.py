@@ -25,7 +25,7 @@ from starlette.routing import Route, Router, compile_path
 from branchwise.api import conversations, openapi, responses
 from branchwise.api.common import json_response
 from branchwise.api.middleware import Auth, finished, http_exception_reply, reply
-from branchwise.observe import metrics
+from branchwise.observe import metrics, traces
 
 Handler = Callable[..., Awaitable[Response]]
 
@@ -144,4 +144,8 @@ class API:
 
     async def __call__(self, scope, receive, send) -> None:
         scope["app"] = self  # (also makes Starlette's router raise 404/405 for `Routing` to shape)
+        if traces.tracer is not None and scope["type"] == "http":
+            with traces.request_span(scope["method"], scope["path"]):
+                await self._app(scope, receive, send)
+            return
         await self._app(scope, receive, send)

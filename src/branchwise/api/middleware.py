@@ -17,7 +17,7 @@ from starlette.responses import Response
 from branchwise.api.common import json_response
 from branchwise.core.errors import BranchwiseError
 from branchwise.core.ids import new_id
-from branchwise.observe import metrics
+from branchwise.observe import metrics, traces
 from branchwise.observe.logs import ACCESS, access
 from branchwise.wire.errors import error_body, http_error
 
@@ -71,6 +71,8 @@ def finished(scope, method: str, route: str, status: int, started: float) -> Non
     """A request is answered: its metrics, and its log line when `info` is on."""
     took = perf_counter() - started
     metrics.request(method, route, status, took)
+    if traces.tracer is not None:
+        traces.request_done(method, route, status, scope.get(PLAN))
     if ACCESS.isEnabledFor(INFO):
         plan = scope.get(PLAN)
         if plan is None:

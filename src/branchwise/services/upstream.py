@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from branchwise.backends.base import Backend, BackendError
 from branchwise.core.chat import ChatDelta, ChatRequest, ChatResult
-from branchwise.observe import metrics
+from branchwise.observe import metrics, traces
 
 if TYPE_CHECKING:
     from branchwise.services.responses import Plan
@@ -101,6 +101,7 @@ class Upstream:
         outcome = "cancelled"
         usage = None
         metrics.running += 1
+        span = traces.model_span(backend.name, chat.model) if traces.tracer is not None else None
         started = time.perf_counter()
         try:
             result = await backend.complete(chat)
@@ -114,6 +115,8 @@ class Upstream:
             metrics.running -= 1
             if line is not None:
                 line.leave()
+            if span is not None:
+                traces.model_done(span, outcome, usage)
             metrics.upstream_call(backend.name, chat.model, outcome, time.perf_counter() - started,
                                   usage.input_tokens if usage else 0, usage.output_tokens if usage else 0)
 
@@ -128,6 +131,7 @@ class Upstream:
         outcome = "cancelled"
         usage = None
         metrics.running += 1
+        span = traces.model_span(backend.name, chat.model) if traces.tracer is not None else None
         try:
             async for delta in backend.stream(chat):
                 if delta.usage is not None:
@@ -142,6 +146,8 @@ class Upstream:
             metrics.running -= 1
             if line is not None:
                 line.leave()
+            if span is not None:
+                traces.model_done(span, outcome, usage)
             took = time.perf_counter() - started
             plan.upstream_s += took
             metrics.upstream_call(backend.name, chat.model, outcome, took,
