@@ -12,9 +12,9 @@ app = typer.Typer(help="branchwise: OpenAI Responses + Conversations, where a co
 
 def _version(value: bool) -> None:
     if value:
-        from branchwise import __version__
+        import branchwise
 
-        typer.echo(f"branchwise {__version__}")
+        typer.echo(f"branchwise {branchwise.__version__}")
         raise typer.Exit()
 
 

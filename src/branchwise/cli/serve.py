@@ -24,7 +24,7 @@ from pathlib import Path
 
 import typer
 
-from branchwise import __version__
+import branchwise
 from branchwise.cli.startup import StartupError
 from branchwise.observe import logs
 from branchwise.settings import Settings
@@ -92,7 +92,7 @@ def _serve_on(sock, settings: Settings, host: str, workers: int, level: str, fmt
     except ImportError:
         pass
     shown = "0.0.0.0" if host in ("", "0.0.0.0") else host
-    banner = (f"branchwise {__version__} serving on http://{shown}:{port} "
+    banner = (f"branchwise {branchwise.__version__} serving on http://{shown}:{port} "
               f"({workers} worker{'s' if workers > 1 else ''}, database {logs.masked_url(settings.database_url)})")
     warn_if_too_many_connections(settings, workers)
     if workers > 1:
