@@ -102,9 +102,15 @@ def test_metrics_can_be_switched_off(serve, tmp_path, mock):
     assert httpx.get(f"{server.url}/metrics", timeout=5).status_code == 404
 
 
-def test_text_banner_comes_after_start_and_masks_the_password(serve, tmp_path, mock):
+async def test_text_lines_and_the_banner_after_start(serve, tmp_path, mock):
     server = serve({**_env(tmp_path, mock)}, log_level="info")
+    async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="sk-very-secret", max_retries=0) as client:
+        r = await client.responses.create(model="gpt-4.1-mini", input="Hi")
+    await until(lambda: r.id in server.output(), "the response's line")
     out = server.output()
+    assert re.search(rf" INFO    branchwise.access: POST /v1/responses 200 [\d.]+ms response={r.id} \(completed\) "
+                     rf"conversation=- model=gpt-4.1-mini tokens={r.usage.input_tokens}\+{r.usage.output_tokens} "
+                     rf"upstream=[\d.]+ms\n", out), out
     banner = next(line for line in out.splitlines() if "serving on" in line)
     assert banner.startswith("branchwise ") and f"http://127.0.0.1:{server.port}" in banner
     assert out.index("ready:") < out.index("serving on")  # after the start-up, not before

@@ -17,8 +17,8 @@ from starlette.responses import Response
 from branchwise.api.common import json_response
 from branchwise.core.errors import BranchwiseError
 from branchwise.core.ids import new_id
-from branchwise.observe import metrics, traces
-from branchwise.observe.logs import ACCESS, access
+from branchwise.observe import logs, metrics, traces
+from branchwise.observe.logs import ACCESS
 from branchwise.wire.errors import error_body, http_error
 
 log = logging.getLogger("branchwise.api")
@@ -76,12 +76,12 @@ def finished(scope, method: str, route: str, status: int, started: float) -> Non
     if ACCESS.isEnabledFor(INFO):
         plan = scope.get(PLAN)
         if plan is None:
-            access((method, scope["path"], status, took * 1000, None, None, None, None, None, None, None))
+            logs.access(method, scope["path"], status, took * 1000)
             return
-        usage = plan.usage
-        access((method, scope["path"], status, took * 1000, plan.ids[0], plan.status, plan.req.conversation_id,
-                plan.req.model, usage.input_tokens if usage else None, usage.output_tokens if usage else None,
-                plan.upstream_s * 1000))
+        usage, req = plan.usage, plan.req
+        logs.access(method, scope["path"], status, took * 1000, plan.ids[0], plan.status, req.conversation_id,
+                    req.model, usage.input_tokens if usage else None, usage.output_tokens if usage else None,
+                    plan.upstream_s * 1000)
 
 
 def error_reply(exc: BranchwiseError) -> Response:

@@ -61,43 +61,37 @@ MODEL_QUEUE = Gauge("branchwise_model_queue_depth",
 _WIDTH = len(BUCKETS) + 2  # a count per bucket, +Inf's, then the sum
 _http: dict[tuple[str, str, int], list] = {}
 _upstream: dict[tuple[str, str, str], list] = {}
-_tokens: dict[tuple[str, str, str], int] = {}
 _models: set[str] = set()
 running = 0
 """Responses whose model is generating in this process now (`branchwise_responses_running`)."""
 
 
-def _observe(table: dict, key: tuple, seconds: float) -> None:
-    counts = table.get(key)
+def request(method: str, route: str, status: int, seconds: float) -> None:
+    key = (method, route, status)
+    counts = _http.get(key)
     if counts is None:
-        counts = table[key] = [0] * _WIDTH
+        counts = _http[key] = [0] * _WIDTH
     counts[bisect_left(BUCKETS, seconds)] += 1  # (Prometheus buckets hold values <= their bound)
     counts[-1] += seconds
 
 
-def model_label(model: str) -> str:
-    if model in _models:
-        return model
-    if len(_models) >= MAX_MODEL_LABELS:
-        return "other"
-    _models.add(model)
-    return model
-
-
-def request(method: str, route: str, status: int, seconds: float) -> None:
-    _observe(_http, (method, route, status), seconds)
-
-
 def upstream_call(upstream: str, model: str, outcome: str, seconds: float,
                   input_tokens: int = 0, output_tokens: int = 0) -> None:
-    model = model_label(model)
-    _observe(_upstream, (upstream, model, outcome), seconds)
-    if input_tokens:
-        key = (upstream, model, "input")
-        _tokens[key] = _tokens.get(key, 0) + input_tokens
-    if output_tokens:
-        key = (upstream, model, "output")
-        _tokens[key] = _tokens.get(key, 0) + output_tokens
+    """One model call: its histogram's counts, then its tokens in two more slots of the same
+    list (one lookup a call)."""
+    if model not in _models:
+        if len(_models) >= MAX_MODEL_LABELS:
+            model = "other"
+        else:
+            _models.add(model)
+    key = (upstream, model, outcome)
+    counts = _upstream.get(key)
+    if counts is None:
+        counts = _upstream[key] = [0] * (_WIDTH + 2)
+    counts[bisect_left(BUCKETS, seconds)] += 1
+    counts[_WIDTH - 1] += seconds
+    counts[-2] += input_tokens
+    counts[-1] += output_tokens
 
 
 def flush() -> None:
@@ -113,15 +107,15 @@ def flush() -> None:
             if not any(counts):
                 continue
             child = metric.labels(*map(str, key))
-            for i, n in enumerate(counts[:-1]):
-                if n:
-                    child._buckets[i].inc(n)
-            child._sum.inc(counts[-1])
-            counts[:] = [0] * _WIDTH
-    for key, n in _tokens.items():
-        if n:
-            TOKENS.labels(*key).inc(n)
-            _tokens[key] = 0
+            for i in range(_WIDTH - 1):
+                if counts[i]:
+                    child._buckets[i].inc(counts[i])
+            child._sum.inc(counts[_WIDTH - 1])
+            if table is _upstream:
+                for direction, n in (("input", counts[-2]), ("output", counts[-1])):
+                    if n:
+                        TOKENS.labels(key[0], key[1], direction).inc(n)
+            counts[:] = [0] * len(counts)
     RUNNING.set(running)
 
 

@@ -191,22 +191,24 @@ class Responses:
     # ------------------------------------------------------------------ generate
 
     async def generate(self, plan: Plan) -> ChatResult:
-        started = time.perf_counter()
-        try:
-            return await self._generate_now(plan)
-        finally:
-            plan.upstream_s += time.perf_counter() - started
-
-    async def _generate_now(self, plan: Plan) -> ChatResult:
+        """The model's answer(s); the time it took is added to `plan.upstream_s`."""
         backend, chat = plan.backend, plan.chat
         if plan.n == 1 or backend.capabilities.supports_n:
-            result = await self.upstream.complete(plan, chat)
+            started = time.perf_counter()
+            try:
+                result = await self.upstream.complete(plan, chat)
+            finally:
+                plan.upstream_s += time.perf_counter() - started
             if len(result.choices) < plan.n:
                 raise BackendError(f"The upstream returned {len(result.choices)} choices for n={plan.n}.",
                                    code="upstream_error")
             return result
         one = ChatRequest(model=chat.model, messages=chat.messages, params=chat.params, n=1)
-        results = await asyncio.gather(*(self.upstream.complete(plan, one) for _ in range(plan.n)))
+        started = time.perf_counter()
+        try:
+            results = await asyncio.gather(*(self.upstream.complete(plan, one) for _ in range(plan.n)))
+        finally:
+            plan.upstream_s += time.perf_counter() - started
         usage = Usage(
             input_tokens=results[0].usage.input_tokens,
             output_tokens=sum(r.usage.output_tokens for r in results),
