@@ -52,7 +52,10 @@ def create_app(settings: Settings | None = None) -> API:
         s.conversations = Conversations(store, responses.context, policies, settings)
         s.stored = StoredResponses(store)
         await runs.start()
-        flusher = asyncio.get_running_loop().create_task(_flush_metrics_forever())
+        # (one process: its /metrics flushes as it answers; workers: each hands its counts over
+        # every second, for whichever worker answers)
+        flusher = (asyncio.get_running_loop().create_task(_flush_metrics_forever())
+                   if metrics.multiprocess_dir() else None)
         # Everything made so far (modules, app, pools) lives as long as the process: keep it out
         # of the collector's full passes, which would otherwise walk it all again and again.
         gc.collect()
@@ -73,7 +76,8 @@ def create_app(settings: Settings | None = None) -> API:
             undo()
             log.info("stopping")
             await runs.stop()
-            flusher.cancel()
+            if flusher is not None:
+                flusher.cancel()
             await router.aclose()
             await store.close()
             await db.dispose()
