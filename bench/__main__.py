@@ -5,10 +5,13 @@ printed either way). `--smoke` is the test suite's check that every section and 
 is produced, in phases too short to time anything.
 
 Sections: (a) added latency and (b) throughput of stored responses, (c) streaming, (d) tree
-operations (bench/tree_ops.py, in-process), (e) parallel branches, (f) server memory, (g) the
-request log's cost at concurrency 1. The load
-sections run branchwise and the mock upstream in their own processes on 127.0.0.1 and drive them
-from this process (bench/loadgen.py); see bench/load.py for what each one does.
+operations (bench/tree_ops.py, in-process), (e) parallel branches, (f) server memory, (g)
+WebSocket mode against SSE (bench/websocket.py), (h) the embedded model's batched decoding and
+prefix reuse against llama.cpp's own rate (bench/embedded.py; `--skip-embedded` leaves it out),
+(i) the request log's cost at concurrency 1.
+The load sections run branchwise and the mock upstream in their own processes on 127.0.0.1
+and drive them from this process
+(bench/loadgen.py); see bench/load.py for what each one does.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import load, loadgen, tree_ops
+from bench import embedded, load, loadgen, tree_ops, websocket
 
 RESULTS = Path(__file__).parent / "results"
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -247,6 +250,24 @@ def md_branch(runs: list[dict]) -> str:
                                            "ratio"], rows, note)
 
 
+def md_websocket(runs: list[dict]) -> str:
+    rows = []
+    for run in runs:
+        w = run["load"]["websocket"]
+        cpu = w["client_cpu_ms_per_turn"]
+        for name, key in (("SSE", "sse"), ("WebSocket", "websocket")):
+            rows.append([run["db"], name, str(w["turns"]), _f(w[key]["p50_ms"]), _f(w[key]["p90_ms"]),
+                         _f(w[key]["p99_ms"]), _f(cpu[key], 3)])
+        rows.append([run["db"], "WebSocket - SSE", "-", _f(w["added_p50_ms"]), _f(w["added_p90_ms"]), "-", "-"])
+    note = (f"Stored responses, each continuing the one before by previous_response_id (a new chain every "
+            f"{websocket.CHAIN} turns), one client: POST with `stream: true` on a keep-alive connection, read to the "
+            "end of the stream, against `response.create` on one WebSocket, read to `response.completed`; rounds "
+            "of each alternate. Client CPU: the load client's own, per turn (its WebSocket frames are read in "
+            "Python, its HTTP in C).")
+    return _table("(g) WebSocket mode against SSE, concurrency 1, ms per turn",
+                  ["db", "transport", "turns", "p50", "p90", "p99", "client CPU ms/turn"], rows, note)
+
+
 def md_memory(runs: list[dict]) -> str:
     rows = [[run["db"], _f(run["load"]["rss_kib"]["idle"] / 1024, 1), _f(run["load"]["rss_kib"]["peak"] / 1024, 1),
              _f(run["load"]["rss_kib"]["end"] / 1024, 1)] for run in runs]
@@ -276,6 +297,8 @@ def budgets(runs: list[dict], tree_runs: list[dict]) -> list[tuple[str, bool, st
                        f"{_f(s['gap_p99_ms'])} ms"))
         r = run["load"]["branch"]["ratio"]
         checks.append((f"[{db}] 16 branches on one conversation <= 1.2x 16 on separate", r <= 1.2, f"{r:.2f}x"))
+        w = run["load"]["websocket"]["added_p50_ms"]
+        checks.append((f"[{db}] WebSocket turn p50 <= SSE turn p50 + 1 ms (c=1)", w <= 1, f"{_f(w)} ms"))
     for res in tree_runs:
         checks += [(f"[{res['db']}] {name}", ok, got) for name, ok, got in tree_ops.budget(res)]
     return checks
@@ -335,7 +358,7 @@ def _run_db(kind: str, args, out: dict, runs: list, servers: list, logs: Path, m
 
 def _log_cost(workers: int, out: dict, servers: list, logs: Path, mock: loadgen.Server, warmup: float,
               duration: float, repeat: int) -> None:
-    """(g): two servers on SQLite, alike but for the log level, at concurrency 1."""
+    """(i): two servers on SQLite, alike but for the log level, at concurrency 1."""
     pair = {}
     for name, level in (("on", "info"), ("off", "warning")):
         pair[name] = _server(f"branchwise-log-{name}", _fresh("sqlite", f"branchwise_bench_log_{name}"), mock, logs,
@@ -363,7 +386,7 @@ def _server(name: str, url: str, mock: loadgen.Server, logs: Path, workers: int,
 
 def md_log_cost(res: dict) -> str:
     rows = [[_f(res["on_p50_ms"], 3), _f(res["off_p50_ms"], 3), _f(res["added_p50_ms"], 3), str(res["repeat"])]]
-    return _table("(g) The request log's cost, SQLite, concurrency 1, ms",
+    return _table("(i) The request log's cost, SQLite, concurrency 1, ms",
                   ["p50, log on (info)", "p50, log off (warning)", "added p50", "phases each"], rows,
                   "Stored responses one at a time on two servers alike but for `--log-level`, phases alternated; "
                   "medians of the phases' p50s. Metrics are counted in both. Indicative on a shared machine.")
@@ -389,6 +412,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also run one concurrency-32 phase under py-spy (bench/results/profile-<db>.svg/.txt)")
     ap.add_argument("--skip-tree-ops", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--skip-embedded", action="store_true", help="leave out (g), the embedded model (minutes)")
     ap.add_argument("--smoke", action="store_true",
                     help="every section and budget check, in phases too short to mean anything (the test "
                          "suite's check that the benchmark runs; about a minute)")
@@ -407,6 +431,7 @@ def main() -> int:
     if args.smoke:  # the concurrencies and sizes the tables and budgets read, each once, briefly
         load.SWEEP, load.DIRECT, load.RATES = (1, 16, 32, 64), (1, 16, 32, 64), (600,)
         tree_ops.SIZES = (10, 10000)
+        websocket.ROUNDS, websocket.TURNS = 1, 4
         repeat, warmup, duration, n_streams, branch_repeat = 3, 0.2, 0.5, 4, 1
     kinds = [k for k in ("sqlite", "postgresql") if args.only in (None, k)]
     out: dict = {"machine": _machine(),
@@ -455,6 +480,14 @@ def main() -> int:
                 msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                 print(f"[sqlite] log cost FAILED: {msg}", file=sys.stderr)
                 out["errors"].append({"db": "sqlite", "error": f"log cost: {msg}"})
+        if not args.skip_embedded:
+            print("embedded model: raw and delivered rates, prefix reuse ...", file=sys.stderr)
+            try:
+                out["embedded"] = embedded.run(logs, smoke=args.smoke, repeat=2 if quick else embedded.REPEAT)
+            except Exception as e:
+                msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(f"[embedded] FAILED: {msg}", file=sys.stderr)
+                out["errors"].append({"db": "embedded", "error": msg})
     finally:
         for s in reversed(servers):
             s.stop()
@@ -469,12 +502,16 @@ def main() -> int:
         md += [md_added(runs), md_sweep(runs), md_streaming(runs)]
     md += [tree_ops.table(res) for res in out["tree_ops"]]
     if runs:
-        md += [md_branch(runs), md_memory(runs)]
+        md += [md_branch(runs), md_memory(runs), md_websocket(runs)]
         if args.profile:
             md.append(md_profile(runs))
+    if out.get("embedded"):
+        md.append(embedded.table(out["embedded"]))
     if out.get("log_cost"):
         md.append(md_log_cost(out["log_cost"]))
     checks = budgets(runs, out["tree_ops"])
+    if out.get("embedded"):
+        checks += embedded.budget(out["embedded"])
     if out.get("log_cost"):
         added = out["log_cost"]["added_p50_ms"]
         checks.append(("[sqlite] request log: added p50 at c=1 < 1 ms", added < 1, f"{_f(added, 3)} ms"))

@@ -12,6 +12,7 @@ this process the load client (see `bench.loadgen`).
     the mock's own stream (a chunk every 20 ms) read directly, again right before.
 (e) 16 parallel `branch` responses on one conversation against 16 on separate conversations.
 (f) branchwise's RSS: idle, peak while loaded, after the load.
+(g) WebSocket mode against SSE at concurrency 1 (bench/websocket.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import orjson
 
+from bench import websocket
 from bench.loadgen import (
     CLOCK_NANOSLEEP,
     Conn,
@@ -476,6 +478,7 @@ async def branchwise_load(bw: Server, mock: Server, warmup: float, duration: flo
     out["direct_streaming"] = await streams(mock.port, n_streams, None)
     out["streaming"] = await streams(bw.port, n_streams, stream_convs)
     out["branch"] = await branch_batches(bw.port, branch_repeat)
+    out["websocket"] = await websocket.compare(bw.port)
     out["rss_kib"]["peak"] = max(r.get("rss_peak_kib", 0) for r in sweep.values())
     out["rss_kib"]["end"] = rss_kib(bw.pids())
     return out

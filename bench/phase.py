@@ -3,11 +3,12 @@ closed-loop load phase, repeated, against a fresh branchwise and the mock, with 
 directly at the same concurrency before each repetition. For A/B comparisons of one figure
 (the full `python -m bench` takes minutes); prints one line per repetition:
 responses/s, branchwise p50/p99, mock p99, added p99 and CPU per response of each process.
-`--log-cost` runs section (g) of `python -m bench` alone (the request log's cost at c=1).
+`--log-cost` runs section (i) of `python -m bench` alone (the request log's cost at c=1).
 `--workers N` and `--env K=V` go to `branchwise serve`; `--src DIR` serves the package in another
 checkout's `src/` (e.g. a `git worktree` of the commit to compare against). `--trace` times each
 response's steps and each grouped statement inside the server (`bench/trace/`) and prints what
-`bench/trace_report.py` makes of it once the server stops.
+`bench/trace_report.py` makes of it once the server stops. `--websocket` runs the WebSocket
+against SSE turns of `bench/websocket.py` instead.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import load, loadgen, trace_report
+from bench import load, loadgen, trace_report, websocket
 from bench.__main__ import RESULTS, _fresh, _settle
 
 
@@ -33,6 +34,8 @@ def main() -> int:
                     help="a fixed-rate (open-loop) phase at this many responses/s over -c connections instead")
     ap.add_argument("--streams", type=int, default=0,
                     help="a streaming phase of this many stored streams (4 at a time) instead, and the mock's own")
+    ap.add_argument("--websocket", action="store_true",
+                    help="the WebSocket-against-SSE turns at concurrency 1 instead (bench/websocket.py)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--env", action="append", default=[], help="K=V for branchwise serve")
     ap.add_argument("--src", default=None,
@@ -40,7 +43,7 @@ def main() -> int:
     ap.add_argument("--trace", action="store_true",
                     help="time each response's steps and each grouped statement in the server; report at the end")
     ap.add_argument("--log-cost", action="store_true",
-                    help="section (g) alone: added p50 at c=1 of the request log (two SQLite servers, "
+                    help="section (i) alone: added p50 at c=1 of the request log (two SQLite servers, "
                          "--log-level info vs warning, --repeat phases each)")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
@@ -82,6 +85,14 @@ def main() -> int:
                 setup.close()
             meter = load._meter({"branchwise": bw, "mock": mock})
             for i in range(args.repeat):
+                if args.websocket:
+                    w = await websocket.compare(port)
+                    print(f"[{args.db} websocket #{i + 1}] {w['turns']} turns each | SSE p50 {w['sse']['p50_ms']:.2f} "
+                          f"p90 {w['sse']['p90_ms']:.2f} | WebSocket p50 {w['websocket']['p50_ms']:.2f} p90 "
+                          f"{w['websocket']['p90_ms']:.2f} | added p50 {w['added_p50_ms']:.2f} p90 "
+                          f"{w['added_p90_ms']:.2f} | client cpu ms/turn SSE {w['client_cpu_ms_per_turn']['sse']:.3f} "
+                          f"WebSocket {w['client_cpu_ms_per_turn']['websocket']:.3f}", flush=True)
+                    continue
                 if args.streams:
                     d = await load.streams(mock_port, args.streams, None)
                     b = await load.streams(port, args.streams, convs[:load.STREAM_CONCURRENCY])

@@ -32,6 +32,7 @@ from branchwise.app import create_app
 from branchwise.settings import Settings
 from branchwise.store.connect import create_engine
 from branchwise.testing.mock_upstream import MockUpstream
+from tests import open_responses_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("BRANCHWISE_TEST_SHARED") or ROOT.parent / "shared")
@@ -86,6 +87,47 @@ def require_shared(relative: str = "") -> Path:
     return path
 
 
+# ---------------------------------------------------------------- Open Responses conformance
+
+_recorder = open_responses_spec.Recorder()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _open_responses_spec() -> Iterator[open_responses_spec.Spec | None]:
+    """Every in-process app of the session is reached through `httpx2.ASGITransport`; wrapped
+    here, so that what any test makes the server send on `/v1/responses` is recorded (see
+    tests/open_responses_spec.py). Without ../shared nothing is checked (test_open_responses.py
+    says so)."""
+    path = SHARED / "reference/open-responses/openapi.json"
+    if not path.exists():
+        yield None
+        return
+    transport = httpx2.ASGITransport
+
+    class RecordingTransport(transport):
+        def __init__(self, app, *args, **kwargs):
+            super().__init__(_recorder.wrap(app), *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(httpx2, "ASGITransport", RecordingTransport)
+        yield open_responses_spec.load(path)
+
+
+@pytest.fixture(autouse=True)
+def _open_responses_conformance(_open_responses_spec):
+    """Fails a test whose `/v1/responses` replies (objects, events, errors) the Open Responses
+    OpenAPI document does not allow, naming each reply, path and value."""
+    _recorder.take()
+    yield
+    replies = _recorder.take()
+    if _open_responses_spec is None:
+        return
+    problems = [p for r in replies for p in open_responses_spec.reply_problems(_open_responses_spec, r)]
+    if problems:
+        shown = "\n".join(problems[:20]) + (f"\n... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        pytest.fail(f"not valid against the Open Responses OpenAPI document:\n{shown}", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def mock() -> Iterator[MockUpstream]:
     with MockUpstream() as m:
@@ -122,7 +164,7 @@ async def _truncate(url: str) -> None:
     async with engine.begin() as conn:
         exists = (await conn.execute(text("SELECT to_regclass('items') IS NOT NULL"))).scalar()
         if exists:
-            await conn.execute(text("TRUNCATE items, conversations, responses"))
+            await conn.execute(text("TRUNCATE items, conversations, conversation_metadata, responses, prompts, prompt_versions"))
     await engine.dispose()
 
 
@@ -183,7 +225,9 @@ async def raw(app) -> AsyncIterator[httpx2.AsyncClient]:
 @pytest.fixture(autouse=True)
 def _clear_mock_log(request):
     if "mock" in request.fixturenames:
-        request.getfixturevalue("mock").clear()
+        m = request.getfixturevalue("mock")
+        m.clear()
+        m.app.reset_models()
 
 
 def free_port() -> int:

@@ -29,6 +29,12 @@ EVENT_CLASSES = {
 }
 
 
+# Open Responses names the raw reasoning events `response.reasoning.delta` / `.done`, OpenAI
+# `response.reasoning_text.delta` / `.done`; branchwise sends Open Responses' (docs/api.md). The SDK,
+# which has no type for them, passes them through untyped; their fields are those of OpenAI's.
+OPEN_RESPONSES_EVENTS = {"response.reasoning.delta": "response.reasoning_text.delta",
+                         "response.reasoning.done": "response.reasoning_text.done"}
+
 # ---------------------------------------------------------------- Server-Sent Events
 
 
@@ -46,9 +52,14 @@ def parse_sse(text: str) -> list[tuple[str, dict]]:
 
 
 def validate_event(name: str, data: dict) -> Any:
-    """One event: it names its type in `event:` and validates as the SDK's ResponseStreamEvent."""
+    """One event: it names its type in `event:` and validates as the SDK's ResponseStreamEvent
+    (the Open Responses reasoning events as their OpenAI twins)."""
     assert name == data["type"], (name, data["type"])
     assert "error" not in data or data["type"] == "error"  # the SDK raises on a top-level `error`
+    if data["type"] in OPEN_RESPONSES_EVENTS:
+        twin = EVENT_CLASSES[OPEN_RESPONSES_EVENTS[data["type"]]]
+        twin.model_validate({**data, "type": OPEN_RESPONSES_EVENTS[data["type"]]})
+        return twin.model_construct(**data)
     try:
         return EVENT.validate_python(data)
     except ValidationError:
@@ -150,6 +161,32 @@ async def serving(settings: Settings) -> AsyncIterator[tuple[Any, openai.AsyncOp
             openai.AsyncOpenAI(api_key="x", base_url="http://test/v1", http_client=http, max_retries=0) as client,
         ):
             yield app, client, raw
+
+
+@asynccontextmanager
+async def served(settings: Settings) -> AsyncIterator[tuple[Any, str]]:
+    """The app behind uvicorn on a real socket, in this test's event loop, with the options
+    `branchwise serve` gives it (a WebSocket needs a real server): (app, its http:// base URL)."""
+    import socket
+
+    import uvicorn
+
+    from branchwise.cli.serve import server_options
+
+    app = create_app(settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **server_options(settings)))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await until(lambda: server.started or task.done(), "uvicorn to start")
+        if task.done():
+            task.result()  # (raises why it stopped)
+        yield app, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 60)
+        sock.close()
 
 
 async def new_conversation(client: openai.AsyncOpenAI, *texts: str):

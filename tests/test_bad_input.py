@@ -11,7 +11,14 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from branchwise.store.tables import conversations, items, responses
+from branchwise.store.tables import (
+    conversation_metadata,
+    conversations,
+    items,
+    prompt_versions,
+    prompts,
+    responses,
+)
 
 from .helpers import check_error, check_sdk_error, new_conversation
 
@@ -37,7 +44,7 @@ async def counts(db: AsyncEngine) -> dict[str, int]:
     would list."""
     async with db.connect() as conn:
         return {t.name: (await conn.execute(select(func.count()).select_from(t))).scalar_one()
-                for t in (conversations, items, responses)}
+                for t in (conversations, conversation_metadata, items, responses, prompts, prompt_versions)}
 
 
 class Untouched:

@@ -21,7 +21,7 @@ BUDGETS = [
     "added latency c=1 p50 <= 2 ms", "added latency c=1 p99 <= 8 ms",
     ">= 600 responses/s over 32 connections with p99 < 50 ms", "added latency c=64 p99 <= 30 ms",
     "streaming: added time to first event p50 <= 5 ms", "streaming: added inter-chunk gap p99 <= 2 ms",
-    "16 branches on one conversation <= 1.2x 16 on separate",
+    "16 branches on one conversation <= 1.2x 16 on separate", "WebSocket turn p50 <= SSE turn p50 + 1 ms (c=1)",
     "fork 10,000 items <= 1.5x fork 10 items", "context of a 10,000-item path <= 50 ms",
 ]
 
@@ -52,7 +52,15 @@ def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
         assert rate["requests"] > 0 and rate["errors"] == 0, (db, rate)
         assert res["streaming"]["gaps"] > 0 and res["direct_streaming"]["gaps"] > 0
         assert res["branch"]["ratio"] > 0
+        assert res["websocket"]["turns"] > 0 and res["websocket"]["sse"]["p50_ms"] > 0
         assert res["rss_kib"]["peak"] >= res["rss_kib"]["idle"] > 0
+    emb = out["embedded"]  # (g): every figure, for fewer loads and tokens than the real run
+    for kind, sizes in (("concurrent", ("1", "2")), ("n", ("2",))):
+        for s in sizes:
+            e = emb[kind][s]
+            assert e["raw"] > 0 and e["tokens"] > 0 and e["ratio"] > 0, (kind, s, e)
+    assert len(emb["concurrent"]["2"]["first_s"]) == 2
+    assert emb["prefix"]["warm_cached_tokens"] > 0 and emb["prefix"]["ratio"] > 0
     trees = {t["db"]: t["sizes"] for t in out["tree_ops"]}
     assert set(trees) == {"sqlite", "postgresql"}
     for sizes in trees.values():
@@ -64,13 +72,14 @@ def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
         assert f"[sqlite] {budget}" in names
     for budget in BUDGETS[3:]:  # (the first three budgets are SQLite's alone)
         assert f"[postgresql] {budget}" in names
+    assert sum(name.startswith("[embedded] ") for name in names) == 5
     assert all(b["result"] and b["met"] in (True, False) for b in out["budgets"])
     assert done.returncode == (0 if all(b["met"] for b in out["budgets"]) else 1)
 
     md = (tmp_path / "latest.md").read_text()
     for title in ("Load client check", "(a) Added latency", "(b) Throughput", "(b) Fixed rate", "(c) Streaming",
                   "Tree operations (sqlite)", "Tree operations (postgresql)", "(e) Parallel branches",
-                  "(f) branchwise memory", "Budgets"):
+                  "(f) branchwise memory", "(g) WebSocket mode against SSE", "(h) The embedded model", "Budgets"):
         assert f"### {title}" in md, title
 
 

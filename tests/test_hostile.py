@@ -20,7 +20,7 @@ MODEL = "mock"
 LIMITS = {"max_body_bytes": 64 << 10, "max_input_items": 50, "max_text_chars": 1000, "max_json_depth": 16}
 
 # every path parameter, by name: the kind of id it takes
-PATH_KINDS = {"response_id": "resp", "conversation_id": "conv", "item_id": "msg"}
+PATH_KINDS = {"response_id": "resp", "conversation_id": "conv", "item_id": "msg", "prompt_id": "pmpt"}
 # routes whose body is parsed, and a valid body for each (path parameters filled in by `_fill`)
 BODY_ROUTES = {
     ("POST", "/v1/responses"): {"model": MODEL, "input": "x"},
@@ -31,6 +31,8 @@ BODY_ROUTES = {
     ("POST", "/v1/conversations/{conversation_id}/items"): {"items": [{"role": "user", "content": "x"}]},
     ("POST", "/v1/conversations/{conversation_id}/fork"): {"metadata": {"k": "v"}},
     ("POST", "/v1/conversations/{conversation_id}/head"): {"item_id": "{item_id}"},
+    ("POST", "/v1/prompts"): {"instructions": "x"},
+    ("POST", "/v1/prompts/{prompt_id}"): {"instructions": "x"},
 }
 NO_BODY_ROUTES = {(m, p) for m, p, _ in ROUTES if (m, p) not in BODY_ROUTES}
 
@@ -62,7 +64,8 @@ async def hostile(db_url, mock):
         conv = await client.conversations.create(items=[{"role": "user", "content": "a"}])
         item = (await client.conversations.items.list(conv.id)).data[0].id
         resp = await client.responses.create(model=MODEL, input="b")
-        yield raw, {"conversation_id": conv.id, "item_id": item, "response_id": resp.id}
+        prompt = (await raw.post("/v1/prompts", json={"instructions": "c"})).json()["id"]
+        yield raw, {"conversation_id": conv.id, "item_id": item, "response_id": resp.id, "prompt_id": prompt}
 
 
 def _fill(path: str, ids: dict[str, str]) -> str:
@@ -277,3 +280,39 @@ async def test_default_body_limit(raw, db_engine, mock):
     async with Untouched(db_engine, mock):
         r = await _send(raw, "POST", "/v1/responses", content=big, headers={"content-type": "application/json"})
         check_error(r, 413, None, "request_too_large")
+
+
+async def test_big_bodies_answer_as_small_ones(db_url, db_engine, mock):
+    """Bodies past `OFF_LOOP_BYTES` take the chunked parser (`decode_big`): the same answers as
+    the small bodies above, an `input` over the item limit refused before the rest is built."""
+    from branchwise.api.common import OFF_LOOP_BYTES
+
+    settings = Settings(database_url=db_url, upstream_base_url=mock.url, max_input_items=50, max_json_depth=16)
+    pad = "p" * (OFF_LOOP_BYTES // 40)
+    async with serving(settings) as (_, client, raw):
+        big_ok = req(input=[{"role": "user", "content": pad}] * 50)
+        r = await raw.post("/v1/responses", json=big_ok)
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["status"] == "completed"
+        stored = await client.responses.input_items.list(r.json()["id"], limit=100)
+        assert len(stored.data) == 50 and stored.data[0].content[0].text == pad
+        cases = [
+            ("too-many-items", req(input=[MSG] * (OFF_LOOP_BYTES // 20)), "input", "array_above_max_length"),
+            ("too-many-conversation-items", {"items": [MSG] * (OFF_LOOP_BYTES // 20)}, "items",
+             "array_above_max_length"),
+            ("too-deep", req(input=[{"role": "user", "content": pad}] * 40,
+                             tools=[{"type": "function", "name": "f", "parameters": _nested(20)}]),
+             "tools[0].parameters" + "[0]" * 13, "invalid_value"),
+            ("n-string", req(input=[{"role": "user", "content": pad}] * 40, n="2"), "n", "invalid_value"),
+        ]
+        for case, body, param, code in cases:
+            url = "/v1/conversations" if "items" in body else "/v1/responses"
+            async with Untouched(db_engine, mock, case):
+                r = await _send(raw, "POST", url, json=body)
+                check_error(r, 400, param, code, case=case)
+        import orjson
+        truncated = orjson.dumps(big_ok)[:-2]
+        async with Untouched(db_engine, mock, "truncated"):
+            r = await _send(raw, "POST", "/v1/responses", content=truncated,
+                            headers={"content-type": "application/json"})
+            check_error(r, 400, None, "invalid_json", case="truncated")

@@ -24,8 +24,9 @@ ALLOWED: dict[str, set[str]] = {
     "services": {"core", "wire", "store", "backends", "settings", "observe"},
     "api": {"core", "wire", "services", "settings", "observe"},
     "testing": set(),
+    "explorer": set(),  # static files and the routes that serve them
     # composition roots: they wire everything together
-    "app": {"core", "wire", "store", "backends", "services", "api", "settings", "observe"},
+    "app": {"core", "wire", "store", "backends", "services", "api", "settings", "explorer", "observe"},
     "cli": {"core", "wire", "store", "backends", "services", "api", "settings", "app", "observe"},
     "__init__": {"settings", "app"},
     "__main__": {"cli"},

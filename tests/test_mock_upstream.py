@@ -244,6 +244,25 @@ def test_tool_choice_forces_a_call(client: httpx.Client) -> None:
     assert body["choices"][0]["message"]["content"] == "[1 messages] Echo: hi"
 
 
+def test_a_tool_the_user_names_is_called(client: httpx.Client) -> None:
+    """With `tool_choice` auto, a user message that has a word of a tool's name calls it: what a
+    client that cannot write directives (a conformance suite) sees a model do."""
+    other = {"type": "function", "function": {"name": "look-up_stock_price"}}
+    for text, tools, called in [
+        ("What's the WEATHER like in San Francisco?", [other, WEATHER_TOOL], "get_weather"),
+        ("the stock, please", [WEATHER_TOOL, other], "look-up_stock_price"),
+        ("get me something", [WEATHER_TOOL], None),  # `get` is too short to count
+        ("weathers", [WEATHER_TOOL], None),  # a whole word only
+    ]:
+        message = chat(client, [user(text)], tools=tools).json()["choices"][0]["message"]
+        assert (message.get("tool_calls") or [{}])[0].get("function", {}).get("name") == called, text
+    # not when tool_choice is none, nor when the user's message is not the last one
+    body = chat(client, [user("weather?")], tools=[WEATHER_TOOL], tool_choice="none").json()
+    assert body["choices"][0]["message"]["content"] == "[1 messages] Echo: weather?"
+    messages = [user("weather?"), {"role": "assistant", "content": "Which city?"}]
+    assert "tool_calls" not in chat(client, messages, tools=[WEATHER_TOOL]).json()["choices"][0]["message"]
+
+
 def test_tool_call_stream(client: httpx.Client) -> None:
     chunks = stream_chunks(client, [user("[[tool]] go")], tools=[WEATHER_TOOL])
     assert chunks[-1] == "[DONE]"

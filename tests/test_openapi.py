@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
@@ -62,6 +63,79 @@ async def test_served_at_openapi_json(raw):
     assert r.json() == json.loads(json.dumps(document(ROUTES)))
 
 
+# ---------------------------------------------------------------- replies, field by field
+
+
+def _check_reply(doc: dict, name: str, instance, where: str = "") -> None:
+    """`instance` is valid against the schema `name` of `doc`, and every key of every object in
+    it is a property its schema names (the document says every field the server sends)."""
+    root = {"components": doc["components"]}
+    schema = {"$ref": f"#/components/schemas/{name}"}
+    jsonschema.Draft202012Validator({**root, **schema}).validate(instance)
+    _keys_named(root, schema, instance, where or name)
+
+
+def _resolve(root: dict, schema: dict) -> dict:
+    while "$ref" in schema:
+        schema = root["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def _keys_named(root: dict, schema: dict, instance, where: str) -> None:
+    schema = _resolve(root, schema)
+    if "anyOf" in schema:  # the branch the instance is valid against
+        for branch in schema["anyOf"]:
+            if jsonschema.Draft202012Validator({**root, **branch}).is_valid(instance):
+                _keys_named(root, branch, instance, where)
+                return
+        raise AssertionError(f"{where}: no branch of {schema} fits")
+    if isinstance(instance, dict) and "properties" in schema:
+        unnamed = set(instance) - set(schema["properties"])
+        assert not unnamed, f"{where}: fields {sorted(unnamed)} are not in the document"
+        for key, value in instance.items():
+            _keys_named(root, schema["properties"][key], value, f"{where}.{key}")
+    elif isinstance(instance, list) and "items" in schema:
+        for i, value in enumerate(instance):
+            _keys_named(root, schema["items"], value, f"{where}[{i}]")
+
+
+async def test_every_field_of_every_reply_is_documented(client, raw, mock):
+    doc = document(ROUTES)
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}
+    conv = (await raw.post("/v1/conversations", json={"metadata": {"k": "v"}, "items": [
+        {"role": "user", "content": [{"type": "input_text", "text": "hi"},
+                                     {"type": "input_image", "image_url": "data:image/png;base64,AA=="}]}]})).json()
+    _check_reply(doc, "Conversation", conv)
+    prompt = (await raw.post("/v1/prompts", json={"instructions": "Be {{x}}.", "input": [
+        {"role": "user", "content": "hi"}]})).json()
+    _check_reply(doc, "Prompt", prompt)
+    _check_reply(doc, "PromptList", (await raw.get("/v1/prompts")).json())
+    _check_reply(doc, "PromptList", (await raw.get(f"/v1/prompts/{prompt['id']}/versions")).json())
+    called = (await raw.post("/v1/responses", json={
+        "model": MODEL, "conversation": conv["id"], "tools": [tool], "input": "call [[tool]] [[reasoning=hmm]]",
+        "prompt": {"id": prompt["id"], "variables": {"x": "brief"}}, "metadata": {"a": "b"}, "n": 2,
+        "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "object"}}}})).json()
+    _check_reply(doc, "Response", called)
+    call = next(it for it in called["output"] if it["type"] == "function_call")
+    answered = (await raw.post("/v1/responses", json={"model": MODEL, "conversation": conv["id"], "input": [
+        {"type": "function_call_output", "call_id": call["call_id"], "output": "42"}]})).json()
+    _check_reply(doc, "Response", answered)
+    failed = (await raw.post("/v1/responses", json={"model": MODEL, "input": "x [[fail=500]]"})).json()
+    _check_reply(doc, "Response", failed)
+    compacted = (await raw.post("/v1/responses/compact", json={"model": MODEL, "input": "hi"})).json()
+    _check_reply(doc, "CompactedResponse", compacted)
+    await raw.post(f"/v1/conversations/{conv['id']}/items", json={"items": [compacted["output"][-1]]})
+    items = (await raw.get(f"/v1/conversations/{conv['id']}/items")).json()
+    assert {it["type"] for it in items["data"]} == {"message", "function_call", "function_call_output",
+                                                    "reasoning", "compaction"}
+    _check_reply(doc, "ItemList", items)
+    _check_reply(doc, "ConversationTree", (await raw.get(f"/v1/conversations/{conv['id']}/tree")).json())
+    _check_reply(doc, "ConversationList", (await raw.get("/v1/conversations")).json())
+    _check_reply(doc, "ModelList", (await raw.get("/v1/models")).json())
+    _check_reply(doc, "InputTokens", (await raw.post("/v1/responses/input_tokens", json={"input": "x"})).json())
+    _check_reply(doc, "Error", (await raw.get("/v1/conversations", params={"limit": 0})).json())
+
+
 # ---------------------------------------------------------------- fuzzing
 
 
@@ -73,8 +147,9 @@ def _seed(url: str) -> dict[str, str]:
         items = http.get(f"/v1/conversations/{conv['id']}/items", params={"order": "asc"}).json()
         resp = http.post("/v1/responses", json={"model": MODEL, "conversation": conv["id"], "input": "hi"}).json()
         assert resp["status"] == "completed", resp
+        prompt = http.post("/v1/prompts", json={"instructions": "Be {{tone}}."}).json()
     return {"conversation_id": conv["id"], "conversation": conv["id"], "item_id": items["data"][0]["id"],
-            "response_id": resp["id"], "previous_response_id": resp["id"]}
+            "response_id": resp["id"], "previous_response_id": resp["id"], "prompt_id": prompt["id"]}
 
 
 def _fuzz(server, spec: str, base_url: str, tmp_path: Path, phases: str) -> dict:

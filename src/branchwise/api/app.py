@@ -3,7 +3,8 @@
 Every request takes the same path: `Auth` (a pure ASGI middleware, present when an API key is
 set), then `Routing`, which calls the route's plain handler `handler(request, **path_params)`
 through `middleware.reply`, the one place where errors become OpenAI-shaped replies. There is
-no framework layer in between.
+no framework layer in between. A WebSocket connection takes the same `Auth`, then goes to its
+path's endpoint in `SOCKETS` (`api.sockets`).
 
 `Routing` finds a route by a dictionary lookup of (method, path) for exact paths and by the
 route's compiled pattern for the others, in `ROUTES` order (the hot routes first); what matches
@@ -13,16 +14,16 @@ answers and for the lifespan. docs/decisions/0027 has the numbers behind this sh
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from time import perf_counter
 
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, Router, compile_path
+from starlette.routing import BaseRoute, Route, Router, compile_path
 
-from branchwise.api import conversations, openapi, responses
+from branchwise.api import conversations, openapi, prompts, responses, sockets
 from branchwise.api.common import json_response
 from branchwise.api.middleware import Auth, finished, http_exception_reply, reply
 from branchwise.observe import metrics, traces
@@ -39,9 +40,11 @@ async def serve_metrics(request: Request) -> Response:
 
 
 async def models(request: Request) -> Response:
-    ids = request.app.state.router.model_ids()
+    """The model names routable: the routes' literal names, and the names the upstreams of
+    pattern routes list that match the pattern (`Router.list_models`)."""
+    listed = await request.app.state.router.list_models()
     return json_response({"object": "list", "data": [
-        {"id": i, "object": "model", "created": 0, "owned_by": "branchwise"} for i in ids]})
+        {"id": name, "object": "model", "created": 0, "owned_by": owner} for name, owner in listed]})
 
 
 ROUTES: list[tuple[str, str, Handler]] = [
@@ -52,9 +55,11 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/v1/models", models),
     *responses.ROUTES,
     *conversations.ROUTES,
+    *prompts.ROUTES,
     ("GET", "/openapi.json", openapi.serve),
 ]
 openapi.publish(ROUTES)  # the document of the table above, built once at start-up
+SOCKETS = {"/v1/responses": sockets.responses_socket}  # WebSocket endpoints: path -> ASGI app
 
 
 class Endpoint:
@@ -70,7 +75,7 @@ class Endpoint:
 
 
 class Routing:
-    def __init__(self, lifespan, metrics: bool = True):
+    def __init__(self, lifespan, pages: Sequence[BaseRoute] = (), metrics: bool = True):
         self.exact: dict[tuple[str, str], Handler] = {}
         self.patterns: list[tuple[str, Callable, Handler, str]] = []
         by_path: dict[str, list[str]] = {}
@@ -82,9 +87,10 @@ class Routing:
                 self.exact[(method, path)] = handler
         if metrics:  # (operations, not the API: outside the table and the OpenAPI document)
             self.exact[("GET", "/metrics")] = serve_metrics
-        # Starlette's router answers what the table does not: 404, 405 with `Allow`, HEAD
-        self.router = Router(routes=[Route(path, Endpoint(_by_method(path)), methods=methods)
-                                     for path, methods in by_path.items()],
+        # Starlette's router answers what the table does not: 404, 405 with `Allow`, HEAD; and
+        # serves `pages`, the routes outside the API (the explorer), which are not on the hot path
+        self.router = Router(routes=[*(Route(path, Endpoint(_by_method(path)), methods=methods)
+                                       for path, methods in by_path.items()), *pages],
                              lifespan=lifespan, redirect_slashes=False)
 
     async def __call__(self, scope, receive, send) -> None:
@@ -104,7 +110,10 @@ class Routing:
                     return
             await self._unrouted(scope, receive, send, started)
             return
-        await self.router(scope, receive, send)
+        if scope["type"] == "websocket" and (socket := SOCKETS.get(scope["path"])) is not None:
+            await socket(scope, receive, send)
+            return
+        await self.router(scope, receive, send)  # (the lifespan; an unknown socket path is refused, 403)
 
     async def _unrouted(self, scope, receive, send, started: float) -> None:
         """What the table does not route (404, 405, HEAD), by Starlette's router; its metrics
@@ -134,11 +143,13 @@ def _by_method(path: str) -> Handler:
 
 class API:
     """The ASGI application. `state` holds the services the lifespan made; handlers reach them
-    as `request.app.state`."""
+    as `request.app.state`. `pages` are routes outside the API (the explorer's), reached through
+    Starlette's router after the API's table."""
 
-    def __init__(self, lifespan, api_key: str | None = None, metrics: bool = True):
+    def __init__(self, lifespan, api_key: str | None = None, pages: Sequence[BaseRoute] = (),
+                 metrics: bool = True):
         self.state = State()
-        routing = Routing(lifespan, metrics)
+        routing = Routing(lifespan, pages, metrics)
         self.router = routing.router  # (its `lifespan_context` runs the lifespan in tests)
         self._app = Auth(routing, api_key) if api_key else routing
 

@@ -6,6 +6,7 @@ import asyncio
 import re
 from typing import Any, TypeVar
 
+import ijson
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -43,16 +44,24 @@ _INVALID_JSON = ("We could not parse the JSON body of your request. (HINT: This 
                  "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid "
                  "JSON.)")
 OFF_LOOP_BYTES = 256 << 10
-"""Bodies longer than this are parsed and validated in a worker thread: the Python part of that
-work then yields the event loop to other requests every few milliseconds (the GIL's switch
-interval) instead of holding it for the whole body."""
+"""Bodies longer than this are parsed in a worker thread, a chunk at a time (`decode_big`)."""
+CHUNK_BYTES = 32 << 10
+"""What `decode_big` parses in one call that holds the GIL (well under a millisecond)."""
+
+
+def _header(request: Request, name: bytes) -> bytes | None:
+    """One request header, from the raw list (Starlette's `Headers` decodes them all first)."""
+    for k, v in request.scope["headers"]:
+        if k == name:
+            return v
+    return None
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with a 413 as soon as it passes `limit` bytes: a declared
     `Content-Length` over it is refused before a byte is read, and a body without one (chunked)
     is never buffered past the limit."""
-    length = request.headers.get("content-length")
+    length = _header(request, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise RequestTooLarge(limit)
     chunks: list[bytes] = []
@@ -62,7 +71,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise RequestTooLarge(limit)
         chunks.append(chunk)
-    request._body = body = b"".join(chunks)  # (as `Request.body()` keeps it)
+    request._body = body = chunks[0] if len(chunks) == 1 else b"".join(chunks)  # (as `Request.body()` keeps it)
     return body
 
 
@@ -71,32 +80,82 @@ async def parse_body(request: Request, model: type[M]) -> M:
     checked before the body is validated, so a refused request costs little and stores nothing."""
     settings = request.app.state.settings
     raw = await read_body(request, settings.max_body_bytes)
-    ctype = request.headers.get("content-type", "")
-    if raw and ctype and "json" not in ctype.split(";")[0].lower():
+    ctype = _header(request, b"content-type")
+    if raw and ctype and b"json" not in ctype.split(b";")[0].lower():
+        ctype = ctype.decode("latin-1")
         raise InvalidRequest(
             f"Unsupported content type: '{ctype}'. This API only accepts 'application/json' requests.",
             code="unsupported_content_type",
         )
     if len(raw) > OFF_LOOP_BYTES:
-        return await asyncio.to_thread(decode, raw, model, settings)
+        return await asyncio.to_thread(decode_big, raw, model, settings)
     return decode(raw, model, settings)
 
 
 def decode(raw: bytes, model: type[M], settings) -> M:
     """Parse, check the limits, validate."""
+    return validate(load_object(raw, settings), raw, model, settings)
+
+
+def load_object(raw: bytes, settings) -> dict:
+    """`raw` parsed: a JSON object (nothing: an empty one), or an OpenAI-shaped 400."""
     try:
         data = orjson.loads(raw) if raw.strip() else {}
     except orjson.JSONDecodeError as e:
         if "recursion" in str(e).lower():  # orjson's own limit, 255 levels
             raise _too_deep(None, settings.max_json_depth) from None
         raise InvalidRequest(_INVALID_JSON, code="invalid_json") from None
+    return _object(data)
+
+
+def _object(data: Any) -> dict:
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+def validate(data: dict, raw: bytes, model: type[M], settings) -> M:
+    """`data` (parsed from `raw`) as `model`, once the limits are checked."""
     check_limits(data, raw, settings)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise from_validation(e) from None
+
+
+def decode_big(raw: bytes, model: type[M], settings) -> M:
+    """`decode` for a big body, in a worker thread. orjson would parse it in one call that holds
+    the GIL, and so stops the event loop, for as long as the whole body takes (hundreds of
+    milliseconds for 16 MiB of small values); ijson's C parser is fed a chunk at a time, so the
+    loop gets the GIL back within the switch interval. An `input`/`items` array over the limit
+    is refused as soon as its item past the limit is parsed, before the rest is built
+    (docs/decisions/0050-big-bodies-parsed-in-chunks.md)."""
+    docs = ijson.sendable_list()
+    whole = ijson.items_coro(docs, "", use_float=True)
+    key = "input" if "input" in model.model_fields else "items" if "items" in model.model_fields else None
+    counted = ijson.sendable_list()
+    counter = ijson.items_coro(counted, f"{key}.item", use_float=True) if key else None
+    limit, seen = settings.max_input_items, 0
+    view = memoryview(raw)
+    try:
+        for start in range(0, len(raw), CHUNK_BYTES):
+            chunk = view[start:start + CHUNK_BYTES]
+            whole.send(chunk)
+            if counter is not None:
+                counter.send(chunk)
+                seen += len(counted)
+                del counted[:]
+                if seen > limit:
+                    raise InvalidRequest(
+                        f"Invalid '{key}': array too long. Expected an array with maximum length {limit}, "
+                        f"but got an array with more than {limit} items instead.",
+                        param=key, code="array_above_max_length")
+        whole.close()
+    except ijson.JSONError:
+        raise InvalidRequest(_INVALID_JSON, code="invalid_json") from None
+    if not docs:
+        raise InvalidRequest(_INVALID_JSON, code="invalid_json")
+    return validate(_object(docs[0]), raw, model, settings)
 
 
 def check_limits(data: dict, raw: bytes, settings) -> None:
@@ -160,15 +219,16 @@ def _too_deep(param: str | None, max_depth: int) -> InvalidRequest:
 
 
 def paging(request: Request, *, max_limit: int = 100, default_limit: int = 20,
-           default_order: str = "desc", cursor: re.Pattern | None = None) -> tuple[int, str, str | None]:
-    """(limit, order, after); `after` is an item id, or matches `cursor` when given."""
+           default_order: str = "desc", cursor: re.Pattern | None = None,
+           kind: str | None = "item") -> tuple[int, str, str | None]:
+    """(limit, order, after); `after` is an id of `kind`, or matches `cursor` when given (with no
+    `kind`, it must)."""
     q = request.query_params
     raw_limit = q.get("limit")
-    try:
-        limit = default_limit if raw_limit is None else int(raw_limit)
-    except ValueError:
-        raise InvalidRequest(f"Invalid value for 'limit': expected an integer, got '{raw_limit}'.",
-                             param="limit", code="invalid_value") from None
+    if raw_limit is not None and not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 9):
+        raise InvalidRequest(f"Invalid value for 'limit': expected an integer, got '{raw_limit[:64]}'.",
+                             param="limit", code="invalid_value")
+    limit = default_limit if raw_limit is None else int(raw_limit)
     if not 1 <= limit <= max_limit:
         raise InvalidRequest(f"Invalid value for 'limit': must be between 1 and {max_limit}.",
                              param="limit", code="invalid_value")
@@ -179,4 +239,7 @@ def paging(request: Request, *, max_limit: int = 100, default_limit: int = 20,
     after = q.get("after") or None
     if after is None or (cursor is not None and cursor.fullmatch(after)):
         return limit, order, after
-    return limit, order, check_id(after, "item", "after")
+    if kind is None:
+        raise InvalidRequest(f"Invalid value for 'after': '{after[:64]}' is not a cursor of this list.",
+                             param="after", code="invalid_value")
+    return limit, order, check_id(after, kind, "after")

@@ -12,6 +12,7 @@ from time import perf_counter
 
 import orjson
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from branchwise.api.common import json_response
@@ -28,7 +29,9 @@ _STATUS_TYPES = {429: "rate_limit_error"}
 
 
 class Auth:
-    """With an API key configured, every `/v1/` request must carry it as its bearer token."""
+    """With an API key configured, every `/v1/` request must carry it as its bearer token; a
+    WebSocket handshake too, refused with the same 401 reply as HTTP (when the server can send
+    one: else with the close code that makes it a 403)."""
 
     def __init__(self, app, api_key: str):
         self.app = app
@@ -39,11 +42,20 @@ class Auth:
             auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             if not hmac.compare_digest(auth, self.expected):
                 if scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 1008})
+                    await refuse_handshake(scope, send)
                     return
                 await json_response(_UNAUTHORIZED, 401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+async def refuse_handshake(scope, send) -> None:
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": 401, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(_UNAUTHORIZED))]})
+        await send({"type": "websocket.http.response.body", "body": _UNAUTHORIZED})
+    else:
+        await send({"type": "websocket.close", "code": 1008})
 
 
 async def reply(pending: Awaitable[Response], scope, receive, send) -> int:
@@ -57,6 +69,8 @@ async def reply(pending: Awaitable[Response], scope, receive, send) -> int:
         response = error_reply(exc)
     except HTTPException as exc:
         response = http_exception_reply(exc)
+    except ClientDisconnect:  # the client left while sending its body: nobody to answer, nothing to log
+        response = Response(status_code=499)
     except Exception:
         response = crash_reply(scope)
     await response(scope, receive, send)

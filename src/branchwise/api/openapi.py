@@ -4,11 +4,12 @@ It is built once, at start-up, from the route table (`api.app.ROUTES`) and the d
 table below. Request bodies are the JSON Schemas of the request models the handlers validate
 with (`wire.models`), so the document cannot drift from what the server accepts, and the
 branchwise extensions (`concurrency`, `n`, the fork/head/tree routes) are in it because they
-are in the models. Every route must have a line in `OPERATIONS`: `document` refuses a route
+are in the models; extension routes say so (`x-branchwise-extension`), extension fields in
+their descriptions. Every route must have a line in `OPERATIONS`: `document` refuses a route
 without one, so a new route cannot be left out.
 
-Responses are described by hand (the server builds them as plain dicts): the fields a client
-relies on, with other fields allowed.
+Replies are described by hand (the server builds them as plain dicts), every field, in
+`api.openapi_schemas`.
 """
 
 from __future__ import annotations
@@ -24,130 +25,14 @@ from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import Response
 
+from branchwise.api import openapi_schemas as schemas
 from branchwise.api.common import json_response
 from branchwise.wire import models as m
 
-REF = "#/components/schemas/{model}"
-
-
-def _ref(name: str) -> dict:
-    return {"$ref": REF.format(model=name)}
-
-
-def _nullable(schema: dict) -> dict:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-_STR = {"type": "string"}
-_INT = {"type": "integer"}
-
-# ---------------------------------------------------------------- response schemas
-
-RESPONSE_SCHEMAS: dict[str, dict] = {
-    "Error": {
-        "type": "object", "required": ["error"],
-        "properties": {"error": {
-            "type": "object", "required": ["message", "type", "param", "code"],
-            "properties": {"message": _STR, "type": _STR, "param": _nullable(_STR), "code": _nullable(_STR)},
-        }},
-    },
-    "Item": {
-        "type": "object", "required": ["id", "type"], "additionalProperties": True,
-        "properties": {"id": _STR, "type": _STR, "status": _STR, "role": _STR},
-    },
-    "ItemList": {
-        "type": "object", "required": ["object", "data", "first_id", "last_id", "has_more"],
-        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Item")},
-                       "first_id": _nullable(_STR), "last_id": _nullable(_STR), "has_more": {"type": "boolean"}},
-    },
-    "Response": {
-        "type": "object", "required": ["id", "object", "created_at", "status", "model", "output"],
-        "additionalProperties": True,
-        "properties": {
-            "id": _STR, "object": {"const": "response"}, "created_at": _INT,
-            "status": {"enum": ["queued", "in_progress", "completed", "failed", "incomplete", "cancelled"]},
-            "model": _STR, "output": {"type": "array", "items": _ref("Item")},
-            "conversation": _nullable({"type": "object", "properties": {"id": _STR}}),
-            "previous_response_id": _nullable(_STR),
-            "error": _nullable({"type": "object", "properties": {"code": _STR, "message": _STR}}),
-            "usage": _nullable({"type": "object"}),
-            "metadata": {"type": "object", "additionalProperties": _STR},
-            "alternatives": {"type": "array", "items": _ref("Response"),
-                             "description": "branchwise extension: the other n-1 responses when n > 1"},
-        },
-    },
-    "ResponseDeleted": {
-        "type": "object", "required": ["id", "object", "deleted"],
-        "properties": {"id": _STR, "object": {"const": "response"}, "deleted": {"const": True}},
-    },
-    "InputTokens": {
-        "type": "object", "required": ["object", "input_tokens"],
-        "properties": {"object": {"const": "response.input_tokens"}, "input_tokens": _INT},
-    },
-    "Compaction": {
-        "type": "object", "required": ["id", "object", "output", "created_at", "usage"],
-        "properties": {"id": _STR, "object": {"const": "response.compaction"},
-                       "output": {"type": "array", "items": {"type": "object"}}, "created_at": _INT,
-                       "usage": _nullable({"type": "object"})},
-    },
-    "Conversation": {
-        "type": "object", "required": ["id", "object", "created_at", "metadata"],
-        "properties": {
-            "id": _STR, "object": {"const": "conversation"}, "created_at": _INT,
-            "metadata": {"type": "object", "additionalProperties": _STR},
-            "head": {**_nullable(_STR), "description": "branchwise extension: the active leaf item"},
-            "forked_from": {**_nullable({"type": "object", "properties": {
-                "conversation_id": _STR, "item_id": _nullable(_STR)}}),
-                "description": "branchwise extension: where a fork started"},
-        },
-    },
-    "ConversationDeleted": {
-        "type": "object", "required": ["id", "object", "deleted"],
-        "properties": {"id": _STR, "object": {"const": "conversation.deleted"}, "deleted": {"const": True}},
-    },
-    "ConversationTree": {
-        "description": "branchwise extension: every item of a conversation's tree with its parent",
-        "type": "object", "required": ["object", "head", "data", "has_more", "first_id", "last_id"],
-        "properties": {
-            "object": {"const": "conversation.tree"}, "head": _nullable(_STR),
-            "data": {"type": "array", "items": {"type": "object", "properties": {
-                "id": _STR, "parent_id": _nullable(_STR), "type": _STR, "role": _nullable(_STR),
-                "response_id": _nullable(_STR), "status": _nullable(_STR), "created_at": _INT}}},
-            "has_more": {"type": "boolean"}, "first_id": _nullable(_STR), "last_id": _nullable(_STR),
-        },
-    },
-    "ModelList": {
-        "type": "object", "required": ["object", "data"],
-        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
-            "type": "object", "properties": {"id": _STR, "object": {"const": "model"}}}}},
-    },
-    "Health": {"type": "object", "properties": {"status": {"const": "ok"}}},
-    "OpenAPI": {"type": "object", "required": ["openapi", "paths"]},
-}
-
-# ---------------------------------------------------------------- parameters
-
-
-def _query(name: str, schema: dict, description: str) -> dict:
-    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
-
-
-def _paging(max_limit: int = 100, default_limit: int = 20, order: bool = True) -> tuple[dict, ...]:
-    params = [
-        _query("limit", {"type": "integer", "minimum": 1, "maximum": max_limit, "default": default_limit},
-               "How many to return."),
-        _query("after", _STR, "An id of the list: return what comes after it."),
-    ]
-    if order:
-        params.insert(1, _query("order", {"enum": ["asc", "desc"], "default": "desc"}, "Sort order."))
-    return tuple(params)
-
-
-_RETRIEVE = (
-    _query("stream", {"type": "boolean", "default": False},
-           "Replay the response's events as Server-Sent Events."),
-    _query("starting_after", {"type": "integer", "minimum": -(2**31 - 1), "maximum": 2**31 - 1}, "With `stream`: the sequence number to resume after."),
-)
+REF = schemas.REF
+_ref, _STR = schemas.ref, schemas.STR
+RESPONSE_SCHEMAS = schemas.RESPONSE_SCHEMAS
+_paging = schemas.paging
 
 # ---------------------------------------------------------------- the operations
 
@@ -165,11 +50,12 @@ class Op:
 
 
 _V1 = "/v1/conversations/{conversation_id}"
+_P = "/v1/prompts/{prompt_id}"
 
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/v1/responses"): Op("Create a model response", "Response", m.CreateResponse,
                                   errors=(400, 404, 409, 502), stream=True),
-    ("GET", "/v1/responses/{response_id}"): Op("Retrieve a response", "Response", query=_RETRIEVE,
+    ("GET", "/v1/responses/{response_id}"): Op("Retrieve a response", "Response", query=schemas.RETRIEVE_RESPONSE,
                                                errors=(400, 404), stream=True),
     ("DELETE", "/v1/responses/{response_id}"): Op("Delete a response", "ResponseDeleted", errors=(404,)),
     ("POST", "/v1/responses/{response_id}/cancel"): Op("Cancel a background response", "Response",
@@ -178,10 +64,14 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                                            query=_paging(), errors=(400, 404)),
     ("POST", "/v1/responses/input_tokens"): Op("Count input tokens", "InputTokens", m.CountInputTokens,
                                                errors=(400, 404)),
-    ("POST", "/v1/responses/compact"): Op("Compact a conversation's history", "Compaction", m.CompactRequest,
-                                          errors=(400, 404, 502)),
+    ("POST", "/v1/responses/compact"): Op(
+        "Compact a history: its user messages and one compaction item", "CompactedResponse", m.CompactRequest,
+        errors=(400, 404, 502)),
     ("POST", "/v1/conversations"): Op("Create a conversation", "Conversation", m.CreateConversation,
                                       errors=(400, 404), tag="conversations"),
+    ("GET", "/v1/conversations"): Op("List conversations (newest first), by metadata", "ConversationList",
+                                     query=schemas.LIST_CONVERSATIONS, errors=(400,), tag="conversations",
+                                     extension=True),
     ("GET", _V1): Op("Retrieve a conversation", "Conversation", errors=(404,), tag="conversations"),
     ("POST", _V1): Op("Update a conversation's metadata", "Conversation", m.UpdateConversation,
                       errors=(400, 404), tag="conversations"),
@@ -198,9 +88,23 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", _V1 + "/head"): Op("Move a conversation's head to an item of its tree", "Conversation",
                                 m.MoveHead, errors=(400, 404), tag="conversations", extension=True),
     ("GET", _V1 + "/tree"): Op("Every item of a conversation's tree", "ConversationTree",
-                               query=_paging(max_limit=1000, default_limit=100, order=False),
+                               query=(*_paging(max_limit=1000, default_limit=100, order=False), schemas.query(
+                                   "include", {"type": "array", "items": {"enum": ["item", "node"]}},
+                                   "item: each row's item as stored; node: the node ids of the rows and the head.")),
                                errors=(400, 404), tag="conversations", extension=True),
-    ("GET", "/v1/models"): Op("List the model names routed", "ModelList", errors=(), tag="server"),
+    ("POST", "/v1/prompts"): Op("Create a stored prompt (its version 1)", "Prompt", m.CreatePrompt,
+                                tag="prompts", extension=True),
+    ("GET", "/v1/prompts"): Op("List stored prompts (each its latest version)", "PromptList", query=_paging(),
+                               tag="prompts", extension=True),
+    ("GET", _P): Op("Retrieve a prompt's latest version, or the one named", "Prompt", query=schemas.PROMPT_VERSION,
+                    errors=(400, 404), tag="prompts", extension=True),
+    ("POST", _P): Op("Add a version to a prompt (it becomes the latest)", "Prompt", m.CreatePrompt,
+                     errors=(400, 404), tag="prompts", extension=True),
+    ("DELETE", _P): Op("Delete a prompt and all its versions", "PromptDeleted", errors=(400, 404),
+                       tag="prompts", extension=True),
+    ("GET", _P + "/versions"): Op("List a prompt's versions", "PromptList", query=schemas.PROMPT_VERSIONS,
+                                  errors=(400, 404), tag="prompts", extension=True),
+    ("GET", "/v1/models"): Op("List the model names routable", "ModelList", errors=(), tag="server"),
     ("GET", "/healthz"): Op("200 once the server is ready", "Health", errors=(), tag="server",
                             extension=True),
     ("GET", "/openapi.json"): Op("This document", "OpenAPI", errors=(), tag="server", extension=True),
@@ -260,8 +164,8 @@ def document(routes: Iterable[tuple[str, str, Any]]) -> dict:
         raise LookupError(f"api.openapi.OPERATIONS is out of date: routes without a description {missing}, "
                           f"descriptions without a route {stale}")
     models = list(dict.fromkeys(op.body for op in OPERATIONS.values() if op.body is not None))
-    schemas, defs = models_json_schema([(model, "validation") for model in models], ref_template=REF)
-    bodies = {model: schemas[(model, "validation")] for model in models}
+    found, defs = models_json_schema([(model, "validation") for model in models], ref_template=REF)
+    bodies = {model: found[(model, "validation")] for model in models}
     clash = set(defs.get("$defs", {})) & set(RESPONSE_SCHEMAS)
     if clash:
         raise LookupError(f"request and response schemas share the names {sorted(clash)}")
@@ -274,8 +178,9 @@ def document(routes: Iterable[tuple[str, str, Any]]) -> dict:
             "title": "branchwise",
             "version": _version(),
             "description": "OpenAI's Responses and Conversations APIs, where a conversation is a tree. "
-                           "Operations and fields marked as extensions are branchwise's own "
-                           "(docs/branching.md).",
+                           "Operations marked `x-branchwise-extension` and fields whose description "
+                           "says 'branchwise extension' are branchwise's own (docs/api.md, "
+                           "docs/branching.md).",
         },
         "paths": paths,
         "components": {

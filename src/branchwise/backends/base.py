@@ -68,6 +68,11 @@ class Backend(Protocol):
         """Exact prompt tokens of these messages; only when `capabilities.count_tokens`."""
         ...
 
+    async def list_models(self, timeout: float) -> list[str]:
+        """The model names the backend itself reports (an upstream's /models), within
+        `timeout` seconds; `BackendError` when it cannot say. Empty for a backend with no list."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -84,6 +89,9 @@ class BaseBackend:
 
     async def count_tokens(self, messages_json: bytes, params: dict[str, Any] | None = None) -> int:
         raise BackendError(f"The backend {self.name!r} cannot count tokens.", code="unsupported")
+
+    async def list_models(self, timeout: float) -> list[str]:
+        return []
 
     async def aclose(self) -> None:
         return None

@@ -93,6 +93,7 @@ class ChatCompletionsBackend(BaseBackend):
         self.timeout = timeout
         self.base_url = base_url.rstrip("/")
         self._path = urlsplit(self.base_url).path + "/chat/completions"
+        self._models_path = urlsplit(self.base_url).path + "/models"
         if transport is None:
             headers = {"content-type": "application/json", "accept": "application/json, text/event-stream",
                        "user-agent": "branchwise"}
@@ -248,6 +249,38 @@ class ChatCompletionsBackend(BaseBackend):
                 resp.release()  # back to the pool
             else:
                 resp.close()  # cancelled or broken: drop the connection, so the upstream stops too
+
+    async def list_models(self, timeout: float) -> list[str]:
+        """GET `base_url`/models: the ids of its `data`, once, within `timeout` (no retry: a
+        listing that fails is left out, not waited for)."""
+        conn = None
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await self._transport.connection()
+                reply = await self._transport.get(conn, self._models_path)
+                raw = await reply.read()
+            reply.release()
+        except TimeoutError as e:
+            if conn is not None:
+                conn.close()
+            raise BackendError(f"The upstream did not list its models within {timeout:g} s.",
+                               code="upstream_timeout") from e
+        except ConnectError as e:
+            raise BackendError(f"Could not connect to the upstream at {self.base_url}: {e}",
+                               code="upstream_unavailable") from e
+        except HTTPError as e:
+            raise self._broken(e) from e
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        if reply.status >= 300:
+            raise _status_error(reply.status, reply.reason, raw)
+        try:
+            data = orjson.loads(raw)["data"]
+            return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+            raise _malformed("model list") from e
 
     async def aclose(self) -> None:
         self._transport.close()

@@ -350,15 +350,19 @@ class Pool:
                 waiter.set_result(None)
                 return
 
-    async def post(self, conn: _Conn, path: str, body: bytes) -> Reply:
+    async def get(self, conn: _Conn, path: str) -> Reply:
+        """A GET of `path` on `conn`, as `post` sends a POST."""
+        return await self.post(conn, path, b"", b"GET " + self._request_line[len(b"POST "):])
+
+    async def post(self, conn: _Conn, path: str, body: bytes, request_line: bytes | None = None) -> Reply:
         """Send the request on `conn`; returns once the status and headers are in. On any
-        failure or cancellation the connection is closed."""
+        failure or cancellation the connection is closed. (`request_line`: another method's.)"""
         conn.reset()
         try:
             if conn.transport is None:
                 raise Disconnected("the connection closed before the request was sent")
             conn.transport.write(b"".join((
-                self._request_line, path.encode("latin-1"), b" HTTP/1.1\r\n", self._host_line, self._headers,
+                request_line or self._request_line, path.encode("latin-1"), b" HTTP/1.1\r\n", self._host_line, self._headers,
                 b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body)))
             while not conn.headers_done:
                 await conn.wait()

@@ -66,7 +66,7 @@ def _local(cfg: UpstreamConfig, settings: Settings) -> Backend:
     from branchwise.backends.local import LocalBackend
 
     backend = LocalBackend(model_path=settings.local_model_path, n_ctx=cfg.context_window or settings.local_n_ctx,
-                           repeat_penalty=settings.local_repeat_penalty)
+                           repeat_penalty=settings.local_repeat_penalty, parallel=settings.local_parallel)
     # what a request that does not say gets (settings, not the model's own nature)
     backend.capabilities = replace(backend.capabilities,
                                    default_max_output_tokens=settings.local_max_output_tokens,

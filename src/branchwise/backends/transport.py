@@ -67,6 +67,10 @@ class Transport(Protocol):
         (`Disconnected`, `BadReply` when no reply came). On failure `conn` is closed."""
         ...
 
+    async def get(self, conn: Connection, path: str) -> Reply:
+        """A GET of `path`, as `post` (the upstream's model list)."""
+        ...
+
     def close(self) -> None: ...
 
 

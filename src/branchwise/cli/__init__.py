@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import typer
 
+from branchwise.cli import importer
+from branchwise.cli.chat import chat
+from branchwise.cli.export import export
 from branchwise.cli.serve import serve
+from branchwise.cli.tree import tree
 
 app = typer.Typer(help="branchwise: OpenAI Responses + Conversations, where a conversation is a tree.",
                   no_args_is_help=True, add_completion=False)
@@ -25,6 +29,10 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 app.command()(serve)
+app.add_typer(importer.app, name="import")
+app.command()(tree)
+app.command()(export)
+app.command()(chat)
 
 
 @app.command()

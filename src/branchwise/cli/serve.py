@@ -3,9 +3,9 @@
 How a server stops (docs/decisions/0035-process-model.md): on SIGTERM or SIGINT it stops
 accepting, lets running responses finish for `drain_timeout` seconds and fails the rest cleanly
 (the lifespan, `app.py`); uvicorn waits a little longer than that for the connections. With
-`--workers`, each worker also stops (the same drain) as soon as its master dies, whatever killed
-it: workers left serving on the port with no supervisor would keep a restarted server from
-binding it. Slow clients are cut off by the protocol in `cli/protocol.py`.
+`--workers`, each worker also stops as soon as its master dies, whatever killed it, with a drain
+of at most `MASTER_GONE_DRAIN_S`: workers left serving on the port with no supervisor would keep a
+restarted server from binding it. Slow clients are cut off by the protocol in `cli/protocol.py`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ DRAIN_MARGIN_S = 5.0
 responses failed at the drain's end to be stored and their last events sent."""
 MASTER_ENV = "BRANCHWISE_SERVE_MASTER_PID"
 PR_SET_PDEATHSIG = 1
+MASTER_GONE_SIGNAL = signal.SIGUSR2
+MASTER_GONE_DRAIN_S = 1.0
+"""A worker whose master died drains this long at most (not `drain_timeout`): the port must be
+free for a restart within seconds, and what is cut off is failed cleanly, as in any drain."""
 
 
 def serve(
@@ -77,14 +81,10 @@ def _serve(host: str | None, port: int | None, workers: int, log_level: str | No
 def _serve_on(sock, settings: Settings, host: str, workers: int, level: str, fmt: str) -> None:
     import uvicorn
 
-    from branchwise.cli.protocol import SlowClientProtocol
-
     port = sock.getsockname()[1]
-    # No proxy-header rewriting: branchwise never reads the client's address, and the layer costs
-    # CPU on every request. uvicorn's access log is off: branchwise writes its own request lines.
+    # uvicorn's access log is off (server_options): branchwise writes its own request lines.
     kwargs = dict(host=host, port=port, log_config=logs.log_config(level, fmt), log_level=logs.uvicorn_level(level),
-                  access_log=False, lifespan="on", proxy_headers=False, http=SlowClientProtocol,
-                  timeout_graceful_shutdown=settings.drain_timeout + DRAIN_MARGIN_S, workers=workers)
+                  workers=workers, **server_options(settings))
     try:
         import uvloop  # noqa: F401
 
@@ -157,6 +157,18 @@ def metrics_env() -> str:
     return "PROMETHEUS_MULTIPROC_DIR"  # (read by prometheus-client as it is imported in a worker)
 
 
+def server_options(settings: Settings) -> dict:
+    """uvicorn's options for serving the app (the tests' real servers take them too)."""
+    from branchwise.cli.protocol import SlowClientProtocol
+
+    # No proxy-header rewriting: branchwise never reads the client's address, and the layer costs
+    # CPU on every request. WebSockets (/v1/responses in WebSocket mode) are uvicorn's, over the
+    # `websockets` package; a message may be as long as a request body.
+    return dict(access_log=False, lifespan="on", proxy_headers=False,
+                timeout_graceful_shutdown=settings.drain_timeout + DRAIN_MARGIN_S, http=SlowClientProtocol,
+                ws="websockets-sansio", ws_max_size=settings.max_body_bytes)
+
+
 def prepare_process(settings: Settings) -> None:
     """What each serving process sets up before its first connection."""
     from branchwise.cli.protocol import SlowClientProtocol
@@ -168,38 +180,46 @@ def worker_app():
     """The application of one `--workers` worker (uvicorn calls it in the worker, before serving)."""
     from branchwise.app import create_app
 
+    settings = Settings()
     master = os.environ.get(MASTER_ENV)
     if master:
-        stop_with_master(int(master))
-    settings = Settings()
+        stop_with_master(int(master), settings)
     prepare_process(settings)
     return create_app(settings)
 
 
-def stop_with_master(master: int) -> None:
-    """SIGTERM this process (the drain) as soon as `master` dies, by any signal, kill -9 too.
+def stop_with_master(master: int, settings: Settings) -> None:
+    """Stop this process, with a short drain, as soon as `master` dies, by any signal, kill -9
+    too.
 
-    On Linux the kernel sends it (`PR_SET_PDEATHSIG`); elsewhere a thread watches the parent
+    On Linux the kernel signals it (`PR_SET_PDEATHSIG`); elsewhere a thread watches the parent
     process id. A master that died before the request was made is caught by the check after it.
     """
+
+    def master_gone(*_) -> None:
+        # read by the drain that the SIGTERM below begins (the lifespan's stop-signal callback)
+        settings.drain_timeout = min(settings.drain_timeout, MASTER_GONE_DRAIN_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     if sys.platform.startswith("linux"):
         try:
             import ctypes
 
             libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0:
+            signal.signal(MASTER_GONE_SIGNAL, master_gone)
+            if libc.prctl(PR_SET_PDEATHSIG, int(MASTER_GONE_SIGNAL), 0, 0, 0) == 0:
                 if os.getppid() != master:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    master_gone()
                 return
         except (OSError, AttributeError):
             pass
-    threading.Thread(target=_watch_master, args=(master,), name="master-watch", daemon=True).start()
+    threading.Thread(target=_watch_master, args=(master, master_gone), name="master-watch", daemon=True).start()
 
 
-def _watch_master(master: int) -> None:
+def _watch_master(master: int, master_gone) -> None:
     while os.getppid() == master:
         time.sleep(0.5)
-    os.kill(os.getpid(), signal.SIGTERM)
+    master_gone()
 
 
 # -- PostgreSQL connections

@@ -38,6 +38,11 @@ class ModelFailed(BranchwiseError):
     """The model behind the request failed to answer a request that needed it at once."""
 
 
+class LimitReached(BranchwiseError):
+    """A limit on how much one client may hold at once, or for how long, was reached (WebSocket
+    connections: how many are open, how long one stays open)."""
+
+
 class ServerFault(BranchwiseError):
     """branchwise itself could not do it."""
 

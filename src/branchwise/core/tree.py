@@ -87,6 +87,35 @@ def place(chain: Sequence[NewItem], parent: str | None, parent_depth: int,
     return out
 
 
+def place_tree(parents: Sequence[int | None]) -> list[tuple[str, int | None, int]]:
+    """Nodes for a whole tree given as parent positions: `parents[k]` is the position of item
+    k's parent (None: a root), always before k. Returns (node, parent position, depth) per item."""
+    out: list[tuple[str, int | None, int]] = []
+    for k, p in enumerate(parents):
+        if p is not None and not 0 <= p < k:
+            raise ValueError(f"item {k}: its parent must come before it")
+        out.append((new_node(), p, 0 if p is None else out[p][2] + 1))
+    return out
+
+
+@dataclass(slots=True)
+class ImportedConversation:
+    """A conversation made elsewhere (an export file), whole: its items as a tree
+    (`place_tree`'s parent positions) with their own creation times, and its head's position.
+    `key`: the metadata entry (name, value) that says whether it was imported already; None:
+    its id says so."""
+
+    conv_id: str
+    tree: str
+    metadata: dict[str, Any]
+    created_at: int
+    items: list[NewItem]
+    parents: list[int | None]
+    item_created: list[int]
+    head: int | None
+    key: tuple[str, str] | None = None
+    forked_from: tuple[str | None, str | None] | None = None
+    response_ids: list[str | None] | None = None
 
 
 # A branch is the path from a tree's root to one of its nodes: what a model sees as history and

@@ -1,14 +1,21 @@
-"""Compaction. One chat call to the routed backend: a system message asking for a summary (with
-the request's `instructions`, if any, as context), the conversation's messages, and a last user
-message repeating the request (a model that sees a conversation ending on a user turn would
-otherwise answer that turn). The output is plain input items, so it can be sent back as
-`input` to continue: a `user` message whose text is the summary, followed by the user messages
-that ended the conversation unanswered, kept verbatim.
-"""
+"""Compaction: POST /v1/responses/compact, as OpenAI's and Open Responses' specs have it.
 
+The output is the history's user messages, verbatim, followed by one `compaction` item that
+stands for everything else (the model's answers, tool calls and their results, the system and
+developer messages): sent back as `input` (or stored in a conversation), the model sees the
+user messages and, where the compaction item is, a summary of the rest.
+
+The summary comes from one chat call to the routed backend: a system message asking for a
+summary (with the request's `instructions`, if any, as context), the conversation's messages,
+and a last user message repeating the request (a model that sees a conversation ending on a
+user turn would otherwise answer that turn). It travels inside the item, signed with the
+server's compaction key (`wire.compaction`, docs/decisions/0040), so that the server can trust
+it when it comes back; a changed or foreign item is a 400 there (`services.context`).
+"""
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import orjson
@@ -17,8 +24,11 @@ from branchwise.backends.base import BackendError
 from branchwise.core.chat import ChatRequest
 from branchwise.core.errors import ModelFailed
 from branchwise.core.ids import new_id, now
-from branchwise.services.responses import Responses
+from branchwise.services.responses import Plan, Responses
 from branchwise.services.tokens import messages_for
+from branchwise.settings import Settings
+from branchwise.store.repository import Repository
+from branchwise.wire import compaction
 from branchwise.wire.objects import usage_object
 
 COMPACT_PROMPT = (
@@ -29,29 +39,26 @@ COMPACT_PROMPT = (
     "open. Write it as notes, not as a reply to the user."
 )
 COMPACT_REQUEST = "Summarise the conversation above so that it can be continued later from the summary alone."
-SUMMARY_HEADER = "Summary of the conversation so far (compacted):\n\n"
+SUMMARY_HEADER = compaction.SUMMARY_HEADER
+KEY_NAME = "compaction_key"
 
 
-def _input_parts(content: Any) -> list[dict[str, Any]]:
-    """A Chat Completions user message's content as Responses input content parts."""
-    if isinstance(content, str):
-        return [{"type": "input_text", "text": content}]
-    parts: list[dict[str, Any]] = []
-    for p in content or []:
-        if not isinstance(p, dict):
-            continue
-        if p.get("type") == "text":
-            parts.append({"type": "input_text", "text": p.get("text") or ""})
-        elif p.get("type") == "image_url":
-            img = p.get("image_url") or {}
-            parts.append({"type": "input_image", "image_url": img.get("url"), "detail": img.get("detail", "auto")})
-        elif p.get("type") == "file":
-            parts.append({"type": "input_file", **(p.get("file") or {})})
-    return parts
+async def compaction_key(store: Repository, settings: Settings) -> bytes:
+    """The key compaction items are signed with: `compaction_secret` when set, else 32 random
+    bytes made on the first start on this database and kept there, so that every process and
+    instance sharing the database accepts the items any of them made."""
+    if settings.compaction_secret:
+        return settings.compaction_secret.encode()
+    return bytes.fromhex(await store.secret(KEY_NAME, lambda: secrets.token_hex(32)))
 
 
-def _user_item(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"id": new_id("msg"), "type": "message", "status": "completed", "role": "user", "content": parts}
+async def _user_messages(engine: Responses, plan: Plan) -> list[dict[str, Any]]:
+    """The user messages of the history and the new input, in order, as stored."""
+    items: list[dict[str, Any]] = []
+    if plan.base is not None:
+        items += [orjson.loads(row.data) for row in await engine.store.walk(plan.base, 0, plan.base_depth)]
+    items += [it.wire or orjson.loads(it.data) for it in plan.inputs]
+    return [it for it in items if it.get("type") == "message" and it.get("role") == "user"]
 
 
 async def compact(engine: Responses, body: Any) -> dict[str, Any]:
@@ -74,11 +81,10 @@ async def compact(engine: Responses, body: Any) -> dict[str, Any]:
     summary = result.choices[0].text.strip() if result.choices else ""
     if not summary:
         raise ModelFailed("The model returned an empty summary.", code="server_error")
-    tail = []  # the user messages after the last thing the model said: still unanswered
-    for msg in reversed(history):
-        if not isinstance(msg, dict) or msg.get("role") != "user":
-            break
-        tail.append(_user_item(_input_parts(msg.get("content"))))
-    output = [_user_item([{"type": "input_text", "text": SUMMARY_HEADER + summary}]), *reversed(tail)]
-    return {"id": new_id("resp"), "object": "response.compaction", "created_at": now(), "output": output,
+    created = now()
+    token = compaction.seal(engine.context.compaction_key,
+                            {"summary": summary, "model": body.model, "created_at": created})
+    output = [*await _user_messages(engine, plan),
+              {"id": new_id("cmp"), "type": "compaction", "encrypted_content": token}]
+    return {"id": new_id("resp"), "object": "response.compaction", "created_at": created, "output": output,
             "usage": usage_object(result.usage)}

@@ -28,15 +28,33 @@ from branchwise.core.ids import new_id, now
 from branchwise.core.tree import Conversation, NewItem, Placed, place
 from branchwise.services.concurrency import Lease, Policies
 from branchwise.services.context import Context
+from branchwise.services.prompts import Prompts
 from branchwise.services.runs import Run, Runs
 from branchwise.services.upstream import Upstream
 from branchwise.settings import Settings
+from branchwise.store.history_cache import extend
 from branchwise.store.repository import Repository
 from branchwise.wire import items as witems
 from branchwise.wire import models as m
 from branchwise.wire.chat import chat_params
 from branchwise.wire.events import INCOMPLETE, Seq, Terminal
 from branchwise.wire.objects import response_object
+
+
+@dataclass(frozen=True)
+class Previous:
+    """A response as a later request continues it, held by the client's connection rather than
+    read from the store (WebSocket mode, `services.sockets`): its last node, and the messages the
+    model saw up to and including its output."""
+
+    response_id: str
+    tree: str
+    node: str | None
+    depth: int
+    node_type: str | None
+    call_id: str | None  # the last item's, when it is a function call
+    history: bytes
+    stored: bool  # whether its items are in the store (a response may hang under them)
 
 
 @dataclass
@@ -53,6 +71,7 @@ class Plan:
     params: dict[str, Any]
     chat: ChatRequest | None = None
     history: bytes | None = None  # the base's messages, when already read
+    prefix: list[bytes] | None = None  # with a `prompt`: the messages before the history (instructions too)
     lease: Lease | None = None
     run: Run | None = None  # set when the response outlives its request (stored stream, background)
     seq: Seq = field(default_factory=Seq)  # sequence_number, shared by the alternatives
@@ -61,6 +80,8 @@ class Plan:
     body: bytes | None = None  # the stored Response (alternative 0) as serialised for its row
     status: str = "queued"  # alternative 0's, once stored (for the request's log line)
     usage: Usage | None = None  # the model's, once it answered (for the request's log line)
+    keep: bool = False  # make `kept` when it commits (a WebSocket turn)
+    kept: list[Previous] | None = None  # each finished alternative, for a next turn to continue
 
     @property
     def n(self) -> int:
@@ -79,20 +100,24 @@ class Responses:
         self.runs = runs
         self.context = Context(store)
         self.upstream = Upstream()
+        self.prompts = Prompts(store)
 
     # ------------------------------------------------------------------ prepare
 
     async def prepare(self, req: m.CreateResponse,
-                      disconnected: Callable[[], Awaitable[bool]] | None = None) -> Plan:
+                      disconnected: Callable[[], Awaitable[bool]] | None = None,
+                      previous: Previous | None = None) -> Plan:
         """`validate`, then `enter`: everything before the model runs. Raises an APIError
         before anything is stored."""
-        plan = await self.validate(req)
+        plan = await self.validate(req, previous)
         await self.enter(plan, disconnected)
         return plan
 
-    async def validate(self, req: m.CreateResponse) -> Plan:
+    async def validate(self, req: m.CreateResponse, previous: Previous | None = None) -> Plan:
         """Check the request and resolve what it names (conversation, previous response, item
-        references, model). Takes no lease and reads no history yet."""
+        references, model). Takes no lease and reads no history yet (unless a branch's is at
+        hand). `previous` is `req.previous_response_id` as the client's connection holds it:
+        then the store is not asked for it."""
         conv_id = req.conversation_id
         if req.previous_response_id and conv_id:
             raise InvalidRequest("Cannot use both 'previous_response_id' and 'conversation' in one request.",
@@ -116,6 +141,7 @@ class Responses:
                                      code="missing_required_parameter")
             raw = []
         inputs = await self.context.input_items(raw)
+        prefix = None if req.prompt is None else await self.prompts.prefix(req)
         params = chat_params(req)
         ids = [new_id("resp") for _ in range(req.n)]
         base: str | None = None
@@ -123,6 +149,7 @@ class Responses:
         base_type: str | None = None
         conversation: Conversation | None = None
         history: bytes | None = None
+        call_id: str | None = None
         if conv_id:
             policy = req.concurrency or self.settings.default_concurrency
             if policy == "branch" and not req.background:  # the history it will run on: read it now
@@ -132,6 +159,14 @@ class Responses:
             if conversation is None:
                 raise NotFound(f"Conversation with id '{conv_id}' not found.", param="conversation")
             base, base_depth, tree = conversation.head, conversation.head_depth, conversation.tree
+        elif previous is not None:
+            if req.store is not False and not previous.stored:
+                raise InvalidRequest(
+                    f"Previous response with id '{previous.response_id}' was not stored (store: false), so a "
+                    "response that continues it cannot be stored: send 'store': false, or start a new chain.",
+                    param="store", code="invalid_value")
+            base, tree, base_depth, base_type = previous.node, previous.tree, previous.depth, previous.node_type
+            history, call_id = previous.history, previous.call_id
         elif req.previous_response_id:
             prev = await self.store.response(req.previous_response_id)
             if prev is None:
@@ -142,10 +177,11 @@ class Responses:
         else:
             tree = ids[0]
         if base is not None and (conversation.head_type if conversation else base_type) == "function_call":
-            await self.context.check_tool_output(base, inputs)
+            self.context.check_tool_output(call_id if previous is not None else await self.context.call_id(base),
+                                           inputs)
         return Plan(req=req, ids=ids, created_at=now(), backend=backend, tree=tree, base=base,
                     base_depth=base_depth, conversation=conversation, inputs=inputs, params=params,
-                    history=history)
+                    history=history, prefix=prefix)
 
     async def enter(self, plan: Plan, disconnected: Callable[[], Awaitable[bool]] | None = None) -> None:
         """Take the conversation's lease when its policy needs one (waiting in line for `queue`),
@@ -165,10 +201,16 @@ class Responses:
                 plan.history = None
             history = plan.history if plan.history is not None else await self.store.path_chat(plan.base)
             plan.history = history
+            if any(i.type == "function_call_output" for i in plan.inputs):
+                self.context.check_tool_calls(history, plan.inputs)
         except BaseException:
             await self.release(plan)
             raise
-        parts = [witems.instructions_message(req.instructions)] if req.instructions else []
+        if plan.prefix is not None:
+            parts = list(plan.prefix)
+        else:
+            parts = [witems.instructions_message(req.instructions)] if req.instructions else []
+        fixed_head = len(parts)
         if history:
             parts.append(history)
         new = [c for c in (i.chat for i in plan.inputs) if c is not None]
@@ -178,7 +220,7 @@ class Responses:
         window = plan.backend.capabilities.context_window
         if window:
             try:
-                await self.context.fit(plan, window, fixed_head=1 if req.instructions else 0, fixed_tail=len(new))
+                await self.context.fit(plan, window, fixed_head=fixed_head, fixed_tail=len(new))
             except BaseException:
                 await self.release(plan)
                 raise
@@ -226,8 +268,8 @@ class Responses:
         """Run a non-streaming response in the request; returns the Response (alternative 0)."""
         try:
             try:
-                result = await self.generate(plan)
-            except BackendError as e:
+                result = await self.runs.tie(self.generate(plan))
+            except BackendError as e:  # (a drain that ended first too: `Runs.tie`)
                 return (await self.fail(plan, e.code, e.message))[0]
             if plan.req.max_tool_calls is not None:
                 for c in result.choices:
@@ -264,17 +306,24 @@ class Responses:
         lasts: list[str | None] = []
         usages = self._usages(plan, usage)
         plan.usage = usage
-        # the new branches' histories, for the path cache once they are stored
+        # the new branches' histories: for the path cache once they are stored, and for the
+        # client's next turn when it keeps them (`keep`)
+        caches = self.store.caches_histories
         with_inputs = None
-        if plan.history is not None:  # (None when the store keeps no histories)
-            with_inputs = self.store.history_after(plan.history, [p.item.chat for p in placed_inputs])
+        if plan.history is not None and (caches or plan.keep):
+            with_inputs = extend(plan.history, [p.item.chat for p in placed_inputs])
         paths: list[tuple[str, bytes]] = []
+        ends: list[tuple[Placed | None, bytes | None]] = []  # each alternative's last node, history
         for i, (choice, out) in enumerate(zip(choices, outputs, strict=True)):
             chain = place(out, input_node, input_depth, plan.ids[i])
             placed.extend(chain)
             lasts.append(chain[-1].node if chain else input_node)
+            history = None
             if with_inputs is not None and lasts[-1] is not None:
-                paths.append((lasts[-1], self.store.history_after(with_inputs, [p.item.chat for p in chain])))
+                history = extend(with_inputs, [p.item.chat for p in chain])
+                if caches:
+                    paths.append((lasts[-1], history))
+            ends.append((chain[-1] if chain else (placed_inputs[-1] if placed_inputs else None), history))
             reason = INCOMPLETE.get(choice.finish_reason or "")
             objs.append(response_object(
                 req, id=plan.ids[i], created_at=plan.created_at,
@@ -282,7 +331,21 @@ class Responses:
                 output=[it.wire for it in out], usage=usages[i],
                 incomplete_reason=reason, completed_at=completed,
             ))
-        return await self._store(plan, objs, placed, input_node, len(placed_inputs), lasts, terminal, paths)
+        objs = await self._store(plan, objs, placed, input_node, len(placed_inputs), lasts, terminal, paths)
+        if plan.keep:
+            plan.kept = [self._previous(plan, obj, end, history) for obj, (end, history) in zip(objs, ends, strict=True)
+                         if obj["status"] in ("completed", "incomplete") and history is not None]
+        return objs
+
+    @staticmethod
+    def _previous(plan: Plan, obj: dict[str, Any], end: Placed | None, history: bytes) -> Previous:
+        if end is None:  # (no input, no output: the base is still the last node)
+            node, depth, kind, call_id = plan.base, plan.base_depth, None, None
+        else:
+            node, depth, kind = end.node, end.depth, end.item.type
+            call_id = end.item.wire.get("call_id") if kind == "function_call" else None
+        stored = plan.req.store is not False or plan.conversation is not None
+        return Previous(obj["id"], plan.tree, node, depth, kind, call_id, history, stored)
 
     async def _store(self, plan: Plan, objs: list[dict[str, Any]], placed: list[Placed],
                      input_node: str | None, input_count: int, lasts: list[str | None],

@@ -21,17 +21,29 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import orjson
 
+from branchwise.backends.base import BackendError
 from branchwise.settings import Settings
 from branchwise.store.runs import RunStore
 from branchwise.wire.events import TERMINAL_EVENTS, Builder, Seq, synthesize, tags
 
 log = logging.getLogger("branchwise.runs")
+T = TypeVar("T")
+
+
+class Shutdown(BackendError):
+    """A generation tied to its request was stopped by the end of a drain (`Runs.tie`): failed
+    as one whose upstream broke."""
+
+    def __init__(self) -> None:
+        super().__init__(SHUTDOWN_MESSAGE, code="server_error")
 
 TERMINAL = {"completed", "failed", "incomplete", "cancelled"}
+SHUTDOWN_MESSAGE = "The server shut down before this response finished."
 REAPED_MESSAGE = ("The server running this response stopped before it finished (crash or restart); "
                   "the response was not completed and its conversation was left unchanged.")
 
@@ -143,6 +155,11 @@ class Runs:
         self.workers = asyncio.Semaphore(settings.background_workers)
         self._loop_task: asyncio.Task | None = None
         self._drain: asyncio.Task | None = None
+        # Generations that live in their request's task (plain requests, unstored streams), not
+        # in a run: a drain waits for them too and, at its end, stops them (`tie`).
+        self._tied: set[asyncio.Task] = set()
+        self._cut: set[asyncio.Task] = set()
+        self.stopped = False
 
     def new(self, ids: list[str]) -> Run:
         run = Run(ids, self.store, self.settings.event_flush_interval)
@@ -172,16 +189,39 @@ class Runs:
         if self.active and grace > 0:
             log.warning("stopping: waiting up to %.0f s for %d running responses", grace, len(self._running()))
         # Polled: a drain happens once in a process's life, and runs come and go meanwhile.
-        while self.active and loop.time() < deadline:
+        while (self.active or self._tied) and loop.time() < deadline:
             await asyncio.sleep(min(0.05, deadline - loop.time()))
         await self._stop_running()
 
     def _running(self) -> list[Run]:
         return list({id(r): r for r in self.active.values()}.values())
 
+    async def tie(self, pending: Awaitable[T]) -> T:
+        """Await one step of a generation that lives in the current request's task (the whole
+        call of a plain request, the next delta of an unstored stream). When a drain ends first,
+        the step is stopped and `Shutdown` raised, for the caller to fail the response as it
+        fails one whose upstream broke. Only the model's steps are tied: a commit is never cut."""
+        task = asyncio.current_task()
+        self._tied.add(task)
+        try:
+            return await pending
+        except asyncio.CancelledError:
+            if task in self._cut:
+                self._cut.discard(task)
+                task.uncancel()
+                raise Shutdown() from None
+            raise
+        finally:
+            self._tied.discard(task)
+
     async def _stop_running(self) -> None:
         """Cancel every run still here as a shutdown: each is stored `failed`, its terminal events
-        written and sent to its readers, its lease released."""
+        written and sent to its readers, its lease released. Generations tied to their requests
+        are stopped too; their requests fail them and reply (`tie`)."""
+        self.stopped = True
+        for task in self._tied:
+            self._cut.add(task)
+            task.cancel()
         runs = self._running()
         if not runs:
             return
@@ -279,5 +319,7 @@ class Runs:
             if local is not None:
                 async for frame in local.follow(last, local.ids.index(response_id)):
                     yield frame
+                return
+            if self.stopped:  # this process is stopping: the reader resumes elsewhere (`starting_after`)
                 return
             await asyncio.sleep(self.settings.event_poll_interval)

@@ -17,7 +17,7 @@ from branchwise.core.chat import Usage
 from branchwise.core.errors import BranchwiseError, InvalidRequest
 from branchwise.observe import metrics
 from branchwise.services.responses import Plan, Responses
-from branchwise.services.runs import TERMINAL, Run, Runs
+from branchwise.services.runs import SHUTDOWN_MESSAGE, TERMINAL, Run, Runs
 from branchwise.wire import items as witems
 from branchwise.wire.events import INCOMPLETE, Emitter, Terminal, choice_deltas, terminals
 from branchwise.wire.objects import response_object
@@ -34,7 +34,7 @@ class Streams:
         """SSE for an unstored response, tied to its request: a client that goes away cancels
         the upstream call."""
         try:
-            async for _, frames in self._stream(plan):
+            async for _, frames in self._stream(plan, tied=True):
                 for frame in frames:
                     yield frame
         finally:
@@ -109,7 +109,7 @@ class Streams:
                     run.extend(alt, frames)
         except asyncio.CancelledError:
             status = "cancelled" if run.cancel_reason == "cancel" else "failed"
-            message = "The server shut down before this response finished." if status == "failed" else None
+            message = SHUTDOWN_MESSAGE if status == "failed" else None
             try:
                 await self.responses.fail(plan, "server_error", message, status=status, terminal=self._terminal_failed(plan))
                 self._emit_terminal(plan)
@@ -174,13 +174,24 @@ class Streams:
         state = await self.runs.store.state(response_id)
         return None if state is None else state[1]
 
+    async def _tied(self, deltas: AsyncIterator) -> AsyncIterator:
+        tie = self.runs.tie
+        while True:
+            try:
+                d = await tie(anext(deltas))
+            except StopAsyncIteration:
+                return
+            yield d
+
     async def _stream(self, plan: Plan, created: bool = True,
-                      before_model: Callable[[], Awaitable[None]] | None = None,
+                      before_model: Callable[[], Awaitable[None]] | None = None, tied: bool = False,
                       ) -> AsyncIterator[tuple[int, list[bytes]]]:
         """OpenAI's SSE for the plan's response(s): the frames of each step (a delta), with
         their alternative's index.
         With n > 1 every alternative's events are interleaved in one stream; each event names
-        its `response_id` and carries `alternative`. Layout in docs/branching.md."""
+        its `response_id` and carries `alternative`. Layout in docs/branching.md.
+        `tied`: the response lives in its request's task (an unstored stream), so the end of a
+        drain stops its model steps (`Runs.tie`)."""
         ems = [Emitter(plan, i) for i in range(plan.n)]
         if created:
             for em in ems:
@@ -194,7 +205,8 @@ class Streams:
         max_calls = plan.req.max_tool_calls
         try:
             if plan.n == 1 or plan.backend.supports_n:
-                async for d in self.responses.upstream.stream(plan):
+                deltas = self.responses.upstream.stream(plan)
+                async for d in (self._tied(deltas) if tied else deltas):
                     if d.usage is not None:
                         usage = d.usage
                         continue
@@ -205,7 +217,8 @@ class Streams:
                     if 0 <= d.index < plan.n:
                         yield d.index, ems[d.index].feed(d)
             else:
-                result = await self.responses.generate(plan)
+                pending = self.responses.generate(plan)
+                result = await (self.runs.tie(pending) if tied else pending)
                 usage = result.usage
                 for c in result.choices:
                     if max_calls is not None:

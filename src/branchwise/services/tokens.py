@@ -20,6 +20,7 @@ Images and files are not counted.
 """
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -35,6 +36,7 @@ from branchwise.wire.errors import from_validation
 
 BYTES_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
+BIG_MESSAGES_BYTES = 256 << 10
 
 async def messages_for(engine: Responses, **fields: Any) -> Plan:
     """The `CreateResponse` made of `fields`, validated, and the messages the model would see
@@ -112,6 +114,8 @@ async def count_input_tokens(engine: Responses, body: Any) -> dict[str, Any]:
                 raise InvalidRequest(f"The input cannot be counted: {e.message}") from None
             raise ServerFault(f"The model could not count the input: {e.message}",
                               code="server_error") from None
+    elif len(chat.messages) > BIG_MESSAGES_BYTES:  # (parsing them all would hold the event loop)
+        n = await asyncio.to_thread(estimate_tokens, chat.messages, chat.params)
     else:
         n = estimate_tokens(chat.messages, chat.params)
     return {"object": "response.input_tokens", "input_tokens": n}

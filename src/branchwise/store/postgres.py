@@ -105,8 +105,9 @@ class PgDatabase:
         row = await self.one(sql, params)
         return None if row is None else row[0]
 
-    async def write(self, steps: Sequence[Step]) -> int:
-        """`steps` in one transaction; returns the row count of the last one."""
+    async def write(self, steps: Sequence[Step], heavy: bool = False) -> int:
+        """`steps` in one transaction; returns the row count of the last one. (`heavy` matters
+        on SQLite only: here the statements run on the server.)"""
         async with self._conn() as conn, conn.transaction():
             tx = PgTx(conn)
             count = 0

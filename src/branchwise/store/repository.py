@@ -6,7 +6,7 @@ statements of `statements`. Write transactions are short and never span a model 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from branchwise.core.ids import now
 from branchwise.core.tree import (
     Conversation,
+    ImportedConversation,
     NewItem,
     PathRow,
     Placed,
@@ -27,8 +28,10 @@ from branchwise.core.tree import (
 from branchwise.store import statements as q
 from branchwise.store.connect import is_sqlite
 from branchwise.store.group_commit import OneInFlight, in_rounds
-from branchwise.store.history_cache import PathCache, extend
+from branchwise.store.history_cache import PathCache
+from branchwise.store.imports import store_batch
 from branchwise.store.postgres import PgDatabase
+from branchwise.store.prompts import PromptStore
 from branchwise.store.sqlite_writer import SqliteWriter
 from branchwise.store.statements import Tx
 
@@ -38,6 +41,10 @@ def _joined(value: str | bytes | None) -> bytes:
     if value is None:
         return b""
     return value.encode() if isinstance(value, str) else bytes(value)
+
+
+HEAVY_WRITE_BYTES = 1 << 20
+"""Items this big in one commit are written off the event loop (`SqliteWriter.write`)."""
 
 
 def _item_rows(tree: str, placed: Sequence[Placed], created: int) -> list[dict]:
@@ -50,6 +57,13 @@ def _item_rows(tree: str, placed: Sequence[Placed], created: int) -> list[dict]:
         }
         for p in placed
     ]
+
+
+RAREST_CAP = 1000  # metadata pairs are counted up to this many conversations to find the rarest
+
+
+def _metadata_rows(conv_id: str, metadata: dict) -> list[dict]:
+    return [{"conversation_id": conv_id, "key": k, "value": v} for k, v in metadata.items()]
 
 
 class Repository:
@@ -67,6 +81,7 @@ class Repository:
         self._histories = PathCache(history_cache_bytes) if history_cache_bytes > 0 else None
         # conversation -> the head this process last read or set (a hint: always checked)
         self._heads: dict[str, str] = {}
+        self.prompts = PromptStore(self.db)
 
     async def close(self) -> None:
         await self.db.close()
@@ -81,11 +96,6 @@ class Repository:
         """Empty the history cache (every history is read from the database again)."""
         if self._histories is not None:
             self._histories = PathCache(self._history_cache_bytes)
-
-    def history_after(self, history: bytes, chats: list[bytes | None]) -> bytes | None:
-        """`history` followed by the messages `chats`, as the path query would read it back once
-        they are stored; None when the cache is off (nothing will keep it)."""
-        return extend(history, chats) if self._histories is not None else None
 
     def _note_head(self, conv_id: str, head: str | None) -> None:
         if self._histories is None:
@@ -102,6 +112,32 @@ class Repository:
     async def conversation(self, conv_id: str) -> Conversation | None:
         row = await self.db.one(q.CONVERSATION, {"id": conv_id})
         return None if row is None else Conversation(*row)
+
+    async def list_conversations(self, *, limit: int, order: str, after: str | None,
+                                 metadata: Sequence[tuple[str, str]] = ()) -> tuple[list[Conversation], bool]:
+        """A page of conversations in creation order (`desc`: newest first), after the id
+        `after` (a cursor: it need not exist any more), each holding every (key, value) of
+        `metadata`; and whether there is more. The one place conversations are listed."""
+        if len(metadata) > 1:  # the rarest pair first: it drives the scan, the others are checked per row
+            counts = [await self.db.value(q.METADATA_PAIR_COUNT, {"k": k, "v": v, "cap": RAREST_CAP})
+                      for k, v in metadata]
+            metadata = [pair for _, pair in sorted(zip(counts, metadata, strict=True), key=lambda x: x[0])]
+        params: dict = {"limit": limit + 1}
+        if after is not None:
+            params["after"] = after
+        for n, (key, value) in enumerate(metadata):
+            params[f"k{n}"], params[f"v{n}"] = key, value
+        rows = await self.db.all(q.list_conversations(order, after is not None, len(metadata)), params)
+        return [Conversation(*r) for r in rows[:limit]], len(rows) > limit
+
+    async def secret(self, name: str, make: Callable[[], str]) -> str:
+        """The shared value `name`: the one stored, or `make()`'s, stored now. Two processes
+        starting at once agree: the second's insert does nothing and it reads the first's."""
+        value = await self.db.value(q.SECRET, {"name": name})
+        if value is None:
+            await self.db.write([(q.INSERT_SECRET, {"name": name, "value": make(), "created_at": now()})])
+            value = await self.db.value(q.SECRET, {"name": name})
+        return value
 
     async def conversation_with_history(self, conv_id: str) -> tuple[Conversation | None, bytes]:
         """The conversation and the comma-joined messages of its current path, in one query. When
@@ -192,10 +228,11 @@ class Repository:
         return {r[0]: tuple(r) for r in await self.db.all(sql, dict(zip(names, ids, strict=True)))}
 
     async def tree_page(self, tree: str, *, limit: int, after: str | None = None,
-                        after_node: str | None = None) -> tuple[list[tuple], bool] | None:
-        """A page of every node of `tree` in the order they were stored (rows end with the node),
-        after the node `after_node` or after the newest node holding the item `after`; None when
-        that is not in the tree."""
+                        after_node: str | None = None, data: bool = False) -> tuple[list[tuple], bool] | None:
+        """A page of every node of `tree` in the order they were stored (rows end with the node
+        and its parent's node, then, with `data`, the item's wire JSON), after the node
+        `after_node` or after the newest node holding the item `after`; None when that is not in
+        the tree."""
         after_seq = 0
         if after_node is not None:
             after_seq = await self.db.value(q.TREE_AFTER_NODE, {"tree": tree, "node": after_node})
@@ -203,8 +240,21 @@ class Repository:
             after_seq = await self.db.value(q.TREE_AFTER, {"tree": tree, "item_id": after})
         if after_seq is None:
             return None
-        rows = await self.db.all(q.TREE_PAGE, {"tree": tree, "after": after_seq, "limit": limit + 1})
+        rows = await self.db.all(q.TREE_PAGE_DATA if data else q.TREE_PAGE,
+                                 {"tree": tree, "after": after_seq, "limit": limit + 1})
         return [tuple(r) for r in rows[:limit]], len(rows) > limit
+
+    async def tree_items(self, tree: str, page: int = 1000) -> list[tuple]:
+        """Every node of `tree` with its content, in the order stored (parents first): rows of
+        (node, parent, item_id, type, role, response_id, created_at, data, chat)."""
+        out: list[tuple] = []
+        after = 0
+        while True:
+            rows = await self.db.all(q.TREE_ITEMS, {"tree": tree, "after": after, "limit": page})
+            out += [tuple(r[1:]) for r in rows]
+            if len(rows) < page:
+                return out
+            after = rows[-1][0]
 
     # ------------------------------------------------------------------ conversation writes
 
@@ -226,14 +276,32 @@ class Repository:
             "forked_from_conversation": forked_from[0] if forked_from else None,
             "forked_from_item": forked_from[1] if forked_from else None,
         }))
+        if metadata:
+            steps.append((q.INSERT_CONVERSATION_METADATA, _metadata_rows(conv_id, metadata)))
         await self.db.write(steps)
 
+    async def import_conversations(self, batch: Sequence[ImportedConversation]) -> list[tuple[str, bool]]:
+        """Store whole conversations made elsewhere, in one transaction, unless they are there
+        already (see `imports.store_batch`): per conversation, (the id of the conversation that
+        holds it, whether this call stored it)."""
+        if not batch:
+            return []
+        return await self.db.transaction(lambda tx: store_batch(tx, self.dialect, batch))
+
     async def update_metadata(self, conv_id: str, metadata: dict) -> bool:
-        return await self.db.write([(q.UPDATE_METADATA, {"id": conv_id,
-                                                         "metadata": orjson.dumps(metadata).decode()})]) > 0
+        """Replace the conversation's metadata; False when there is no such conversation."""
+        async def update(tx: Tx) -> bool:
+            if await tx.execute(q.UPDATE_METADATA, {"id": conv_id, "metadata": orjson.dumps(metadata).decode()}) == 0:
+                return False
+            await tx.execute(q.DELETE_CONVERSATION_METADATA, {"id": conv_id})
+            await tx.execute(q.INSERT_CONVERSATION_METADATA, _metadata_rows(conv_id, metadata))
+            return True
+
+        return await self.db.transaction(update)
 
     async def delete_conversation(self, conv_id: str) -> bool:
-        return await self.db.write([(q.DELETE_CONVERSATION, {"id": conv_id})]) > 0
+        return await self.db.write([(q.DELETE_CONVERSATION_METADATA, {"id": conv_id}),
+                                    (q.DELETE_CONVERSATION, {"id": conv_id})]) > 0
 
     async def _locked_conversation(self, tx: Tx, conv_id: str) -> Conversation | None:
         if await tx.one(q.LOCK_CONVERSATION[self.dialect], {"id": conv_id}) is None:
@@ -317,7 +385,7 @@ class Repository:
         """Store a finished response in one short transaction: its items, its row(s), and the
         conversation head moved from `base` to `new_head` if it is still at `base`
         (compare-and-swap). `histories`: (node, its history) of the new branches'
-        ends (see `history_after`), kept once the items are stored. Returns whether the head
+        ends (`history_cache.extend`), kept once the items are stored. Returns whether the head
         moved."""
         if self.dialect == "postgresql" and not events and not update_existing:
             conv = conversation_id if new_head is not None else None
@@ -351,7 +419,7 @@ class Repository:
             steps.append((q.MOVE_HEAD[self.dialect], {"id": conversation_id, "base": base, "head": new_head}))
         if not steps:
             return False
-        count = await self.db.write(steps)
+        count = await self.db.write(steps, heavy=sum(len(p.item.data) for p in placed) > HEAVY_WRITE_BYTES)
         return move and count > 0
 
     async def delete_response(self, resp_id: str) -> bool:

@@ -72,9 +72,10 @@ class SqliteTx(Tx):
 class _Group:
     """SQLite: the writes made in one pass of the event loop, committed together."""
 
-    __slots__ = ("writes", "results", "_done")
+    __slots__ = ("writes", "results", "_done", "heavy")
 
     def __init__(self) -> None:
+        self.heavy = False  # a write of the group is big: commit it on the writer thread
         self.writes: list[Write] = []
         self.results: list | None = None  # per write: its result, or the exception it raised
         self._done: asyncio.Future | None = None
@@ -176,9 +177,11 @@ class SqliteWriter:
 
     # ------------------------------------------------------------------ writes
 
-    async def write(self, steps: Sequence[Step]) -> int:
-        """`steps` in one transaction; returns the row count of the last one."""
-        return await self._sqlite_write(functools.partial(_steps, steps=steps, fetch=False))
+    async def write(self, steps: Sequence[Step], heavy: bool = False) -> int:
+        """`steps` in one transaction; returns the row count of the last one. `heavy`: they
+        write megabytes, which would hold the event loop for tens of milliseconds: their group
+        commits on the writer thread instead."""
+        return await self._sqlite_write(functools.partial(_steps, steps=steps, fetch=False), heavy)
 
     async def write_returning(self, sql: SQL, params: dict) -> list[tuple]:
         """One data-modifying statement with RETURNING, in its own transaction: its rows."""
@@ -192,7 +195,7 @@ class SqliteWriter:
         another write of its group fail."""
         return await self._sqlite_write(lambda conn: _run_now(fn(SqliteTx(conn))))
 
-    async def _sqlite_write(self, write: Write):
+    async def _sqlite_write(self, write: Write, heavy: bool = False):
         """Group commit: the writes that reach this point in one pass of the event loop are
         committed together, in one transaction, by `_flush`, which the first of them schedules
         and which runs before any of them goes on (each yields once, after the flush's turn).
@@ -213,6 +216,7 @@ class SqliteWriter:
             asyncio.get_running_loop().call_soon(self._flush, group)
         k = len(group.writes)
         group.writes.append(write)
+        group.heavy |= heavy
         await asyncio.sleep(0)  # the flush runs first
         if group.results is None:  # it had to wait for the lock (`_flush_slowly`)
             await group.finished()
@@ -225,8 +229,8 @@ class SqliteWriter:
         """Commit `group` now if the write lock is free; else a task waits for it."""
         if self._group is group:
             self._group = None
-        busy = False
-        if not self._lock.locked():
+        busy = group.heavy  # (straight to the writer thread)
+        if not busy and not self._lock.locked():
             try:
                 group.finish(self._write_inline(group.writes))
                 return

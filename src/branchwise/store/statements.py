@@ -141,10 +141,16 @@ NODE_PARENT = SQL("SELECT parent FROM items WHERE node = :node")
 # which re-hung copies share), or after the newest node holding an item id.
 TREE_AFTER_NODE = SQL("SELECT seq FROM items WHERE node = :node AND tree = :tree")
 TREE_AFTER = SQL("SELECT seq FROM items WHERE tree = :tree AND item_id = :item_id ORDER BY seq DESC LIMIT 1")
-TREE_PAGE = SQL(
-    "SELECT i.item_id, p.item_id, i.type, i.role, i.response_id, i.status, i.created_at, i.node"
-    " FROM items i LEFT JOIN items p ON p.node = i.parent"
-    " WHERE i.tree = :tree AND i.seq > :after ORDER BY i.seq LIMIT :limit"
+_TREE_COLUMNS = "i.item_id, p.item_id, i.type, i.role, i.response_id, i.status, i.created_at, i.node, i.parent"
+_TREE_PAGE = " FROM items i LEFT JOIN items p ON p.node = i.parent WHERE i.tree = :tree AND i.seq > :after" \
+             " ORDER BY i.seq LIMIT :limit"
+TREE_PAGE = SQL(f"SELECT {_TREE_COLUMNS}{_TREE_PAGE}")
+TREE_PAGE_DATA = SQL(f"SELECT {_TREE_COLUMNS}, i.data{_TREE_PAGE}")  # the same rows with each item's wire JSON
+# Every node of a tree with its content, in the order stored (a parent always before its
+# children): what the CLI's `tree` and `export` show; a page at a time, after a seq.
+TREE_ITEMS = SQL(
+    "SELECT seq, node, parent, item_id, type, role, response_id, created_at, data, chat FROM items"
+    " WHERE tree = :tree AND seq > :after ORDER BY seq LIMIT :limit"
 )
 RESPONSE = SQL("SELECT id, status, conversation_id, tree, base_node, input_node, input_count, last_node, body"
                " FROM responses WHERE id = :id")
@@ -282,3 +288,98 @@ PG_SET_HEADS_TO_ITEMS = SQL(
     " FROM unnest(:ids::text[], :item_ids::text[]) WITH ORDINALITY AS m(id, item_id, ord)"
     " WHERE c.id = m.id AND EXISTS (SELECT 1 FROM items i WHERE i.tree = c.tree AND i.item_id = m.item_id)"
     " RETURNING m.ord, c.head, c.created_at, c.metadata, c.forked_from_conversation, c.forked_from_item")
+
+
+# ------------------------------------------------------------- lists, prompts, secrets
+
+_CONV_LISTS: dict[tuple, SQL] = {}
+
+
+def list_conversations(order: str, after: bool, n_metadata: int) -> SQL:
+    """A page of conversations in id order (ids begin with their creation time, so newest first
+    is `desc`), after the id `:after` when `after`, whose metadata holds the `n_metadata` pairs
+    `:kN` = `:vN`; `:limit` rows, each the `CONVERSATION` row. Without a pair, a range of the
+    primary key; with pairs, a range of `conversation_metadata`'s (key, value, conversation)
+    index for the first (put the rarest first), the others looked up per row."""
+    key = (order, after, n_metadata)
+    sql = _CONV_LISTS.get(key)
+    if sql is None:
+        cmp = "<" if order == "desc" else ">"
+        if n_metadata:
+            source = ("conversation_metadata m0 JOIN conversations c ON c.id = m0.conversation_id"
+                      " LEFT JOIN items i ON i.node = c.head")
+            where = ["m0.key = :k0", "m0.value = :v0"] + ([f"m0.conversation_id {cmp} :after"] if after else [])
+            where += [f"EXISTS (SELECT 1 FROM conversation_metadata m{n} WHERE m{n}.conversation_id = c.id"
+                      f" AND m{n}.key = :k{n} AND m{n}.value = :v{n})" for n in range(1, n_metadata)]
+            by = "m0.conversation_id"
+        else:
+            source = "conversations c LEFT JOIN items i ON i.node = c.head"
+            where = [f"c.id {cmp} :after"] if after else []
+            by = "c.id"
+        sql = _CONV_LISTS[key] = SQL(_CONV_SELECT + " FROM " + source
+                                     + (" WHERE " + " AND ".join(where) if where else "")
+                                     + f" ORDER BY {by} {order.upper()} LIMIT :limit")
+    return sql
+
+
+# How many conversations hold a metadata pair, counted up to :cap (a range of the index): with
+# several pairs, the rarest drives the list.
+METADATA_PAIR_COUNT = SQL("SELECT COUNT(*) FROM (SELECT 1 FROM conversation_metadata WHERE key = :k AND value = :v"
+                          " LIMIT :cap) AS found")
+INSERT_CONVERSATION_METADATA = _insert("conversation_metadata", ("conversation_id", "key", "value"))
+DELETE_CONVERSATION_METADATA = SQL("DELETE FROM conversation_metadata WHERE conversation_id = :id")
+
+
+SECRET = SQL("SELECT value FROM secrets WHERE name = :name")
+# The first process to start makes the value; the others keep the one already there.
+INSERT_SECRET = SQL("INSERT INTO secrets (name, value, created_at) VALUES (:name, :value, :created_at)"
+                    " ON CONFLICT (name) DO NOTHING")
+
+INSERT_PROMPT = SQL("INSERT INTO prompts (id, created_at, version) VALUES (:id, :created_at, 1)")
+INSERT_PROMPT_VERSION = SQL("INSERT INTO prompt_versions (prompt_id, version, created_at, data)"
+                            " VALUES (:prompt_id, :version, :created_at, :data)")
+# A new version's number, taken under the prompt row's lock (two new versions at once get two
+# numbers); no row: no such prompt.
+BUMP_PROMPT = SQL("UPDATE prompts SET version = version + 1 WHERE id = :id RETURNING version")
+PROMPT_VERSION = SQL("SELECT version, created_at, data FROM prompt_versions WHERE prompt_id = :id AND version = :version")
+PROMPT_LATEST = SQL("SELECT v.version, v.created_at, v.data FROM prompts p"
+                    " JOIN prompt_versions v ON v.prompt_id = p.id AND v.version = p.version WHERE p.id = :id")
+PROMPT_EXISTS = SQL("SELECT 1 FROM prompts WHERE id = :id")
+DELETE_PROMPT_VERSIONS = SQL("DELETE FROM prompt_versions WHERE prompt_id = :id")
+DELETE_PROMPT = SQL("DELETE FROM prompts WHERE id = :id")
+
+
+def _prompt_pages(after: bool, order: str) -> SQL:
+    return SQL("SELECT p.id, v.version, v.created_at, v.data FROM prompts p"
+               " JOIN prompt_versions v ON v.prompt_id = p.id AND v.version = p.version"
+               + (f" WHERE p.id {'<' if order == 'desc' else '>'} :after" if after else "")
+               + f" ORDER BY p.id {order.upper()} LIMIT :limit")
+
+
+def _version_pages(after: bool, order: str) -> SQL:
+    return SQL("SELECT version, created_at, data FROM prompt_versions WHERE prompt_id = :id"
+               + (f" AND version {'<' if order == 'desc' else '>'} :after" if after else "")
+               + f" ORDER BY version {order.upper()} LIMIT :limit")
+
+
+# (after given, order) -> a page of prompts (their latest versions) / of one prompt's versions
+LIST_PROMPTS = {(a, o): _prompt_pages(a, o) for a in (False, True) for o in ("asc", "desc")}
+LIST_PROMPT_VERSIONS = {(a, o): _version_pages(a, o) for a in (False, True) for o in ("asc", "desc")}
+
+
+# Imports (`Repository.import_conversations`). Which of a batch's conversations are there
+# already: by id, or by a metadata entry (`:keys`, a JSON array of values on SQLite, an array on
+# PostgreSQL). Metadata is JSON text with no index: each batch reads the conversations table
+# once. On PostgreSQL imports take turns on an advisory lock so that two running at once never
+# both find a conversation missing; SQLite's write transactions take turns already.
+IMPORTED_BY_ID = {
+    "sqlite": SQL("SELECT id, id FROM conversations WHERE id IN (SELECT value FROM json_each(:keys))"),
+    "postgresql": SQL("SELECT id, id FROM conversations WHERE id = ANY(:keys::text[])"),
+}
+IMPORTED_BY_METADATA = {
+    "sqlite": SQL("SELECT id, json_extract(metadata, :path) FROM conversations"
+                  " WHERE json_extract(metadata, :path) IN (SELECT value FROM json_each(:keys))"),
+    "postgresql": SQL("SELECT id, metadata::jsonb ->> :name FROM conversations"
+                      " WHERE metadata::jsonb ->> :name = ANY(:keys::text[])"),
+}
+IMPORT_LOCK = SQL("SELECT pg_advisory_xact_lock(7351002)")

@@ -63,6 +63,17 @@ conversations = Table(
     Column("forked_from_item", String(64), nullable=True),
 )
 
+# A conversation's metadata, one row per pair, kept with `conversations.metadata` (the object as
+# the API shows it): what GET /v1/conversations filters on, by index.
+conversation_metadata = Table(
+    "conversation_metadata",
+    metadata,
+    Column("conversation_id", String(64), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("value", String(512), nullable=False),
+    Index("ix_conversation_metadata_key_value", "key", "value", "conversation_id"),
+)
+
 responses = Table(
     "responses",
     metadata,
@@ -108,4 +119,33 @@ leases = Table(
     Column("holder", String(64), nullable=False),  # the response id (or an items append) holding it
     Column("expires_at", Float, nullable=False),  # unix time
     Index("ix_leases_conversation_seq", "conversation_id", "seq"),
+)
+
+# Stored prompts (POST /v1/responses's `prompt`): a prompt holds its latest version's number;
+# each version's content is one JSON document, never changed once written.
+prompts = Table(
+    "prompts",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("created_at", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+)
+
+prompt_versions = Table(
+    "prompt_versions",
+    metadata,
+    Column("prompt_id", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("created_at", Integer, nullable=False),
+    Column("data", Text, nullable=False),  # JSON: instructions, input, variables, metadata
+)
+
+# Values every process on this database shares, made on first start unless settings give them
+# (the compaction key).
+secrets = Table(
+    "secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("created_at", Integer, nullable=False),
 )

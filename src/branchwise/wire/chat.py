@@ -15,6 +15,10 @@ def chat_params(req: m.CreateResponse) -> dict[str, Any]:
         p["temperature"] = req.temperature
     if req.top_p is not None:
         p["top_p"] = req.top_p
+    if req.presence_penalty is not None:
+        p["presence_penalty"] = req.presence_penalty
+    if req.frequency_penalty is not None:
+        p["frequency_penalty"] = req.frequency_penalty
     if req.max_output_tokens is not None:
         p["max_tokens"] = req.max_output_tokens
     if req.safety_identifier or req.user:
@@ -30,25 +34,33 @@ def chat_params(req: m.CreateResponse) -> dict[str, Any]:
             p["response_format"] = {"type": "json_schema", "json_schema": js}
         elif f.type == "json_object":
             p["response_format"] = {"type": "json_object"}
-    if req.tools:
+    tools, tc = req.tools, req.tool_choice
+    if isinstance(tc, m.ToolChoiceAllowed):  # the model sees only the allowed tools
+        named = {t.name for t in tools or []}
+        for k, allowed in enumerate(tc.tools):
+            if allowed.name not in named:
+                raise InvalidRequest(f"Allowed tool '{allowed.name}' is not one of the provided tools.",
+                                     param=f"tool_choice.tools[{k}].name", code="invalid_value")
+        allowed_names = {a.name for a in tc.tools}
+        tools, tc = [t for t in tools if t.name in allowed_names], tc.mode or "auto"
+    if tools:
         p["tools"] = [
             {"type": "function", "function": {k: v for k, v in (
                 ("name", t.name), ("description", t.description), ("parameters", t.parameters), ("strict", t.strict),
             ) if v is not None}}
-            for t in req.tools
+            for t in tools
         ]
-    tc = req.tool_choice
     if tc is not None:
         if isinstance(tc, str):
             p["tool_choice"] = tc
         else:
-            if not any(t.name == tc.name for t in req.tools or []):
+            if not any(t.name == tc.name for t in tools or []):
                 raise InvalidRequest(f"Tool choice '{tc.name}' is not one of the provided tools.",
                                      param="tool_choice", code="invalid_value")
             p["tool_choice"] = {"type": "function", "function": {"name": tc.name}}
-        if tc == "required" and not req.tools:
+        if tc == "required" and not tools:
             raise InvalidRequest("tool_choice 'required' needs 'tools'.", param="tool_choice", code="invalid_value")
-    if req.parallel_tool_calls is not None and req.tools:
+    if req.parallel_tool_calls is not None and tools:
         p["parallel_tool_calls"] = req.parallel_tool_calls
     if req.top_logprobs:
         p["logprobs"] = True

@@ -3,12 +3,14 @@ from domain errors (`core.errors`) to HTTP status codes."""
 
 from __future__ import annotations
 
+import orjson
 from pydantic import ValidationError
 
 from branchwise.core.errors import (
     BranchwiseError,
     Conflict,
     InvalidRequest,
+    LimitReached,
     ModelFailed,
     NotFound,
     ServerFault,
@@ -30,6 +32,7 @@ _STATUS: dict[type[BranchwiseError], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request_error"),
     NotFound: (404, "invalid_request_error"),
     Conflict: (409, "invalid_request_error"),
+    LimitReached: (429, "rate_limit_error"),
     ModelFailed: (502, "server_error"),
     ServerFault: (500, "server_error"),
     Unavailable: (503, "server_error"),
@@ -59,6 +62,20 @@ def http_error(exc: BranchwiseError) -> tuple[int, dict, dict[str, str]]:
     if isinstance(exc, Unavailable):
         headers["retry-after"] = str(exc.retry_after)
     return status, error_body(exc.message, kind, exc.param, exc.code), headers
+
+
+def socket_error(exc: BranchwiseError) -> bytes:
+    """A domain error as a WebSocket message: the Open Responses `error` envelope, the HTTP
+    status beside OpenAI's error object. The envelope's `code` is required: an error without
+    one carries its type there."""
+    status, kind = status_of(exc)
+    return socket_error_body(status, kind, exc.message, exc.param, exc.code)
+
+
+def socket_error_body(status: int, type: str, message: str, param: str | None = None,
+                      code: str | None = None) -> bytes:
+    return orjson.dumps({"type": "error", "status": status,
+                         "error": {"type": type, "code": code or type, "message": message, "param": param}})
 
 
 _UNION_LABELS = ("str", "int", "float", "bool", "none", "list", "dict")

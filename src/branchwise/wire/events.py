@@ -109,7 +109,7 @@ class Builder:
         if d.reasoning:
             out += self._open("reasoning")
             self.cur["text"] += d.reasoning
-            out.append(self.event("response.reasoning_text.delta", item_id=self.cur["id"],
+            out.append(self.event("response.reasoning.delta", item_id=self.cur["id"],
                                   output_index=self.index, content_index=0, delta=d.reasoning))
         if d.text or d.refusal:
             out += self._open("message")
@@ -151,12 +151,15 @@ class Builder:
                     "content": []}
         elif kind == "reasoning":
             wire = {"id": self.cur["id"], "type": "reasoning", "summary": [], "content": [],
-                    "encrypted_content": None, "status": "in_progress"}
+                    "status": "in_progress"}
         else:
             self.cur["call_id"] = extra.get("call_id") or new_id("call")
             wire = {"id": self.cur["id"], "type": "function_call", "status": "in_progress",
                     "call_id": self.cur["call_id"], "name": extra.get("name", ""), "arguments": ""}
         out.append(self.event("response.output_item.added", output_index=self.index, item=wire))
+        if kind == "reasoning":  # its text streams in its one content part
+            out.append(self.event("response.content_part.added", item_id=item_id, output_index=self.index,
+                                  content_index=0, part={"type": "reasoning_text", "text": ""}))
         return out
 
     def _part(self, kind: str) -> list[bytes]:
@@ -210,12 +213,12 @@ class Builder:
                 if cur["refusal"]:
                     self.refusal = (self.refusal or "") + cur["refusal"]
         elif kind == "reasoning":
-            out.append(self.event("response.reasoning_text.done", item_id=cur["id"], output_index=self.index,
+            out.append(self.event("response.reasoning.done", item_id=cur["id"], output_index=self.index,
                                   content_index=0, text=cur["text"]))
+            out.append(self.event("response.content_part.done", item_id=cur["id"], output_index=self.index,
+                                  content_index=0, part={"type": "reasoning_text", "text": cur["text"]}))
             if stored is None:
-                item = witems._make({"id": cur["id"], "type": "reasoning", "summary": [],
-                                     "content": [{"type": "reasoning_text", "text": cur["text"]}],
-                                     "encrypted_content": None, "status": None}, None)
+                item = witems.output_reasoning(cur["text"], cur["id"])
                 self.reasoning = (self.reasoning or "") + cur["text"]
         else:
             out.append(self.event("response.function_call_arguments.done", item_id=cur["id"],

@@ -22,7 +22,8 @@ PREFIXES: dict[str, tuple[str, ...]] = {
     "response": ("resp",),
     "conversation": ("conv",),
     # every item kind branchwise stores (wire.items, wire.events): input items always get fresh ids
-    "item": ("msg", "fc", "fco", "rs"),
+    "item": ("msg", "fc", "fco", "rs", "cmp"),
+    "prompt": ("pmpt",),
 }
 
 _PATTERNS = {

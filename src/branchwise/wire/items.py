@@ -15,6 +15,7 @@ import orjson
 from branchwise.core.chat import Choice
 from branchwise.core.ids import new_id
 from branchwise.core.tree import NewItem
+from branchwise.wire import compaction
 from branchwise.wire import models as m
 
 
@@ -83,6 +84,8 @@ def from_input(item: Any) -> NewItem:
             "role": item.role,
             "content": parts,
         }
+        if item.phase is not None:  # Chat Completions has no phase: kept for the client, not the model
+            wire["phase"] = item.phase
         return _make(wire, {"role": _chat_role(item.role), "content": _chat_content(parts)})
     if isinstance(item, m.FunctionCall):
         wire = {
@@ -106,16 +109,23 @@ def from_input(item: Any) -> NewItem:
         content = output if isinstance(output, str) else _chat_content(output)
         return _make(wire, {"role": "tool", "tool_call_id": item.call_id, "content": content})
     if isinstance(item, m.Reasoning):
-        wire = {
-            "id": new_id("rs"),
-            "type": "reasoning",
-            "summary": item.summary,
-            "content": item.content,
-            "encrypted_content": item.encrypted_content,
-            "status": None,
-        }
+        # absent rather than null: Open Responses types `content` as an array and
+        # `encrypted_content` as a string, and OpenAI's SDK takes either as optional
+        wire = {"id": new_id("rs"), "type": "reasoning", "summary": item.summary}
+        if item.content is not None:
+            wire["content"] = item.content
+        if item.encrypted_content is not None:
+            wire["encrypted_content"] = item.encrypted_content
         return _make(wire, None)
-    raise TypeError(f"not an input item: {type(item).__name__}")  # item_reference is resolved by the store
+    # item_reference is resolved by the store, compaction checked by `compaction_item`'s caller
+    raise TypeError(f"not an input item: {type(item).__name__}")
+
+
+def compaction_item(encrypted_content: str, summary: str) -> NewItem:
+    """A `compaction` item whose content was verified: kept as it came (the client sends it back
+    verbatim), seen by the model as the summary it carries."""
+    wire = {"id": new_id("cmp"), "type": "compaction", "encrypted_content": encrypted_content}
+    return _make(wire, compaction.chat_message(summary))
 
 
 def _chat_tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
@@ -130,15 +140,7 @@ def from_choice(choice: Choice, status: str = "completed") -> list[NewItem]:
     """The output items of one model choice: reasoning, then the message, then tool calls."""
     out: list[NewItem] = []
     if choice.reasoning:
-        wire = {
-            "id": new_id("rs"),
-            "type": "reasoning",
-            "summary": [],
-            "content": [{"type": "reasoning_text", "text": choice.reasoning}],
-            "encrypted_content": None,
-            "status": None,
-        }
-        out.append(_make(wire, None))
+        out.append(output_reasoning(choice.reasoning))
     if choice.text or choice.refusal or not choice.tool_calls:
         out.append(output_message(choice.text, choice.refusal, status, logprobs=choice.logprobs))
     for call in choice.tool_calls:
@@ -188,6 +190,14 @@ def merge_tool_calls(items: list[NewItem]) -> None:
             for it in run[1:]:
                 it.chat = None
         i = max(j, i + 1)
+
+
+def output_reasoning(text: str, item_id: str | None = None) -> NewItem:
+    """The model's reasoning as one `reasoning_text` part. It has no `encrypted_content` (there
+    is nothing to encrypt; Open Responses types the field as a string, so it is left out rather
+    than null) and is never sent back to a model."""
+    return _make({"id": item_id or new_id("rs"), "type": "reasoning", "summary": [],
+                  "content": [{"type": "reasoning_text", "text": text}], "status": "completed"}, None)
 
 
 def output_message(text: str, refusal: str | None = None, status: str = "completed",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic.fields import FieldInfo
 
 from branchwise.wire.ids import id_validator
 
@@ -22,6 +23,7 @@ Float = Annotated[float, Field(strict=True)]
 ResponseId = Annotated[str, AfterValidator(id_validator("response"))]
 ConversationId = Annotated[str, AfterValidator(id_validator("conversation"))]
 ItemId = Annotated[str, AfterValidator(id_validator("item"))]
+PromptId = Annotated[str, AfterValidator(id_validator("prompt"))]
 
 
 def _tag(v: Any, default: str = "") -> str:
@@ -95,6 +97,7 @@ class Message(_Item):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: str | list[Part]
+    phase: Literal["commentary", "final_answer"] | None = None  # an assistant message's, kept as sent
 
 
 class FunctionCall(_Item):
@@ -117,6 +120,13 @@ class Reasoning(_Item):
     encrypted_content: str | None = None
 
 
+class Compaction(_Item):
+    """A `compaction` item from POST /v1/responses/compact, sent back verbatim."""
+
+    type: Literal["compaction"]
+    encrypted_content: str
+
+
 class ItemReference(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["item_reference"] | None = "item_reference"
@@ -132,6 +142,7 @@ InputItem = Annotated[
     | Annotated[FunctionCall, Tag("~function_call")]
     | Annotated[FunctionCallOutput, Tag("~function_call_output")]
     | Annotated[Reasoning, Tag("~reasoning")]
+    | Annotated[Compaction, Tag("~compaction")]
     | Annotated[ItemReference, Tag("~item_reference")],
     Discriminator(_item_tag),
 ]
@@ -238,11 +249,60 @@ class ToolChoiceFunction(BaseModel):
     name: str
 
 
+class ToolChoiceAllowed(BaseModel):
+    """The model may call only these of `tools` (`mode` as a plain `tool_choice` says how)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["allowed_tools"]
+    tools: list[ToolChoiceFunction] = Field(min_length=1, max_length=128)
+    mode: Literal["none", "auto", "required"] | None = None
+
+
+ToolChoiceObject = Annotated[
+    Annotated[ToolChoiceFunction, Tag("~function")] | Annotated[ToolChoiceAllowed, Tag("~allowed_tools")],
+    Discriminator(_tag),
+]
+
+
 class ReasoningParam(BaseModel):
     model_config = ConfigDict(extra="ignore")
     effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
+# ---------------------------------------------------------------- stored prompts
+
+# A variable's value: a string, or an input part (an image or a file only where a message's
+# content can hold one). An object is told apart by its `type`, anything else must be a string.
+PromptVariable = Annotated[
+    Annotated[str, Tag("~text")]
+    | Annotated[InputText, Tag("~input_text")]
+    | Annotated[InputImage, Tag("~input_image")]
+    | Annotated[InputFile, Tag("~input_file")],
+    Discriminator(lambda v: _tag(v) if isinstance(v, dict | BaseModel) else "~text"),
+]
+
+
+class PromptParam(BaseModel):
+    """POST /v1/responses's `prompt`: a stored prompt (`/v1/prompts`, a branchwise extension of
+    OpenAI's dashboard-only prompts), its version (default: the latest) and its variables."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: PromptId
+    version: str | None = Field(default=None, pattern=r"^[1-9][0-9]{0,8}$")
+    variables: dict[str, PromptVariable] | None = None
+
+
+class CreatePrompt(_Body):
+    """branchwise extension: POST /v1/prompts (a prompt) and POST /v1/prompts/{id} (its next
+    version). `{{name}}` in the instructions or in the text of the input messages is a variable."""
+
+    instructions: str | None = None
+    input: list[Message] | None = Field(default=None, max_length=100)
+    metadata: dict[str, str] | None = None
+
+    _check_metadata = field_validator("metadata")(classmethod(lambda cls, v: check_metadata(v)))
 
 
 # ---------------------------------------------------------------- POST /v1/responses
@@ -258,12 +318,14 @@ class CreateResponse(_Body):
     metadata: dict[str, str] | None = None
     temperature: Float | None = Field(default=None, ge=0, le=2)
     top_p: Float | None = Field(default=None, ge=0, le=1)
+    presence_penalty: Float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Float | None = Field(default=None, ge=-2, le=2)
     top_logprobs: Int | None = Field(default=None, ge=0, le=20)
     max_output_tokens: Int | None = Field(default=None, ge=16)
     max_tool_calls: Int | None = Field(default=None, ge=1)
     text: TextParam | None = None
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceObject | None = None
     parallel_tool_calls: Bool | None = None
     reasoning: ReasoningParam | None = None
     truncation: Literal["auto", "disabled"] | None = None
@@ -277,12 +339,19 @@ class CreateResponse(_Body):
     stream_options: dict[str, Any] | None = None
     background: Bool | None = False
     include: list[str] | None = None
-    prompt: dict[str, Any] | None = None
+    prompt: PromptParam | None = Field(default=None, description=(
+        "A stored prompt (POST /v1/prompts, a branchwise extension) to put before the history: its "
+        "instructions, then its messages, with `variables` in place."))
     context_management: list[dict[str, Any]] | None = None
     moderation: Any = None
     # branchwise extensions
-    concurrency: Literal["branch", "queue", "reject"] | None = None
-    n: Int = Field(default=1, ge=1, le=8)
+    concurrency: Literal["branch", "queue", "reject"] | None = Field(default=None, description=(
+        "branchwise extension: what a response on a conversation does when another is running on it: "
+        "`branch` (default setting) runs at once from the head it read, `queue` waits its turn, "
+        "`reject` answers 409."))
+    n: Int = Field(default=1, ge=1, le=8, description=(
+        "branchwise extension: how many alternative responses to make from the same input; the others "
+        "come in `alternatives`."))
 
     _check_metadata = field_validator("metadata")(classmethod(lambda cls, v: check_metadata(v)))
 
@@ -310,7 +379,8 @@ class UpdateConversation(_Body):
 
 class AddItems(_Body):
     items: list[InputItem] = Field(max_length=20)
-    concurrency: Literal["branch", "queue", "reject"] | None = None  # branchwise extension
+    concurrency: Literal["branch", "queue", "reject"] | None = Field(default=None, description=(
+        "branchwise extension: as POST /v1/responses's `concurrency`."))
 
 
 class ForkConversation(_Body):
@@ -332,10 +402,15 @@ class MoveHead(_Body):
 # ---------------------------------------------------------------- POST /v1/responses/input_tokens, /compact
 
 
-def _body_model(name: str, doc: str, shared: tuple[str, ...], **own: tuple[Any, Any]) -> type[_Body]:
+def _body_model(name: str, doc: str, shared: tuple[str, ...], described: dict[str, str] | None = None,
+                **own: tuple[Any, Any]) -> type[_Body]:
     """A request body that also takes the `shared` fields of `CreateResponse`, declared exactly as
-    it declares them (type, default, constraints), so they validate the same way on every route."""
-    fields = {n: (CreateResponse.model_fields[n].annotation, CreateResponse.model_fields[n]) for n in shared}
+    it declares them (type, default, constraints), so they validate the same way on every route;
+    `described` gives some of them a description of their own."""
+    described = described or {}
+    fields = {n: (CreateResponse.model_fields[n].annotation,
+                  FieldInfo.merge_field_infos(CreateResponse.model_fields[n], description=described[n])
+                  if n in described else CreateResponse.model_fields[n]) for n in shared}
     fields.update(own)
     namespace: dict[str, Any] = {"__doc__": doc, "__module__": __name__,
                                  "__annotations__": {n: t for n, (t, _) in fields.items()}}
@@ -357,6 +432,8 @@ CompactRequest = _body_model(
     "POST /v1/responses/compact. `conversation` is a branchwise extension (OpenAI's body has none).",
     ("input", "instructions", "previous_response_id", "conversation", "prompt_cache_key",
      "prompt_cache_retention", "prompt_cache_options"),
+    {"conversation": "branchwise extension: compact this stored conversation's history (the conversation "
+                     "is not changed)."},
     model=(str, Field(min_length=1)),
     image=(dict[str, Any] | None, None),
     service_tier=(str | None, None),

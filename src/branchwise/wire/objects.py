@@ -51,7 +51,8 @@ def _text_param(req: CreateResponse) -> dict[str, Any]:
             f = req.text.format
             fmt = {"type": f.type}
             if f.type == "json_schema":
-                fmt.update(name=f.name, schema=f.schema_, description=f.description, strict=f.strict)
+                # `strict` is a boolean in the Response (Open Responses requires it), false unless asked
+                fmt.update(name=f.name, schema=f.schema_, description=f.description, strict=bool(f.strict))
     return {"format": fmt, "verbosity": verbosity}
 
 
@@ -64,7 +65,20 @@ def _tool_choice(req: CreateResponse) -> Any:
     tc = req.tool_choice
     if tc is None:
         return "auto"
-    return tc if isinstance(tc, str) else {"type": "function", "name": tc.name}
+    if isinstance(tc, str):
+        return tc
+    if tc.type == "allowed_tools":
+        return {"type": "allowed_tools", "mode": tc.mode or "auto",
+                "tools": [{"type": "function", "name": t.name} for t in tc.tools]}
+    return {"type": "function", "name": tc.name}
+
+
+def _prompt(req: CreateResponse) -> dict[str, Any]:
+    """The `prompt` as used: its id, the version that was used, the variables given."""
+    p = req.prompt
+    variables = None if p.variables is None else {
+        k: v if isinstance(v, str) else v.model_dump(exclude_none=True) for k, v in p.variables.items()}
+    return {"id": p.id, "version": p.version, "variables": variables}
 
 
 def response_object(
@@ -90,6 +104,7 @@ def response_object(
         "completed_at": completed_at,
         "conversation": {"id": conv} if conv else None,
         "error": error_object(error),
+        "frequency_penalty": 0.0 if req.frequency_penalty is None else req.frequency_penalty,
         "incomplete_details": {"reason": incomplete_reason} if incomplete_reason else None,
         "instructions": req.instructions,
         "max_output_tokens": req.max_output_tokens,
@@ -98,8 +113,9 @@ def response_object(
         "model": req.model,
         "output": output,
         "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+        "presence_penalty": 0.0 if req.presence_penalty is None else req.presence_penalty,
         "previous_response_id": req.previous_response_id,
-        "prompt": req.prompt,
+        "prompt": None if req.prompt is None else _prompt(req),
         "prompt_cache_key": req.prompt_cache_key,
         "prompt_cache_retention": req.prompt_cache_retention,
         "reasoning": {"effort": req.reasoning.effort if req.reasoning else None,
@@ -146,3 +162,9 @@ def item_list(datas: list[bytes], first_id: str | None, last_id: str | None, has
 def sse(event: dict[str, Any]) -> bytes:
     """One Server-Sent Event, written in one piece."""
     return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+def sse_data(frame: bytes) -> bytes:
+    """The event of an `sse` frame without its framing: the JSON object, as a WebSocket message
+    carries it."""
+    return frame[frame.index(b"\ndata: ") + 7:-2]

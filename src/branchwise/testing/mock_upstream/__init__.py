@@ -9,7 +9,9 @@ Routes
 ``POST /v1/chat/completions`` (also ``/chat/completions``)
     The completion endpoint, described below.
 ``GET /v1/models`` (also ``/models``)
-    A model list: ``mock``, ``mock-reasoning``, ``mock-tools``.
+    A model list: ``mock``, ``mock-reasoning``, ``mock-tools``. Tests change it through the
+    app: ``model_ids`` (what is listed), ``models_status`` (another status than 200: the
+    route fails with it), ``models_asked`` (requests received), ``reset_models()``.
 ``GET /_requests`` / ``DELETE /_requests``
     The JSON list of every chat request body received, in order / clear it.
 ``GET /healthz``
@@ -93,7 +95,11 @@ earlier turns of a conversation still apply.
 ``[[tool=NAME]]`` / ``[[tool]]``
     Call the tool ``NAME`` (``[[tool]]``: the first tool of ``tools``, else
     ``mock_tool``). The same happens without a directive when ``tool_choice``
-    is ``"required"`` (first tool) or names a function. ``tool_choice:
+    is ``"required"`` (first tool) or names a function, and, when
+    ``tool_choice`` is ``"auto"`` or absent and the last message is the
+    user's, with the first tool whose name has a word of 4+ letters (split at
+    ``_`` and ``-``) that the message has as a word, case aside
+    (``get_weather`` for "What's the weather like?"). ``tool_choice:
     "none"`` and a last message with role ``tool`` disable tool calls. The
     message then has ``content: null`` and ``tool_calls: [{"id":
     "call_<hex>", "type": "function", "function": {"name": NAME,

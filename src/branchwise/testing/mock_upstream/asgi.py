@@ -27,14 +27,12 @@ MODEL_PATHS = frozenset({"/v1/models", "/models"})
 
 _JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
 _SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-_MODELS_BODY = orjson.dumps(
-    {
-        "object": "list",
-        "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "branchwise-mock"} for m in MODEL_IDS
-        ],
-    }
-)
+
+
+def _models_body(ids: tuple[str, ...]) -> bytes:
+    return orjson.dumps({"object": "list", "data": [
+        {"id": m, "object": "model", "created": 0, "owned_by": "branchwise-mock"} for m in ids]})
+
 _HEALTH_BODY = b'{"status":"ok"}'
 _DONE_EVENT = b"data: [DONE]\n\n"
 _MALFORMED_EVENT = b"data: {not json\n\n"
@@ -91,6 +89,13 @@ class MockUpstreamApp:
         self.disconnected: list[Any] = []  # request bodies whose client went away before the reply ended
         self.log_requests = log_requests
         self._counter = itertools.count(1)
+        self.model_ids: tuple[str, ...] = MODEL_IDS  # what GET /v1/models lists
+        self.models_status = 200  # another status: GET /v1/models fails with it
+        self.models_asked = 0  # GET /v1/models requests received
+
+    def reset_models(self) -> None:
+        """GET /v1/models as it starts: the three mock models, answered."""
+        self.model_ids, self.models_status, self.models_asked = MODEL_IDS, 200, 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -116,7 +121,12 @@ class MockUpstreamApp:
             allowed = "POST"
         elif path in MODEL_PATHS:
             if method == "GET":
-                await _send_bytes(send, 200, _MODELS_BODY)
+                self.models_asked += 1
+                if self.models_status != 200:
+                    body = _error_body(f"mock failure {self.models_status}", "server_error", "mock_failure")
+                    await _send_bytes(send, self.models_status, body)
+                    return
+                await _send_bytes(send, 200, _models_body(self.model_ids))
                 return
             allowed = "GET"
         elif path == "/_requests":

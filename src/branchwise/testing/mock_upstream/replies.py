@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,8 +89,24 @@ def _tool_spec(tool: Any) -> tuple[str | None, Any]:
     return (name if isinstance(name, str) else None), spec.get("parameters")
 
 
-def _forced_tool(req: dict[str, Any], directives: dict[str, str | None]) -> str | None:
-    """The name of the tool this request must call, if any."""
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _mentioned_tool(tools: list[Any], text: str) -> str | None:
+    """The first tool whose name has a word of 4 or more letters (split at `_` and `-`) that
+    `text` has as a word, case aside: what a model given `get_weather` does when asked about the
+    weather."""
+    words = set(_WORD.findall(text.lower()))
+    for tool in tools:
+        name = _tool_spec(tool)[0]
+        if name and any(len(w) >= 4 and w in words for w in re.split(r"[_-]", name.lower())):
+            return name
+    return None
+
+
+def _forced_tool(req: dict[str, Any], directives: dict[str, str | None], asked: str | None) -> str | None:
+    """The name of the tool this request must call, if any; `asked` is the text of the last
+    message when it is the user's."""
     tool_choice = req.get("tool_choice")
     if tool_choice == "none":
         return None
@@ -102,6 +119,8 @@ def _forced_tool(req: dict[str, Any], directives: dict[str, str | None]) -> str 
     if isinstance(tool_choice, dict):
         name, _ = _tool_spec(tool_choice)
         return name
+    if asked and isinstance(tools, list):
+        return _mentioned_tool(tools, asked)
     return None
 
 
@@ -165,7 +184,8 @@ def build_reply(req: dict[str, Any], counter: int) -> Reply:
     after_tool = last_message.get("role") == "tool"
     prefix = f"[{n_messages} messages] "
     reasoning = directives.get("reasoning") or None
-    tool_name = None if after_tool else _forced_tool(req, directives)
+    asked = last_user if last_message.get("role") == "user" else None
+    tool_name = None if after_tool else _forced_tool(req, directives, asked)
     tool_args = _tool_arguments(req, tool_name) if tool_name is not None else ""
     structured = None if tool_name is not None else _structured_content(req, last_user)
     words = _int_directive(directives, "words")
