@@ -16,10 +16,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from branchwise.backends.base import Backend, BackendError
-from branchwise.core.chat import ChatDelta, ChatRequest, ChatResult
+from branchwise.core.chat import ChatDelta, ChatRequest, ChatResult, Usage
 from branchwise.observe import metrics, traces
 
 if TYPE_CHECKING:
@@ -72,6 +73,15 @@ class Line:
         self.free += 1
 
 
+@dataclass(slots=True)
+class _Call:
+    backend: Backend
+    model: str
+    line: Line | None
+    span: Any
+    started: float
+
+
 class Upstream:
     def __init__(self) -> None:
         self._lines: dict[int, Line | None] = {}
@@ -93,62 +103,57 @@ class Upstream:
                                                         "model": plan.req.model, "code": e.code,
                                                         "upstream_status": e.status}})
 
-    async def complete(self, plan: Plan, chat: ChatRequest) -> ChatResult:
+    async def _start(self, plan: Plan, chat: ChatRequest) -> _Call:
+        """A model call begins: its place in the backend's line (waited for), the running
+        gauge, its span."""
         backend = plan.backend
         line = self._line(backend)
         if line is not None:
             await line.enter(plan.ids[0])
-        outcome = "cancelled"
-        usage = None
         metrics.running += 1
         span = traces.model_span(backend.name, chat.model) if traces.tracer is not None else None
-        started = time.perf_counter()
+        return _Call(backend, chat.model, line, span, time.perf_counter())
+
+    @staticmethod
+    def _end(call: _Call, outcome: str, usage: Usage | None) -> None:
+        metrics.running -= 1
+        if call.line is not None:
+            call.line.leave()
+        if call.span is not None:
+            traces.model_done(call.span, outcome, usage)
+        metrics.upstream_call(call.backend.name, call.model, outcome, time.perf_counter() - call.started,
+                              usage.input_tokens if usage else 0, usage.output_tokens if usage else 0)
+
+    async def complete(self, plan: Plan, chat: ChatRequest) -> ChatResult:
+        call = await self._start(plan, chat)
+        outcome, usage = "cancelled", None
         try:
-            result = await backend.complete(chat)
+            result = await call.backend.complete(chat)
             outcome, usage = "ok", result.usage
             return result
         except BackendError as e:
             outcome = e.code
-            self._failed(plan, backend, e)
+            self._failed(plan, call.backend, e)
             raise
         finally:
-            metrics.running -= 1
-            if line is not None:
-                line.leave()
-            if span is not None:
-                traces.model_done(span, outcome, usage)
-            metrics.upstream_call(backend.name, chat.model, outcome, time.perf_counter() - started,
-                                  usage.input_tokens if usage else 0, usage.output_tokens if usage else 0)
+            self._end(call, outcome, usage)
 
     async def stream(self, plan: Plan) -> AsyncIterator[ChatDelta]:
         """The backend's stream of `plan.chat`; its time (waiting in line included) is added
         to `plan.upstream_s`."""
-        backend, chat = plan.backend, plan.chat
         started = time.perf_counter()
-        line = self._line(backend)
-        if line is not None:
-            await line.enter(plan.ids[0])
-        outcome = "cancelled"
-        usage = None
-        metrics.running += 1
-        span = traces.model_span(backend.name, chat.model) if traces.tracer is not None else None
+        call = await self._start(plan, plan.chat)
+        outcome, usage = "cancelled", None
         try:
-            async for delta in backend.stream(chat):
+            async for delta in call.backend.stream(plan.chat):
                 if delta.usage is not None:
                     usage = delta.usage
                 yield delta
             outcome = "ok"
         except BackendError as e:
             outcome = e.code
-            self._failed(plan, backend, e)
+            self._failed(plan, call.backend, e)
             raise
         finally:
-            metrics.running -= 1
-            if line is not None:
-                line.leave()
-            if span is not None:
-                traces.model_done(span, outcome, usage)
-            took = time.perf_counter() - started
-            plan.upstream_s += took
-            metrics.upstream_call(backend.name, chat.model, outcome, took,
-                                  usage.input_tokens if usage else 0, usage.output_tokens if usage else 0)
+            plan.upstream_s += time.perf_counter() - started
+            self._end(call, outcome, usage)
