@@ -8,7 +8,8 @@ Sections: (a) added latency and (b) throughput of stored responses, (c) streamin
 operations (bench/tree_ops.py, in-process), (e) parallel branches, (f) server memory, (g)
 WebSocket mode against SSE (bench/websocket.py), (h) the embedded model's batched decoding and
 prefix reuse against llama.cpp's own rate (bench/embedded.py; `--skip-embedded` leaves it out),
-(i) what API keys, their limits and Idempotency-Key add (bench/teams.py).
+(i) the request log's cost at concurrency 1, (j) what API keys, their limits and Idempotency-Key
+add (bench/teams.py).
 The load sections run branchwise and the mock upstream in their own processes on 127.0.0.1
 and drive them from this process
 (bench/loadgen.py); see bench/load.py for what each one does.
@@ -286,7 +287,7 @@ def md_teams(runs: list[dict]) -> str:
             "per request, the project in every statement); a key with limits far above the load (a counter "
             "upsert and a concurrency slot per response, in the database); a key and a new Idempotency-Key on "
             "every request (a claim before, the reply kept after). Added: p50 over the no-key phase's.")
-    return _table("(i) API keys, limits and Idempotency-Key", ["db", "phase", "c=1 p50 ms", "added p50 ms",
+    return _table("(j) API keys, limits and Idempotency-Key", ["db", "phase", "c=1 p50 ms", "added p50 ms",
                                                               "c=32 responses/s", "of no key", "errors"], rows, note)
 
 
@@ -379,6 +380,42 @@ def _run_db(kind: str, args, out: dict, runs: list, servers: list, logs: Path, m
     out["load"].append(run)
 
 
+def _log_cost(workers: int, out: dict, servers: list, logs: Path, mock: loadgen.Server, warmup: float,
+              duration: float, repeat: int) -> None:
+    """(i): two servers on SQLite, alike but for the log level, at concurrency 1."""
+    pair = {}
+    for name, level in (("on", "info"), ("off", "warning")):
+        pair[name] = _server(f"branchwise-log-{name}", _fresh("sqlite", f"branchwise_bench_log_{name}"), mock, logs,
+                             workers, "--log-level", level)
+        servers.append(pair[name])
+        pair[name].start()
+    print("[sqlite] request log cost at c=1 ...", file=sys.stderr)
+    try:
+        out["log_cost"] = loadgen.run(load.log_cost(pair["on"], pair["off"], warmup, duration, repeat))
+    finally:
+        for s in pair.values():
+            s.stop()
+
+
+def _server(name: str, url: str, mock: loadgen.Server, logs: Path, workers: int, *extra: str) -> loadgen.Server:
+    port = loadgen.free_port()
+    venv_bin = Path(sys.executable).parent
+    exe = [str(venv_bin / "branchwise")] if (venv_bin / "branchwise").exists() else [sys.executable, "-m", "branchwise"]
+    (logs / "none.toml").write_text("")
+    return loadgen.Server(name, [*exe, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers",
+                                 str(workers), *extra], port, logs, cwd=str(logs), env={
+        "BRANCHWISE_DATABASE_URL": url, "BRANCHWISE_UPSTREAM_BASE_URL": f"http://127.0.0.1:{mock.port}/v1",
+        "BRANCHWISE_CONFIG": str(logs / "none.toml")})
+
+
+def md_log_cost(res: dict) -> str:
+    rows = [[_f(res["on_p50_ms"], 3), _f(res["off_p50_ms"], 3), _f(res["added_p50_ms"], 3), str(res["repeat"])]]
+    return _table("(i) The request log's cost, SQLite, concurrency 1, ms",
+                  ["p50, log on (info)", "p50, log off (warning)", "added p50", "phases each"], rows,
+                  "Stored responses one at a time on two servers alike but for `--log-level`, phases alternated; "
+                  "medians of the phases' p50s. Metrics are counted in both. Indicative on a shared machine.")
+
+
 def _settle(seconds: float = 2.0) -> None:
     """Flush the page cache's dirty pages and pause: the previous section's writes (hundreds of
     MB) otherwise reach the disk during the next one and slow its fsyncs (PostgreSQL's commits,
@@ -460,6 +497,13 @@ def main() -> int:
                 msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                 print(f"[{kind}] FAILED: {msg}", file=sys.stderr)
                 out["errors"].append({"db": kind, "error": msg})
+        if "sqlite" in kinds:
+            try:
+                _log_cost(args.server_workers, out, servers, logs, mock, warmup, duration, 1 if args.smoke else 3)
+            except Exception as e:
+                msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(f"[sqlite] log cost FAILED: {msg}", file=sys.stderr)
+                out["errors"].append({"db": "sqlite", "error": f"log cost: {msg}"})
         if not args.skip_embedded:
             print("embedded model: raw and delivered rates, prefix reuse ...", file=sys.stderr)
             try:
@@ -487,9 +531,14 @@ def main() -> int:
             md.append(md_profile(runs))
     if out.get("embedded"):
         md.append(embedded.table(out["embedded"]))
+    if out.get("log_cost"):
+        md.append(md_log_cost(out["log_cost"]))
     checks = budgets(runs, out["tree_ops"])
     if out.get("embedded"):
         checks += embedded.budget(out["embedded"])
+    if out.get("log_cost"):
+        added = out["log_cost"]["added_p50_ms"]
+        checks.append(("[sqlite] request log: added p50 at c=1 < 1 ms", added < 1, f"{_f(added, 3)} ms"))
     checks += [(f"[{e['db']}] benchmark ran", False, e["error"]) for e in out["errors"]]
     out["budgets"] = [{"budget": n, "met": ok, "result": got} for n, ok, got in checks]
     md.append(_table("Budgets", ["budget", "result", ""], [[n, got, "met" if ok else "MISSED"] for n, ok, got in checks]))

@@ -1,4 +1,4 @@
-"""(i) What teams cost the hot path: the (a)/(b) workload (stored, non-streaming
+"""(j) What teams cost the hot path: the (a)/(b) workload (stored, non-streaming
 `POST /v1/responses` on seeded conversations) on one server, phase after phase,
 - with no key at all (the single-user server: its requests pass the key check untouched),
 - with an API key (a key of the `default` project, made with `branchwise keys create`: a hash and

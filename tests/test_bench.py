@@ -81,7 +81,7 @@ def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
     for title in ("Load client check", "(a) Added latency", "(b) Throughput", "(b) Fixed rate", "(c) Streaming",
                   "Tree operations (sqlite)", "Tree operations (postgresql)", "(e) Parallel branches",
                   "(f) branchwise memory", "(g) WebSocket mode against SSE", "(h) The embedded model",
-                  "(i) API keys, limits and Idempotency-Key", "Budgets"):
+                  "(j) API keys, limits and Idempotency-Key", "Budgets"):
         assert f"### {title}" in md, title
 
 

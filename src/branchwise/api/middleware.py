@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from logging import INFO
+from time import perf_counter
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -17,6 +19,8 @@ from branchwise.api.common import JSONReply, json_response
 from branchwise.core import projects
 from branchwise.core.errors import BranchwiseError
 from branchwise.core.ids import new_id
+from branchwise.observe import logs, metrics, traces
+from branchwise.observe.logs import ACCESS
 from branchwise.services.keys import Keys, OverLimit
 from branchwise.wire.errors import error_body, http_error
 
@@ -41,10 +45,13 @@ class Auth:
         if scope["type"] == "lifespan" or not scope["path"].startswith("/v1/") or not self.keys.locked:
             await self.app(scope, receive, send)
             return
+        started = perf_counter()
         try:
             caller, headers = await admit(self.keys, scope)
         except BranchwiseError as exc:
-            await refuse(exc, scope, receive, send)
+            status = await refuse(exc, scope, receive, send)
+            if scope["type"] == "http":  # (counted and logged as routed requests are, as `refused`)
+                finished(scope, scope["method"], "refused", status, started)
             return
         except Exception:
             if scope["type"] == "websocket":
@@ -105,7 +112,7 @@ class InvalidKey(BranchwiseError):
         super().__init__("Incorrect API key provided.", code="invalid_api_key")
 
 
-async def refuse(exc: BranchwiseError, scope, receive, send) -> None:
+async def refuse(exc: BranchwiseError, scope, receive, send) -> int:
     """The refusal of a request `admit` refused: a 401 or 429 reply; a WebSocket handshake is
     closed (1008 policy violation for a key, 1013 try again later for a limit)."""
     if isinstance(exc, InvalidKey):
@@ -116,8 +123,9 @@ async def refuse(exc: BranchwiseError, scope, receive, send) -> None:
         response.raw_headers += getattr(exc, "headers", [])
     if scope["type"] == "websocket":
         await refuse_handshake(scope, send, response, 1008 if isinstance(exc, InvalidKey) else 1013)
-        return
-    await response(scope, receive, send)
+    else:
+        await response(scope, receive, send)
+    return response.status_code
 
 
 def _with_headers(send, headers: list[tuple[bytes, bytes]]):
@@ -139,11 +147,11 @@ async def refuse_handshake(scope, send, response: JSONReply, close_code: int) ->
         await send({"type": "websocket.close", "code": close_code})
 
 
-async def reply(pending: Awaitable[Response], scope, receive, send) -> None:
+async def reply(pending: Awaitable[Response], scope, receive, send) -> int:
     """Await a handler's response and send it; whatever the handler raised becomes an
     OpenAI-shaped error reply instead. Errors raised while a reply is being sent (a stream
     that breaks) cannot be answered any more: they go on to the server, which closes the
-    connection."""
+    connection. Returns the reply's status."""
     try:
         response = await pending
     except BranchwiseError as exc:
@@ -155,6 +163,28 @@ async def reply(pending: Awaitable[Response], scope, receive, send) -> None:
     except Exception:
         response = crash_reply(scope)
     await response(scope, receive, send)
+    return response.status_code
+
+
+PLAN = "branchwise.plan"
+"""The scope key under which a `POST /v1/responses` handler leaves its plan, for the log line."""
+
+
+def finished(scope, method: str, route: str, status: int, started: float) -> None:
+    """A request is answered: its metrics, and its log line when `info` is on."""
+    took = perf_counter() - started
+    metrics.request(method, route, status, took)
+    if traces.tracer is not None:
+        traces.request_done(method, route, status, scope.get(PLAN))
+    if ACCESS.isEnabledFor(INFO):
+        plan = scope.get(PLAN)
+        if plan is None:
+            logs.access(method, scope["path"], status, took * 1000)
+            return
+        usage, req = plan.usage, plan.req
+        logs.access(method, scope["path"], status, took * 1000, plan.ids[0], plan.status, req.conversation_id,
+                    req.model, usage.input_tokens if usage else None, usage.output_tokens if usage else None,
+                    plan.upstream_s * 1000)
 
 
 def error_reply(exc: BranchwiseError) -> Response:

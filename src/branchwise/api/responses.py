@@ -11,6 +11,7 @@ from starlette.responses import Response, StreamingResponse
 
 from branchwise.api.common import json_response, paging, parse_body
 from branchwise.api.idempotency import Found, claim_of, idempotent
+from branchwise.api.middleware import PLAN
 from branchwise.core.errors import InvalidRequest, NotFound, not_found
 from branchwise.services.compact import compact
 from branchwise.services.concurrency import ClientGone
@@ -83,7 +84,9 @@ async def create_response(request: Request) -> Response:
         first_id = claim.resource_id
     if req.background:
         streams = _streams(request)
-        run = await streams.start_background(await responses.validate(req, first_id=first_id))
+        plan = await responses.validate(req, first_id=first_id)
+        run = await streams.start_background(plan)
+        request.scope[PLAN] = plan
         if req.stream:
             return _timed(_sse(run.follow()), started)
         return _timed(json_response(await streams.stored_body(run)), started)
@@ -91,6 +94,7 @@ async def create_response(request: Request) -> Response:
         plan = await responses.prepare(req, request.is_disconnected, first_id=first_id)
     except ClientGone:
         return Response(status_code=499)
+    request.scope[PLAN] = plan
     if not req.stream:
         body = await responses.complete(plan)
         return _timed(json_response(plan.body or body), started, plan.upstream_s)

@@ -51,7 +51,9 @@ class LocalBackend(BaseBackend):
         self.seed = seed
         self.parallel = max(1, parallel)
         """Sequences decoded together; more wait for a free one."""
-        self.capabilities = Capabilities(supports_n=True, count_tokens=True, context_window=n_ctx)
+        # `slots`: requests beyond `parallel` wait in line in services (`services.upstream`), visibly
+        self.capabilities = Capabilities(supports_n=True, count_tokens=True, context_window=n_ctx,
+                                         slots=self.parallel)
         self._model: Model | None = None
         self._engine: Engine | None = None
         self._gen: Generator | None = None
