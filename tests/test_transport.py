@@ -57,7 +57,9 @@ def test_kinds_route_to_their_backends(monkeypatch):
     local, remote = router.backend("smollm"), router.backend("qwen")
     assert isinstance(local, LocalBackend) and isinstance(remote, ChatCompletionsBackend)
     assert not router.embedded and router.backend("smollm") is local  # one backend per entry
-    assert local.capabilities == Capabilities(supports_n=True, count_tokens=True, context_window=512)
+    assert local.capabilities == Capabilities(
+        supports_n=True, count_tokens=True, context_window=512, slots=settings.local_parallel,
+        default_max_output_tokens=settings.local_max_output_tokens, default_truncation=settings.local_truncation)
     assert remote.capabilities == Capabilities(supports_n=False, count_tokens=False, context_window=8192)
     assert router.context_window("smollm") == 512 and router.context_window("qwen") == 8192
     assert remote.supports_n is False  # the attribute the engine's older callers read

@@ -155,7 +155,19 @@ def database_message(url: str, e: BaseException) -> str | None:
 def check_database(settings: Settings) -> None:
     """Open the database and bring its schema up to date (what every server process does as it
     starts, here once, where a failure can be explained)."""
+    from sqlalchemy.engine import make_url
+
     from branchwise.store.connect import create_engine, migrate
+
+    try:
+        u = make_url(settings.database_url)
+        path = u.database if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:") else None
+    except Exception:  # (explained by the attempt below)
+        path = None
+    if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        # Refused before aiosqlite's thread tries: that thread's failure can print a traceback
+        # of its own as the process exits.
+        raise StartupError(database_message(settings.database_url, FileNotFoundError(path)))
 
     async def run() -> None:
         engine = create_engine(settings.database_url, settings.db_pool_size, settings.db_pool_timeout)
