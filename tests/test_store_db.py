@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from branchwise.core.ids import new_id
 from branchwise.core.tree import place
-from branchwise.store import statements
+from branchwise.store import connect, statements
 from branchwise.store.connect import create_engine, migrate, writer
 from branchwise.store.group_commit import OneInFlight
 from branchwise.store.repository import Repository
@@ -167,8 +167,10 @@ async def test_sqlite_wal_starts_over_under_steady_writes(tmp_path, monkeypatch,
     pass that lets it start over is put off, but only five times in a row."""
     # "fast": no pass ever counts as slow, whatever else the machine is doing meanwhile
     monkeypatch.setattr(SqliteWriter, "SLOW_CHECKPOINT_S", -1.0 if disk == "slow" else 3600.0)
-    monkeypatch.setattr(SqliteWriter, "CHECKPOINT_EVERY", 10)
-    monkeypatch.setattr(SqliteWriter, "RESTART_EVERY", 30)
+    # (rows written: each write below stores two items and a response row; all but the first
+    # find the head moved)
+    monkeypatch.setattr(SqliteWriter, "CHECKPOINT_EVERY", 30)
+    monkeypatch.setattr(SqliteWriter, "RESTART_EVERY", 90)
     url = f"sqlite:///{tmp_path / 'wal.db'}"
     wal = tmp_path / "wal.db-wal"
     (a,) = stores = await _stores(url, 1)
@@ -177,8 +179,8 @@ async def test_sqlite_wal_starts_over_under_steady_writes(tmp_path, monkeypatch,
         await a.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
         conv = await a.conversation(conv_id)
         # private: the checkpoint schedule is internal; nothing public runs or reports it
-        a.db._next_checkpoint = a.db._commits + 10
-        a.db._next_restart = a.db._commits + 30
+        a.db._next_checkpoint = a.db._rows + 30
+        a.db._next_restart = a.db._rows + 90
         size_before = wal.stat().st_size
         for k in range(10):
             await _commit(a, conv_id, conv.tree, conv.head, conv.head_depth, k)
@@ -195,6 +197,40 @@ async def test_sqlite_wal_starts_over_under_steady_writes(tmp_path, monkeypatch,
         assert wal.stat().st_size < size_before + (8 if disk == "fast" else 20) * ten
         assert a.db._restarted > 0
         assert len(await a.candidates(conv.tree, (await a.conversation(conv_id)).head_item)) == 1
+    finally:
+        await _close(stores)
+
+
+async def test_sqlite_wal_file_shrinks_back_after_a_burst(tmp_path, monkeypatch):
+    """A burst of writes grows the WAL file far past its limit; SQLite reuses the file from its
+    start once it is checkpointed, but never gives the space back unless told to
+    (journal_size_limit). The next checkpoint sees the WAL too big and lets it start over (no
+    scheduled restart is due), and the next write cuts the file back to the limit."""
+    limit = 64 << 10
+    monkeypatch.setattr(connect, "SQLITE_WAL_LIMIT", limit)
+    monkeypatch.setattr(SqliteWriter, "SLOW_CHECKPOINT_S", 3600.0)
+    monkeypatch.setattr(SqliteWriter, "CHECKPOINT_EVERY", 40)
+    monkeypatch.setattr(SqliteWriter, "RESTART_EVERY", 10**9)  # only the WAL's size can start it over
+    url = f"sqlite:///{tmp_path / 'burst.db'}"
+    wal = tmp_path / "burst.db-wal"
+    (a,) = stores = await _stores(url, 1)
+    try:
+        conv_id = new_id("conv")
+        await a.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
+        for k in range(5):  # the burst: 5 x 200 items of 2 kB, one transaction each
+            await a.append_items(conv_id, [_message("user", f"{k}.{j} " + "x" * 2000) for j in range(200)])
+        burst = wal.stat().st_size
+        assert burst > 16 * limit
+        conv = await a.conversation(conv_id)
+        sizes = []
+        for k in range(200):  # then ordinary writes
+            await _commit(a, conv_id, conv.tree, conv.head, conv.head_depth, k)
+            if a.db._checkpoint_task is not None:  # (private: see the test above)
+                await asyncio.wait_for(asyncio.shield(a.db._checkpoint_task), 10)
+            sizes.append(wal.stat().st_size)
+        assert min(sizes) <= limit, (burst, sizes[::20])
+        assert a.db._restarted > 0
+        assert (await a.conversation(conv_id)).head_depth == conv.head_depth + 2
     finally:
         await _close(stores)
 

@@ -77,6 +77,12 @@ def is_sqlite(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+SQLITE_WAL_LIMIT = 16 << 20
+"""Bytes the SQLite WAL file is cut back to each time it starts over (`journal_size_limit`):
+without it the file stays as large as the longest stretch between two restarts ever made it
+(1.65 GB after a bulk fill), though SQLite reuses it from the start."""
+
+
 def sqlite_settings(conn: sqlite3.Connection, busy_ms: int, raw: bool) -> None:
     """Every SQLite connection branchwise opens, whichever driver opens it; `raw`: one of the
     repository's own (a few a process, and the only ones that checkpoint)."""
@@ -87,6 +93,8 @@ def sqlite_settings(conn: sqlite3.Connection, busy_ms: int, raw: bool) -> None:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(f"PRAGMA busy_timeout={busy_ms}")
+    # (any connection that starts the WAL over cuts the file back: set on every one)
+    conn.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_LIMIT}")
     if not raw:
         return
     # Checkpoints are the writer thread's (see `sqlite_writer`): never inside a commit.
