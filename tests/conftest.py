@@ -164,7 +164,7 @@ async def _truncate(url: str) -> None:
     async with engine.begin() as conn:
         exists = (await conn.execute(text("SELECT to_regclass('items') IS NOT NULL"))).scalar()
         if exists:
-            await conn.execute(text("TRUNCATE items, conversations, conversation_metadata, responses, prompts, prompt_versions"))
+            await conn.execute(text("TRUNCATE items, conversations, conversation_metadata, responses, prompts, prompt_versions, history_blocks"))
     await engine.dispose()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import random
 import sqlite3
 
 import orjson
@@ -315,6 +316,87 @@ async def test_commits_of_every_shape_store_everything(db_url):
             for rid in ids:
                 row = await store.response(rid)
                 assert row is not None and row.last_node == last and row.input_count == n_items
+    finally:
+        await store.close()
+        await engine.dispose()
+
+
+async def test_long_histories_read_through_blocks_are_the_paths(db_url):
+    """A history is read 64 items at a time past the second block (`history_blocks`). In a tree
+    that branches within and across blocks (a commit on top of a branch, a line appended
+    whole, a delete that re-hangs a path as copies), with items a model never sees among them,
+    every history read from the database is the path's messages, item by item, in order."""
+    engine = create_engine(db_url)
+    await migrate(engine)
+    store = Repository(engine, 0)  # no history cache: every path below is read from the database
+    rng = random.Random(20)
+    try:
+        conv_id = new_id("conv")
+        texts: dict[str, str | None] = {}  # node -> its message's text (None: not a message)
+        parent_of: dict[str, str | None] = {}
+
+        def item(k: int) -> witems.NewItem:
+            if k % 11 == 5:  # an item with no chat message (never sent to a model)
+                it = _message("user", f"hidden {k}")
+                it.chat = None
+                return it
+            return _message("user" if k % 2 else "assistant", f"m{k}")
+
+        def remember(placed) -> None:
+            for p in placed:
+                texts[p.node] = None if p.item.chat is None else orjson.loads(p.item.data)["content"][0]["text"]
+                parent_of[p.node] = p.parent
+
+        def expected(node: str | None) -> list[str]:
+            out = []
+            while node is not None:
+                if texts[node] is not None:
+                    out.append(texts[node])
+                node = parent_of[node]
+            return out[::-1]
+
+        async def read(node: str) -> list[str]:
+            return [m["content"] for m in orjson.loads(b"[" + await store.path_chat(node) + b"]")]
+
+        chain = [item(k) for k in range(300)]
+        await store.create_conversation(conv_id, conv_id, {}, chain)
+        conv = await store.conversation(conv_id)
+        # (the chain's nodes, from the tree's rows: create_conversation places them)
+        rows = await store.tree_items(conv.tree)
+        for node, parent, *_rest, data, chat in rows:
+            parent_of[node] = parent
+            texts[node] = None if chat is None else orjson.loads(data)["content"][0]["text"]
+        nodes = [r[0] for r in rows]
+        k = 1000
+        for _ in range(12):  # branches from random points, up to 150 items each, as responses
+            base = rng.choice(nodes)
+            depth = (await store.node_info(base))[0]
+            line = [item(k + j) for j in range(rng.randint(1, 150))]
+            k += len(line)
+            placed = place(line, base, depth, new_id("resp"))
+            await store.commit_response(tree=conv.tree, placed=placed, response_rows=[], conversation_id=None,
+                                        base=None, new_head=None)
+            remember(placed)
+            nodes += [p.node for p in placed]
+        await store.append_items(conv_id, [item(k + j) for j in range(70)])  # onto the head, in one go
+        head = (await store.conversation(conv_id)).head
+        for node, parent, *_rest, data, chat in await store.tree_items(conv.tree):
+            if node not in texts:
+                parent_of[node] = parent
+                texts[node] = None if chat is None else orjson.loads(data)["content"][0]["text"]
+        victim = (await store.walk(head, 40, 40))[0]  # a delete re-hangs the 330 items below it
+        assert await store.delete_from_path(conv_id, victim.item_id) is True
+        for node, parent, *_rest, data, chat in await store.tree_items(conv.tree):
+            if node not in texts:
+                parent_of[node] = parent
+                texts[node] = None if chat is None else orjson.loads(data)["content"][0]["text"]
+        head = (await store.conversation(conv_id)).head
+        deep = [n for n in texts if n != head]
+        for node in [head, *rng.sample(deep, 60)]:
+            assert await read(node) == expected(node)
+        async with engine.connect() as conn:  # (private: that blocks were used at all)
+            blocks = (await conn.execute(text("SELECT count(*) FROM history_blocks"))).scalar()
+        assert blocks >= 8
     finally:
         await store.close()
         await engine.dispose()

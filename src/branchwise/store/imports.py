@@ -48,6 +48,9 @@ async def store_batch(tx: Tx, dialect: str, batch: Sequence[ImportedConversation
         })
     if rows:
         await tx.execute(q.INSERT_ITEMS, rows)
+        blocks = q.block_rows([(r["node"], r["depth"]) for r in rows])
+        if blocks:
+            await tx.execute(q.INSERT_BLOCK[dialect], blocks)
     if convs:
         await tx.execute(q.INSERT_CONVERSATION, convs)
         # the listing's metadata filter reads these (GET /v1/conversations?metadata[k]=v)
