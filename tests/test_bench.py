@@ -65,13 +65,18 @@ def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
         assert f"[sqlite] {budget}" in names
     for budget in BUDGETS[3:]:  # (the first three budgets are SQLite's alone)
         assert f"[postgresql] {budget}" in names
+    # (h) two more instances on PostgreSQL's database: a stream resumed on each
+    assert "[postgresql] resumed stream on another instance: added delay per event p50 <= 5 ms" in names
+    resumed = runs["postgresql"]["load"]["resume"]
+    assert resumed["deltas"] > 0 and resumed["listening"]["p50_ms"] >= 0 and resumed["polling"]["p50_ms"] >= 0
     assert all(b["result"] and b["met"] in (True, False) for b in out["budgets"])
     assert done.returncode == (0 if all(b["met"] for b in out["budgets"]) else 1)
 
     md = (tmp_path / "latest.md").read_text()
     for title in ("Load client check", "(a) Added latency", "(b) Throughput", "(b) Fixed rate", "(c) Streaming",
                   "Tree operations (sqlite)", "Tree operations (postgresql)", "(e) Parallel branches",
-                  "(f) branchwise memory", "(g) WebSocket mode against SSE", "Budgets"):
+                  "(f) branchwise memory", "(g) WebSocket mode against SSE",
+                  "(h) Stream resumed on another instance (postgresql), added delay per event, ms", "Budgets"):
         assert f"### {title}" in md, title
 
 

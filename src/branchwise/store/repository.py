@@ -420,6 +420,8 @@ class Repository:
                 steps += self._block_steps(placed)
         if events:
             steps.append((q.INSERT_EVENTS, list(events)))
+            if self.dialect == "postgresql":  # (readers in other processes: `store.signals`)
+                steps.append((q.NOTIFY_EVENTS, {"ids": list({e["response_id"]: 0 for e in events})}))
         if update_existing:
             steps.append((q.FINISH_RESPONSE, list(response_rows)))
         elif response_rows:

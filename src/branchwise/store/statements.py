@@ -418,3 +418,9 @@ IMPORTED_BY_METADATA = {
                       " WHERE metadata::jsonb ->> :name = ANY(:keys::text[])"),
 }
 IMPORT_LOCK = SQL("SELECT pg_advisory_xact_lock(7351002)")
+
+# PostgreSQL's notifications (`store.signals`): a response's new events, sent with the
+# transaction that writes them (delivered when it commits).
+EVENTS_CHANNEL = "branchwise_events"
+FOLLOW_CHANNEL = "branchwise_follow"
+NOTIFY_EVENTS = SQL(f"SELECT pg_notify('{EVENTS_CHANNEL}', id) FROM unnest(:ids::text[]) AS t(id)")
