@@ -95,3 +95,27 @@ def test_a_traced_phase_reports_each_step_of_a_stored_response():
         line = next(x for x in trace.splitlines() if x.startswith(step))
         assert len(line.split()) >= 5, line
     assert "sqlite write:" in trace
+
+
+@pytest.mark.timeout(420)  # the subprocess's own limit is 360 s
+def test_the_scale_benchmark_measures_every_figure_at_each_size(tmp_path):
+    """`python -m bench.scale --smoke` (make bench-scale): each size filled and measured on both
+    databases, every figure of its table produced, the goals checked."""
+    env = dict(os.environ)
+    env.setdefault("BENCH_PG_URL", PG_ADMIN_URL)
+    require_pg(env["BENCH_PG_URL"])
+    done = subprocess.run([sys.executable, "-m", "bench.scale", "--smoke", "--sizes", "300,600", "--results",
+                           str(tmp_path), "--data", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=360)
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    out = json.loads((tmp_path / "scale.json").read_text())
+    assert out["errors"] == [], out["errors"]
+    assert {run["db"] for run in out["runs"]} == {"sqlite", "postgresql"}
+    for run in out["runs"]:
+        assert set(run["sizes"]) == {"300", "600"} and run["skipped"] == {}
+        for row in run["sizes"].values():
+            assert row["c1"]["errors"] == 0 and row["c1"]["p50_ms"] > 0 and row["c32"]["rps"] > 0
+            assert row["old"]["turns"] > 0 and row["cold_context"]["turns"] > 0 and row["cold_context"]["p50_ms"] > 0
+            assert row["bytes_per_response"] > 0
+    assert len(out["goals"]) == 4 and all(g["met"] in (True, False) for g in out["goals"])
+    assert "| sqlite | 600 |" in (tmp_path / "scale.md").read_text()
