@@ -101,9 +101,11 @@ def _path_from(seed: str) -> str:
     )
 
 
-# The path's messages joined by commas in the database: one value back, whatever the length.
+# The path's messages joined by commas in the database: one value back, whatever the length
+# (bytes: on SQLite group_concat makes text, which would be decoded and encoded again).
 _JOINED = {
-    "sqlite": "(SELECT group_concat(chat, ',') FROM (SELECT chat FROM path WHERE chat IS NOT NULL ORDER BY depth))",
+    "sqlite": "(SELECT CAST(group_concat(chat, ',') AS BLOB)"
+              " FROM (SELECT chat FROM path WHERE chat IS NOT NULL ORDER BY depth))",
     "postgresql": "(SELECT string_agg(chat, '\\x2c'::bytea ORDER BY depth) FROM path WHERE chat IS NOT NULL)",
 }
 PATH_CHAT = {d: SQL(_path_from(":node") + "SELECT " + agg) for d, agg in _JOINED.items()}
@@ -112,7 +114,8 @@ PATH_CHAT = {d: SQL(_path_from(":node") + "SELECT " + agg) for d, agg in _JOINED
 # A block's row from the items already stored (they may have been written in the same
 # transaction): the block of 64 ending at `:node`, whose first item is at depth `:lo`.
 _BLOCK_AGG = {
-    "sqlite": "(SELECT group_concat(chat, ',') FROM (SELECT chat FROM up WHERE chat IS NOT NULL ORDER BY depth))",
+    "sqlite": "(SELECT CAST(group_concat(chat, ',') AS BLOB) FROM (SELECT chat FROM up WHERE chat IS NOT NULL"
+              " ORDER BY depth))",
     "postgresql": "(SELECT string_agg(chat, '\\x2c'::bytea ORDER BY depth) FROM up WHERE chat IS NOT NULL)",
 }
 INSERT_BLOCK = {d: SQL(
