@@ -7,7 +7,11 @@ responses, and at each size a fresh `branchwise serve` is measured:
 
 - added latency c=1 (p50, p99): stored responses on a new conversation (the make bench (a)
   workload), minus the same chat calls straight to the mock measured just before;
-- throughput at c=32 (closed loop, new conversations) and branchwise's CPU per response;
+- throughput at c=32 (closed loop, new conversations; two phases) and branchwise's CPU per
+  response;
+- the same load phases, alternating with the main database's, on a second database filled to the
+  smallest size: the goals compare the two, side by side (the machine's speed moves by the minute,
+  0001);
 - old conversations: turns on conversations of the fill picked at random (each once), their
   histories not in the server's cache: branchwise's own time (`Server-Timing`), p50 / p99;
 - a cold 10,000-item context: turns on forks of a 10,000-item conversation, each fork's head a
@@ -18,8 +22,9 @@ responses, and at each size a fresh `branchwise serve` is measured:
 
 Bounded: before each size it estimates the fill from the rate so far and skips the sizes that
 would not fit in `--time-budget` (600 s by default, for both databases together); skipped sizes
-are reported as such. Goals (issue 20): from the smallest to the largest size measured, added p50
-and c=32 throughput within 1.2x on both databases; exit status 1 when one is missed.
+are reported as such. Goals (issue 20): at the largest size measured against the smallest beside
+it, added p50 and c=32 throughput within 1.2x, on both databases; exit status 1 when one is
+missed.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ LONG_ITEMS = 10_000
 COLD_TURNS = 10  # forks of the long conversation, one turn each
 OLD_TURNS = 200  # turns on old conversations per size
 WARMUP, DURATION = 1.0, 4.0
-MEASURE_S = 40.0  # what one size's measurements take, about (server start included)
+C32_ROUNDS = 2
+MEASURE_S = 45.0  # what one size's measurements take, about (servers' start included)
 GOAL_RATIO = 1.2
 TABLES = ("items", "responses", "conversations", "conversation_metadata", "history_blocks", "events")
 
@@ -70,9 +76,9 @@ def _label(n: int) -> str:
 class Target:
     """One database of the run: made, filled in process, sized, dropped at exit."""
 
-    def __init__(self, kind: str, data_dir: Path):
+    def __init__(self, kind: str, data_dir: Path, role: str):
         self.kind = kind
-        name = f"branchwise_bench_scale_{RUN_ID}"
+        name = f"branchwise_bench_scale_{role}_{RUN_ID}"
         if kind == "sqlite":
             self.path = data_dir / f"{name}.db"
             self.url = f"sqlite:///{self.path}"
@@ -233,25 +239,45 @@ async def _forks(port: int, conv_id: str, item_ids: list[str]) -> list[str]:
         conn.close()
 
 
-async def measure(bw: loadgen.Server, mock: loadgen.Server, filler: Filler, rng: random.Random,
-                  target: Target) -> dict:
-    meter = load._meter({"branchwise": bw, "mock": mock})
-    mock_meter = load._meter({"mock": mock})
-    setup = await Conn.open(load.HOST, bw.port)
-    try:
-        convs = await load.create_conversations(setup, 33)
-    finally:
-        setup.close()
+async def _load(servers: dict[str, loadgen.Server], mock: loadgen.Server) -> dict:
+    """The load phases of each server (`main`, and `ref` when there is one), side by side: the
+    mock's c=1 baseline, each server's c=1 phase, then `C32_ROUNDS` rounds of each one's c=32
+    phase, alternating (the machine's speed of the moment falls on both alike)."""
+    convs = {}
+    for name, bw in servers.items():
+        setup = await Conn.open(load.HOST, bw.port)
+        try:
+            convs[name] = await load.create_conversations(setup, 33)
+        finally:
+            setup.close()
+    meters = {name: load._meter({"branchwise": bw, "mock": mock}) for name, bw in servers.items()}
+    direct = await load.closed_loop(mock.port, [load._DirectWorker()], WARMUP / 2, DURATION * 0.75,
+                                    load._meter({"mock": mock}))
     out: dict = {}
-    direct = await load.closed_loop(mock.port, [load._DirectWorker()], WARMUP / 2, DURATION * 0.75, mock_meter)
-    c1 = await load.closed_loop(bw.port, [load._BranchwiseWorker(convs[0])], WARMUP, DURATION, meter)
-    out["c1"] = {"p50_ms": c1["p50_ms"], "p99_ms": c1["p99_ms"], "mock_p50_ms": direct["p50_ms"],
-                 "mock_p99_ms": direct["p99_ms"], "added_p50_ms": c1["p50_ms"] - direct["p50_ms"],
-                 "added_p99_ms": c1["p99_ms"] - direct["p99_ms"], "errors": c1["errors"]}
-    c32 = await load.closed_loop(bw.port, [load._BranchwiseWorker(c) for c in convs[1:]], WARMUP, DURATION, meter,
-                                 server_pids=bw.pids)
-    out["c32"] = {"rps": c32["rps"], "p50_ms": c32["p50_ms"], "p99_ms": c32["p99_ms"], "errors": c32["errors"],
-                  "branchwise_cpu_ms": c32["cpu_ms_per_req"]["branchwise"]}
+    for name, bw in servers.items():
+        c1 = await load.closed_loop(bw.port, [load._BranchwiseWorker(convs[name][0])], WARMUP, DURATION, meters[name])
+        out[name] = {"c1": {"p50_ms": c1["p50_ms"], "p99_ms": c1["p99_ms"], "mock_p50_ms": direct["p50_ms"],
+                            "mock_p99_ms": direct["p99_ms"], "added_p50_ms": c1["p50_ms"] - direct["p50_ms"],
+                            "added_p99_ms": c1["p99_ms"] - direct["p99_ms"], "errors": c1["errors"]}, "c32_rounds": []}
+    for _ in range(C32_ROUNDS):
+        for name, bw in servers.items():
+            r = await load.closed_loop(bw.port, [load._BranchwiseWorker(c) for c in convs[name][1:]], WARMUP, DURATION,
+                                       meters[name])
+            out[name]["c32_rounds"].append({"rps": r["rps"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
+                                            "errors": r["errors"], "branchwise_cpu_ms": r["cpu_ms_per_req"]["branchwise"]})
+    for o in out.values():
+        rounds = o["c32_rounds"]
+        o["c32"] = {k: sum(r[k] for r in rounds) / len(rounds) for k in ("rps", "p50_ms", "p99_ms", "branchwise_cpu_ms")}
+        o["c32"]["errors"] = sum(r["errors"] for r in rounds)
+    return out
+
+
+async def measure(bw: loadgen.Server, ref: loadgen.Server | None, mock: loadgen.Server, filler: Filler,
+                  rng: random.Random, target: Target) -> dict:
+    loads = await _load({"main": bw, **({"ref": ref} if ref is not None else {})}, mock)
+    out = loads["main"]
+    if "ref" in loads:
+        out["ref"] = loads["ref"]
     if target.kind == "sqlite":
         out["wal_bytes_after_load"] = target.wal_bytes()
     fresh = [c for c in filler.old if c not in filler.used]
@@ -268,9 +294,21 @@ async def measure(bw: loadgen.Server, mock: loadgen.Server, filler: Filler, rng:
     return out
 
 
+def _server(name: str, target: Target, logs: Path, mock: loadgen.Server) -> loadgen.Server:
+    port = loadgen.free_port()
+    exe = Path(sys.executable).parent / "branchwise"
+    return loadgen.Server(name, [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)], port, logs,
+                          cwd=str(logs), env={"BRANCHWISE_DATABASE_URL": target.url,
+                                              "BRANCHWISE_CONFIG": str(logs / "none.toml"),
+                                              "BRANCHWISE_UPSTREAM_BASE_URL": f"http://127.0.0.1:{mock.port}/v1"})
+
+
 def run_db(kind: str, sizes: list[int], deadline: float, data_dir: Path, logs: Path, mock: loadgen.Server) -> dict:
-    target = Target(kind, data_dir)
-    filler = Filler(target)
+    """Fill and measure one kind of database at each size. A second database, filled once to the
+    smallest size (`ref`), is measured beside each larger one: the goals' ratios come from phases
+    run side by side, minutes apart from nothing (the machine's speed moves by the minute)."""
+    target, ref_target = Target(kind, data_dir, "main"), Target(kind, data_dir, "ref")
+    filler, ref_filler = Filler(target), Filler(ref_target)
     res: dict = {"db": kind, "sizes": {}, "skipped": {}}
     filler.long_line()
     before = asyncio.run(target.size_bytes())
@@ -293,27 +331,28 @@ def run_db(kind: str, sizes: list[int], deadline: float, data_dir: Path, logs: P
                "conversations": len(filler.old)}
         if kind == "sqlite":
             row["wal_bytes_after_fill"] = target.wal_bytes()
+        if size > sizes[0] and ref_filler.stored == 0:
+            ref_filler.fill_to(sizes[0])
         _settle(1.0)
-        port = loadgen.free_port()
-        exe = Path(sys.executable).parent / "branchwise"
-        bw = loadgen.Server(f"branchwise-scale-{kind}", [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            port, logs, cwd=str(logs), env={
-                                "BRANCHWISE_DATABASE_URL": target.url, "BRANCHWISE_CONFIG": str(logs / "none.toml"),
-                                "BRANCHWISE_UPSTREAM_BASE_URL": f"http://127.0.0.1:{mock.port}/v1"})
-        bw.start()
+        bw = _server(f"branchwise-scale-{kind}", target, logs, mock).start()
+        ref = _server(f"branchwise-scale-ref-{kind}", ref_target, logs, mock).start() if size > sizes[0] else None
         print(f"[{kind}] {_label(size)}: measuring ...", file=sys.stderr)
         try:
-            row.update(loadgen.run(asyncio.wait_for(measure(bw, mock, filler, rng, target), 300)))
+            row.update(loadgen.run(asyncio.wait_for(measure(bw, ref, mock, filler, rng, target), 300)))
         except BaseException:
             print(f"branchwise log tail:\n{bw.tail()}", file=sys.stderr)
             raise
         finally:
             bw.stop()
+            if ref is not None:
+                ref.stop()
         if kind == "postgresql":
             row["conversations_table"] = asyncio.run(target.table_stats())
         res["sizes"][size] = row
         before = asyncio.run(target.size_bytes())  # (the next size's growth is its fill's alone)
+    res["ref_size"] = sizes[0]
     target.drop()
+    ref_target.drop()
     return res
 
 
@@ -326,14 +365,16 @@ def _f(x, nd: int = 2) -> str:
 
 def table(runs: list[dict]) -> str:
     head = ["db", "stored responses", "added p50 ms (c=1)", "added p99 ms (c=1)", "responses/s (c=32)",
-            "branchwise CPU ms/response (c=32)", "old conversation p50 / p99 ms", "cold 10,000-item context ms",
-            "bytes per response", "fill responses/s"]
+            "branchwise CPU ms/response (c=32)", "beside the smallest: added p50 ms, responses/s",
+            "old conversation p50 / p99 ms", "cold 10,000-item context ms", "bytes per response", "fill responses/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for run in runs:
         for size, r in run["sizes"].items():
+            ref = r.get("ref")
+            beside = (f"{_f(ref['c1']['added_p50_ms'])}, {_f(ref['c32']['rps'], 0)}" if ref else "-")
             lines.append("| " + " | ".join([
                 run["db"], _label(int(size)), _f(r["c1"]["added_p50_ms"]), _f(r["c1"]["added_p99_ms"]),
-                _f(r["c32"]["rps"], 0), _f(r["c32"]["branchwise_cpu_ms"], 3),
+                _f(r["c32"]["rps"], 0), _f(r["c32"]["branchwise_cpu_ms"], 3), beside,
                 f"{_f(r['old']['p50_ms'])} / {_f(r['old']['p99_ms'])}", _f(r["cold_context"]["p50_ms"]),
                 _f(r["bytes_per_response"], 0), _f(r["fill_rate"], 0)]) + " |")
         for size, why in run["skipped"].items():
@@ -360,19 +401,22 @@ def extra(runs: list[dict]) -> str:
 
 
 def goals(runs: list[dict]) -> list[tuple[str, bool | None, str]]:
+    """The issue's goals at the largest size measured, against the smallest measured beside it."""
     out = []
     for run in runs:
-        done = sorted(int(s) for s in run["sizes"])
-        if len(done) < 2:
-            out.append((f"[{run['db']}] from the smallest to the largest size", None, "fewer than two sizes measured"))
+        done = [int(s) for s in run["sizes"] if run["sizes"][s].get("ref")]
+        if not done:
+            out.append((f"[{run['db']}] the largest size against the smallest", None, "no larger size measured"))
             continue
-        lo, hi = run["sizes"][done[0]], run["sizes"][done[-1]]
-        span = f"{_label(done[0])} -> {_label(done[-1])}"
-        a0, a1 = lo["c1"]["added_p50_ms"], hi["c1"]["added_p50_ms"]
+        big = max(done)
+        r = run["sizes"][big]
+        ref = r["ref"]
+        span = f"{_label(int(run['ref_size']))} -> {_label(big)}"
+        a0, a1 = ref["c1"]["added_p50_ms"], r["c1"]["added_p50_ms"]
         ratio = a1 / a0 if a0 > 0 else math.inf
         out.append((f"[{run['db']}] added p50 {span} within {GOAL_RATIO}x", ratio <= GOAL_RATIO,
                     f"{_f(a0)} -> {_f(a1)} ms ({ratio:.2f}x)"))
-        t0, t1 = lo["c32"]["rps"], hi["c32"]["rps"]
+        t0, t1 = ref["c32"]["rps"], r["c32"]["rps"]
         ratio = t0 / t1 if t1 > 0 else math.inf
         out.append((f"[{run['db']}] c=32 throughput {span} within {GOAL_RATIO}x", ratio <= GOAL_RATIO,
                     f"{_f(t0, 0)} -> {_f(t1, 0)}/s ({ratio:.2f}x)"))

@@ -117,5 +117,6 @@ def test_the_scale_benchmark_measures_every_figure_at_each_size(tmp_path):
             assert row["c1"]["errors"] == 0 and row["c1"]["p50_ms"] > 0 and row["c32"]["rps"] > 0
             assert row["old"]["turns"] > 0 and row["cold_context"]["turns"] > 0 and row["cold_context"]["p50_ms"] > 0
             assert row["bytes_per_response"] > 0
+        assert "ref" not in run["sizes"]["300"] and run["sizes"]["600"]["ref"]["c32"]["rps"] > 0
     assert len(out["goals"]) == 4 and all(g["met"] in (True, False) for g in out["goals"])
     assert "| sqlite | 600 |" in (tmp_path / "scale.md").read_text()

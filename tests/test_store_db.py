@@ -27,6 +27,8 @@ from branchwise.store.statements import SQL
 from branchwise.wire import items as witems
 from branchwise.wire import models as m
 
+from .helpers import until
+
 
 def test_sql_numbers_parameters_for_asyncpg_and_leaves_casts_alone():
     q = SQL("SELECT :a, x::text, :b, string_agg(c, '\\x2c'::bytea), :a WHERE y = :b_2")
@@ -232,6 +234,28 @@ async def test_sqlite_wal_file_shrinks_back_after_a_burst(tmp_path, monkeypatch)
         assert min(sizes) <= limit, (burst, sizes[::20])
         assert a.db._restarted > 0
         assert (await a.conversation(conv_id)).head_depth == conv.head_depth + 2
+    finally:
+        await _close(stores)
+
+
+async def test_sqlite_wal_file_is_emptied_once_the_writes_stop(tmp_path, monkeypatch):
+    """Whatever size the writes left the WAL file at, a short while after they stop it is
+    checkpointed whole and truncated: an idle server keeps no WAL."""
+    monkeypatch.setattr(SqliteWriter, "IDLE_S", 0.05)
+    url = f"sqlite:///{tmp_path / 'idle.db'}"
+    wal = tmp_path / "idle.db-wal"
+    (a,) = stores = await _stores(url, 1)
+    try:
+        conv_id = new_id("conv")
+        await a.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
+        for k in range(3):
+            await a.append_items(conv_id, [_message("user", f"{k}.{j} " + "x" * 2000) for j in range(200)])
+            await asyncio.sleep(0)  # (writes back to back: not idle)
+        assert wal.stat().st_size > 1 << 20
+        await until(lambda: wal.stat().st_size == 0, "the WAL file to be emptied", timeout=10)
+        assert (await a.conversation(conv_id)).head_depth == 600  # (all of it in the database file)
+        await a.append_items(conv_id, [_message("user", "after")])  # and writes go on
+        assert (await a.conversation(conv_id)).head_depth == 601
     finally:
         await _close(stores)
 

@@ -129,6 +129,7 @@ class SqliteWriter:
     RESTART_EVERY = 4000  # rows between two that hold the writes back, so the WAL starts over
     SLOW_CHECKPOINT_S = 0.05
     WAL_PAST_LIMIT = 4  # a WAL this many times `journal_size_limit` starts over at the next checkpoint
+    IDLE_S = 1.0  # writes that stop this long are followed by a checkpoint that empties the WAL file
     POLL_S = 0.0005  # first wait when another process holds the flock, doubled up to 4 ms
     POLL_FOR_S = 0.05  # then the writer thread waits for it instead
 
@@ -146,6 +147,8 @@ class SqliteWriter:
         self._frame_bytes = 0  # a WAL frame: a page and its 24-byte header
         self._wal_limit = 0  # the connections' journal_size_limit
         self._checkpoint_task: asyncio.Task | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._emptied_at = 0  # `_rows` when the WAL file was last emptied
         self._group: _Group | None = None  # the writes of this pass of the loop, not yet flushed
         self._slow_flushes: set[asyncio.Task] = set()
 
@@ -216,6 +219,8 @@ class SqliteWriter:
             if restart:
                 self._next_restart = self._rows + self.RESTART_EVERY
             self._checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint_soon(restart))
+        if self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_later(self.IDLE_S, self._when_idle, self._rows)
         group = self._group
         if group is None:
             group = self._group = _Group()
@@ -397,7 +402,42 @@ class SqliteWriter:
             fcntl.flock(self._lockfile, fcntl.LOCK_UN)
         return True
 
+    def _when_idle(self, rows: int) -> None:
+        """`IDLE_S` after a write: while writes go on, look again later; once they stopped, empty
+        the WAL file (a burst leaves it as large as its last stretch between two restarts, up to
+        `WAL_PAST_LIMIT` times the limit, until the next write cuts it back)."""
+        loop = asyncio.get_running_loop()
+        if self._rows != rows:
+            self._idle_timer = loop.call_later(self.IDLE_S, self._when_idle, self._rows)
+            return
+        self._idle_timer = None
+        if self._rows == self._emptied_at or not (self._checkpoint_task is None or self._checkpoint_task.done()):
+            return
+        self._emptied_at = self._rows
+        self._checkpoint_task = loop.create_task(self._empty_soon())
+
+    async def _empty_soon(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._writes, self._empty)
+
+    def _empty(self) -> None:
+        """A checkpoint that copies the whole WAL back and truncates the file to nothing, under
+        the flock (no write of any process runs meanwhile; they wait for it as for a write). A
+        reader in the WAL would make it wait: it waits 100 ms at most, then leaves the file."""
+        conn = self._thread_conn
+        if conn is None:
+            conn = self._thread_conn = sqlite_connect(self._path, busy_ms=30000)
+        fcntl.flock(self._lockfile, fcntl.LOCK_EX)
+        try:
+            conn.execute("PRAGMA busy_timeout=100")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            conn.execute("PRAGMA busy_timeout=30000")
+            fcntl.flock(self._lockfile, fcntl.LOCK_UN)
+
     async def close(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         for task in [self._checkpoint_task, *self._slow_flushes]:
             if task is not None:
                 with contextlib.suppress(BaseException):
