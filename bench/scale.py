@@ -55,6 +55,7 @@ COLD_TURNS = 10  # forks of the long conversation, one turn each
 OLD_TURNS = 200  # turns on old conversations per size
 WARMUP, DURATION = 1.0, 4.0
 C32_ROUNDS = 2
+IDLE_WAIT_S = 2.5  # SQLite: after the last turn, before the WAL is looked at again (it empties after 1 s)
 MEASURE_S = 45.0  # what one size's measurements take, about (servers' start included)
 GOAL_RATIO = 1.2
 TABLES = ("items", "responses", "conversations", "conversation_metadata", "history_blocks", "events")
@@ -291,6 +292,9 @@ async def measure(bw: loadgen.Server, ref: loadgen.Server | None, mock: loadgen.
     cold = await _turns_timed(bw.port, [orjson.dumps({"model": "mock", "conversation": c, "input": "summarise"})
                                         for c in forks])
     out["cold_context"] = {"turns": len(cold), "p50_ms": pct(cold, 50), "max_ms": max(cold)}
+    if target.kind == "sqlite":
+        await asyncio.sleep(IDLE_WAIT_S)
+        out["wal_bytes_idle"] = target.wal_bytes()
     return out
 
 
@@ -388,7 +392,8 @@ def extra(runs: list[dict]) -> str:
         for size, r in run["sizes"].items():
             if run["db"] == "sqlite":
                 lines.append(f"- sqlite {_label(int(size))}: WAL {r['wal_bytes_after_fill'] / 2**20:.1f} MiB after the "
-                             f"fill, {r['wal_bytes_after_load'] / 2**20:.1f} MiB after the load; database "
+                             f"fill, {r['wal_bytes_after_load'] / 2**20:.1f} MiB after the c=32 phases, "
+                             f"{r['wal_bytes_idle'] / 2**20:.1f} MiB {IDLE_WAIT_S:g} s after the last turn; database "
                              f"{r['db_bytes'] / 2**20:,.0f} MiB")
             else:
                 t = r.get("conversations_table", {})
