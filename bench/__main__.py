@@ -6,8 +6,11 @@ is produced, in phases too short to time anything.
 
 Sections: (a) added latency and (b) throughput of stored responses, (c) streaming, (d) tree
 operations (bench/tree_ops.py, in-process), (e) parallel branches, (f) server memory, (g)
-WebSocket mode against SSE (bench/websocket.py). The load sections run branchwise and the mock
-upstream in their own processes on 127.0.0.1 and drive them from this process
+WebSocket mode against SSE (bench/websocket.py), (h) the embedded model's batched decoding and
+prefix reuse against llama.cpp's own rate (bench/embedded.py; `--skip-embedded` leaves it out),
+(i) the request log's cost at concurrency 1, (j) on PostgreSQL, a stream resumed on other
+instances of the same database (bench/resume.py). The load sections run branchwise and the mock upstream in their own processes on 127.0.0.1
+and drive them from this process
 (bench/loadgen.py); see bench/load.py for what each one does.
 """
 
@@ -28,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import load, loadgen, resume, tree_ops, websocket
+from bench import embedded, load, loadgen, resume, tree_ops, websocket
 
 RESULTS = Path(__file__).parent / "results"
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -347,7 +350,7 @@ def _run_db(kind: str, args, out: dict, runs: list, servers: list, logs: Path, m
         res = loadgen.run(asyncio.wait_for(load.branchwise_load(
             bw, mock, warmup, duration, n_streams, branch_repeat,
             profile=RESULTS / f"profile-{kind}" if args.profile else None), RUN_TIMEOUT_S))
-        if kind == "postgresql":  # (h): two more instances on the same database
+        if kind == "postgresql":  # (j): two more instances on the same database
             print(f"[{kind}] streams resumed on other instances ...", file=sys.stderr)
             b = server("branchwise-b").start()
             c = server("branchwise-c", BRANCHWISE_DB_POOL_SIZE=str(resume.POLLING_POOL_SIZE)).start()
@@ -370,6 +373,42 @@ def _run_db(kind: str, args, out: dict, runs: list, servers: list, logs: Path, m
     out["load"].append(run)
 
 
+def _log_cost(workers: int, out: dict, servers: list, logs: Path, mock: loadgen.Server, warmup: float,
+              duration: float, repeat: int) -> None:
+    """(i): two servers on SQLite, alike but for the log level, at concurrency 1."""
+    pair = {}
+    for name, level in (("on", "info"), ("off", "warning")):
+        pair[name] = _server(f"branchwise-log-{name}", _fresh("sqlite", f"branchwise_bench_log_{name}"), mock, logs,
+                             workers, "--log-level", level)
+        servers.append(pair[name])
+        pair[name].start()
+    print("[sqlite] request log cost at c=1 ...", file=sys.stderr)
+    try:
+        out["log_cost"] = loadgen.run(load.log_cost(pair["on"], pair["off"], warmup, duration, repeat))
+    finally:
+        for s in pair.values():
+            s.stop()
+
+
+def _server(name: str, url: str, mock: loadgen.Server, logs: Path, workers: int, *extra: str) -> loadgen.Server:
+    port = loadgen.free_port()
+    venv_bin = Path(sys.executable).parent
+    exe = [str(venv_bin / "branchwise")] if (venv_bin / "branchwise").exists() else [sys.executable, "-m", "branchwise"]
+    (logs / "none.toml").write_text("")
+    return loadgen.Server(name, [*exe, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers",
+                                 str(workers), *extra], port, logs, cwd=str(logs), env={
+        "BRANCHWISE_DATABASE_URL": url, "BRANCHWISE_UPSTREAM_BASE_URL": f"http://127.0.0.1:{mock.port}/v1",
+        "BRANCHWISE_CONFIG": str(logs / "none.toml")})
+
+
+def md_log_cost(res: dict) -> str:
+    rows = [[_f(res["on_p50_ms"], 3), _f(res["off_p50_ms"], 3), _f(res["added_p50_ms"], 3), str(res["repeat"])]]
+    return _table("(i) The request log's cost, SQLite, concurrency 1, ms",
+                  ["p50, log on (info)", "p50, log off (warning)", "added p50", "phases each"], rows,
+                  "Stored responses one at a time on two servers alike but for `--log-level`, phases alternated; "
+                  "medians of the phases' p50s. Metrics are counted in both. Indicative on a shared machine.")
+
+
 def _settle(seconds: float = 2.0) -> None:
     """Flush the page cache's dirty pages and pause: the previous section's writes (hundreds of
     MB) otherwise reach the disk during the next one and slow its fsyncs (PostgreSQL's commits,
@@ -390,6 +429,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also run one concurrency-32 phase under py-spy (bench/results/profile-<db>.svg/.txt)")
     ap.add_argument("--skip-tree-ops", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--skip-embedded", action="store_true", help="leave out (g), the embedded model (minutes)")
     ap.add_argument("--smoke", action="store_true",
                     help="every section and budget check, in phases too short to mean anything (the test "
                          "suite's check that the benchmark runs; about a minute)")
@@ -452,6 +492,21 @@ def main() -> int:
                 msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                 print(f"[{kind}] FAILED: {msg}", file=sys.stderr)
                 out["errors"].append({"db": kind, "error": msg})
+        if "sqlite" in kinds:
+            try:
+                _log_cost(args.server_workers, out, servers, logs, mock, warmup, duration, 1 if args.smoke else 3)
+            except Exception as e:
+                msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(f"[sqlite] log cost FAILED: {msg}", file=sys.stderr)
+                out["errors"].append({"db": "sqlite", "error": f"log cost: {msg}"})
+        if not args.skip_embedded:
+            print("embedded model: raw and delivered rates, prefix reuse ...", file=sys.stderr)
+            try:
+                out["embedded"] = embedded.run(logs, smoke=args.smoke, repeat=2 if quick else embedded.REPEAT)
+            except Exception as e:
+                msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(f"[embedded] FAILED: {msg}", file=sys.stderr)
+                out["errors"].append({"db": "embedded", "error": msg})
     finally:
         for s in reversed(servers):
             s.stop()
@@ -470,7 +525,16 @@ def main() -> int:
         md += [resume.table(run["load"]["resume"]) for run in runs if "resume" in run["load"]]
         if args.profile:
             md.append(md_profile(runs))
+    if out.get("embedded"):
+        md.append(embedded.table(out["embedded"]))
+    if out.get("log_cost"):
+        md.append(md_log_cost(out["log_cost"]))
     checks = budgets(runs, out["tree_ops"])
+    if out.get("embedded"):
+        checks += embedded.budget(out["embedded"])
+    if out.get("log_cost"):
+        added = out["log_cost"]["added_p50_ms"]
+        checks.append(("[sqlite] request log: added p50 at c=1 < 1 ms", added < 1, f"{_f(added, 3)} ms"))
     checks += [(f"[{e['db']}] benchmark ran", False, e["error"]) for e in out["errors"]]
     out["budgets"] = [{"budget": n, "met": ok, "result": got} for n, ok, got in checks]
     md.append(_table("Budgets", ["budget", "result", ""], [[n, got, "met" if ok else "MISSED"] for n, ok, got in checks]))

@@ -45,18 +45,6 @@ CASES: list[tuple[str, str, bytes]] = [
 ]
 
 
-def _peak_rss_kib(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
-
-
 def _poll(port: int, stop, out) -> None:
     """In its own process (the client sending the body must not be what is measured): GET
     /healthz every `POLL_S` until `stop` is set; puts the longest wait."""
@@ -118,9 +106,9 @@ def run(kind: str, logs: Path) -> list[dict]:
                                      "BRANCHWISE_UPSTREAM_BASE_URL": f"http://127.0.0.1:{mock_port}/v1"})
             bw.start()
             try:
-                before = _peak_rss_kib(bw.pids())
+                before = loadgen.rss_kib(bw.pids(), "VmHWM")
                 status, took, stall = _case(port, path, body)
-                peak = _peak_rss_kib(bw.pids())
+                peak = loadgen.rss_kib(bw.pids(), "VmHWM")
             finally:
                 bw.stop()
             rows.append({"db": kind, "case": name, "status": status, "s": took, "stall_ms": stall * 1000,

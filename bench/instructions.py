@@ -54,13 +54,13 @@ def _total_ir(files: list[str]) -> int:
     return total
 
 
-def measure(kind: str, url: str, mock_port: int, logs: Path, requests: int) -> dict:
+def measure(kind: str, url: str, mock_port: int, logs: Path, requests: int, log_level: str = "info") -> dict:
     (logs / "none.toml").write_text("")
     port = loadgen.free_port()
     # the venv's own python (not the file it links to), so that the venv's packages load
     python = str(Path(sys.executable).parent / "python3")
     argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={logs}/callgrind.{kind}.%p",
-            python, "-m", "branchwise", "serve", "--host", load.HOST, "--port", str(port)]
+            python, "-m", "branchwise", "serve", "--host", load.HOST, "--port", str(port), "--log-level", log_level]
     server = loadgen.Server(f"branchwise-{kind}-callgrind", argv, port, logs, cwd=str(logs), env={
         "BRANCHWISE_DATABASE_URL": url, "BRANCHWISE_UPSTREAM_BASE_URL": f"http://127.0.0.1:{mock_port}/v1",
         "BRANCHWISE_CONFIG": str(logs / "none.toml")})
@@ -94,6 +94,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=800)
     ap.add_argument("--only", choices=["sqlite", "postgresql"])
+    ap.add_argument("--log-level", default="info", help="the server's (info, the default: a line per request)")
     args = ap.parse_args()
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -110,7 +111,8 @@ def main() -> int:
     try:
         for kind in ("sqlite", "postgresql"):
             if args.only in (None, kind):
-                rows.append(measure(kind, _fresh(kind, "branchwise_bench_instr"), mock_port, logs, args.requests))
+                rows.append(measure(kind, _fresh(kind, "branchwise_bench_instr"), mock_port, logs, args.requests,
+                                    args.log_level))
     finally:
         mock.stop()
     print("| db | responses counted | instructions per stored response |\n|---|---:|---:|")

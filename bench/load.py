@@ -510,3 +510,26 @@ async def _profile(bw: Server, convs, warmup: float, duration: float, meter: Cpu
     if files["raw"].exists():
         out["summary"] = summarise(files["raw"])
     return out
+
+
+async def log_cost(on: Server, off: Server, warmup: float, duration: float, repeat: int) -> dict:
+    """What the request log costs a stored response at concurrency 1: the same workload on two
+    servers alike but for the log level, `on` at the default (`info`: a line per request) and
+    `off` at `--log-level warning`, their phases alternated so that both see the machine's speed
+    of the moment. Added p50 = median of `on`'s p50s - median of `off`'s."""
+    convs = {}
+    for name, srv in (("on", on), ("off", off)):
+        setup = await Conn.open(HOST, srv.port)
+        try:
+            convs[name] = (await create_conversations(setup, 1))[0]
+        finally:
+            setup.close()
+    p50s: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(repeat):
+        for name, srv in (("on", on), ("off", off)):
+            r = await closed_loop(srv.port, [_BranchwiseWorker(convs[name])], warmup, duration,
+                                  _meter({"branchwise": srv}))
+            p50s[name].append(r["p50_ms"])
+    on_p50, off_p50 = median(p50s["on"]), median(p50s["off"])
+    return {"on_p50_ms": on_p50, "off_p50_ms": off_p50, "added_p50_ms": on_p50 - off_p50, "p50s_ms": p50s,
+            "repeat": repeat}

@@ -286,12 +286,13 @@ def machine_ticks() -> tuple[int, int]:
     return sum(f) - idle, sum(f)
 
 
-def rss_kib(pids: list[int]) -> int:
+def rss_kib(pids: list[int], field: str = "VmRSS") -> int:
+    """Resident memory of `pids` together (`field` "VmHWM": each one's peak)."""
     total = 0
     for p in pids:
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     total += int(line.split()[1])
         except OSError:
             pass

@@ -3,6 +3,7 @@ closed-loop load phase, repeated, against a fresh branchwise and the mock, with 
 directly at the same concurrency before each repetition. For A/B comparisons of one figure
 (the full `python -m bench` takes minutes); prints one line per repetition:
 responses/s, branchwise p50/p99, mock p99, added p99 and CPU per response of each process.
+`--log-cost` runs section (i) of `python -m bench` alone (the request log's cost at c=1).
 `--workers N` and `--env K=V` go to `branchwise serve`; `--src DIR` serves the package in another
 checkout's `src/` (e.g. a `git worktree` of the commit to compare against). `--trace` times each
 response's steps and each grouped statement inside the server (`bench/trace/`) and prints what
@@ -41,8 +42,13 @@ def main() -> int:
                     help="serve the branchwise package found in this directory (another checkout's src/)")
     ap.add_argument("--trace", action="store_true",
                     help="time each response's steps and each grouped statement in the server; report at the end")
+    ap.add_argument("--log-cost", action="store_true",
+                    help="section (i) alone: added p50 at c=1 of the request log (two SQLite servers, "
+                         "--log-level info vs warning, --repeat phases each)")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
+    if args.log_cost:
+        return _log_cost_only(args)
     logs = Path(tempfile.mkdtemp(prefix="branchwise-phase-"))
     mock_port = loadgen.free_port()
     mock = loadgen.Server("mock", [sys.executable, "-m", "branchwise.testing.mock_upstream", "--host", "127.0.0.1",
@@ -123,6 +129,26 @@ def main() -> int:
         mock.stop()
     for path in sorted(traces.glob("trace-*.json")) if args.trace else ():
         print(f"\n[trace of server process {path.stem.split('-')[1]}]\n{trace_report.report(str(path))}")
+    return 0
+
+
+def _log_cost_only(args) -> int:
+    from bench.__main__ import _log_cost, md_log_cost
+
+    logs = Path(tempfile.mkdtemp(prefix="branchwise-phase-"))
+    mock_port = loadgen.free_port()
+    mock = loadgen.Server("mock", [sys.executable, "-m", "branchwise.testing.mock_upstream", "--host", "127.0.0.1",
+                                   "--port", str(mock_port), "--no-request-log"], mock_port, logs, cwd=str(logs))
+    out: dict = {}
+    servers: list = []
+    try:
+        mock.start()
+        _log_cost(args.workers, out, servers, logs, mock, args.warmup, args.duration, args.repeat)
+    finally:
+        for s in servers:
+            s.stop()
+        mock.stop()
+    print(md_log_cost(out["log_cost"]))
     return 0
 
 

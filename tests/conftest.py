@@ -241,7 +241,8 @@ def free_port() -> int:
 class Server:
     """`branchwise serve` in a subprocess, over a real socket."""
 
-    def __init__(self, env: dict[str, str], port: int | None = None, workers: int = 1):
+    def __init__(self, env: dict[str, str], port: int | None = None, workers: int = 1,
+                 log_level: str | None = None, args: tuple[str, ...] = ()):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("BRANCHWISE_")}
@@ -250,7 +251,8 @@ class Server:
         self.log = tempfile.NamedTemporaryFile(prefix="branchwise-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "branchwise", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", str(workers), "--log-level", os.environ.get("BRANCHWISE_TEST_SERVE_LOG", "warning")],
+             "--workers", str(workers), "--log-level",
+             log_level or os.environ.get("BRANCHWISE_TEST_SERVE_LOG", "warning"), *args],
             env=full_env, cwd=str(ROOT), stdout=self.log, stderr=subprocess.STDOUT,
         )
 
@@ -286,8 +288,9 @@ class Server:
 def serve():
     servers: list[Server] = []
 
-    def start(env: dict[str, str], workers: int = 1) -> Server:
-        s = Server(env, workers=workers)
+    def start(env: dict[str, str], workers: int = 1, log_level: str | None = None,
+              args: tuple[str, ...] = ()) -> Server:
+        s = Server(env, workers=workers, log_level=log_level, args=args)
         servers.append(s)
         return s.wait_ready()
 

@@ -54,6 +54,13 @@ def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
         assert res["branch"]["ratio"] > 0
         assert res["websocket"]["turns"] > 0 and res["websocket"]["sse"]["p50_ms"] > 0
         assert res["rss_kib"]["peak"] >= res["rss_kib"]["idle"] > 0
+    emb = out["embedded"]  # (g): every figure, for fewer loads and tokens than the real run
+    for kind, sizes in (("concurrent", ("1", "2")), ("n", ("2",))):
+        for s in sizes:
+            e = emb[kind][s]
+            assert e["raw"] > 0 and e["tokens"] > 0 and e["ratio"] > 0, (kind, s, e)
+    assert len(emb["concurrent"]["2"]["first_s"]) == 2
+    assert emb["prefix"]["warm_cached_tokens"] > 0 and emb["prefix"]["ratio"] > 0
     trees = {t["db"]: t["sizes"] for t in out["tree_ops"]}
     assert set(trees) == {"sqlite", "postgresql"}
     for sizes in trees.values():
@@ -65,7 +72,8 @@ def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
         assert f"[sqlite] {budget}" in names
     for budget in BUDGETS[3:]:  # (the first three budgets are SQLite's alone)
         assert f"[postgresql] {budget}" in names
-    # (h) two more instances on PostgreSQL's database: a stream resumed on each
+    assert sum(name.startswith("[embedded] ") for name in names) == 5
+    # (j) two more instances on PostgreSQL's database: a stream resumed on each
     assert "[postgresql] resumed stream on another instance: added delay per event p50 <= 5 ms" in names
     resumed = runs["postgresql"]["load"]["resume"]
     assert resumed["deltas"] > 0 and resumed["listening"]["p50_ms"] >= 0 and resumed["polling"]["p50_ms"] >= 0
@@ -75,8 +83,8 @@ def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
     md = (tmp_path / "latest.md").read_text()
     for title in ("Load client check", "(a) Added latency", "(b) Throughput", "(b) Fixed rate", "(c) Streaming",
                   "Tree operations (sqlite)", "Tree operations (postgresql)", "(e) Parallel branches",
-                  "(f) branchwise memory", "(g) WebSocket mode against SSE",
-                  "(h) Stream resumed on another instance (postgresql), added delay per event, ms", "Budgets"):
+                  "(f) branchwise memory", "(g) WebSocket mode against SSE", "(h) The embedded model",
+                  "(j) Stream resumed on another instance (postgresql), added delay per event, ms", "Budgets"):
         assert f"### {title}" in md, title
 
 

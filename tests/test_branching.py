@@ -277,3 +277,55 @@ async def test_delete_item_leaves_forks_alone(client, raw, mock):
     # still in the other conversations
     assert (await client.conversations.items.retrieve(ids[3], conversation_id=conv.id)).id == ids[3]
 
+
+
+async def test_tree_include_item_and_node(client, raw):
+    """`include=item` adds each row's item as stored (what `/items` gives for it); `include=node`
+    adds the node ids that tell apart the copies of one item id, and the head's node."""
+    conv = await client.conversations.create(items=[msg(str(i)) for i in range(4)])
+    r = await client.responses.create(model="m", conversation=conv.id, input="go", extra_body={"n": 2})
+    path = [it.model_dump(exclude_none=True) async for it in client.conversations.items.list(conv.id, order="asc")]
+    plain = await tree(raw, conv.id)
+    full = await tree(raw, conv.id, include=["item", "node"])
+    assert [{k: v for k, v in row.items() if k not in ("item", "node", "parent_node")} for row in full["data"]] \
+        == plain["data"]
+    by_id = {row["id"]: row for row in full["data"]}
+    for it in path:  # every item of the path, as /items shows it
+        assert {k: v for k, v in by_id[it["id"]]["item"].items() if v is not None} == it
+    alt = r.model_extra["alternatives"][0]["output"][0]
+    assert by_id[alt["id"]]["item"]["content"][0]["text"] == "[5 messages] Alternative 1: go"
+    # nodes: unique, parents point at nodes of the tree, the head's node ends the head's path
+    nodes = {row["node"]: row for row in full["data"]}
+    assert len(nodes) == len(full["data"])
+    for row in full["data"]:
+        parent = nodes.get(row["parent_node"])
+        assert (parent["id"] if parent else None) == row["parent_id"]
+    assert nodes[full["head_node"]]["id"] == full["head"] == r.output[-1].id
+    assert full["first_id"] == full["data"][0]["node"] and full["last_id"] == full["data"][-1]["node"]
+    # either one alone, in one parameter or several, `include[]` too
+    only_node = await tree(raw, conv.id, include="node")
+    assert "item" not in only_node["data"][0] and "node" in only_node["data"][0] and "head_node" in only_node
+    only_item = await tree(raw, conv.id, **{"include[]": "item"})
+    assert "item" in only_item["data"][0] and "node" not in only_item["data"][0] and "head_node" not in only_item
+    assert (await tree(raw, conv.id, include="item,node"))["data"] == full["data"]
+    # a page of them resumes like any page
+    page = await tree(raw, conv.id, include="item", limit=2)
+    rest = await tree(raw, conv.id, include="item", after=page["last_id"], limit=1000)
+    assert page["data"] + rest["data"] == only_item["data"]
+    r = await raw.get(f"/v1/conversations/{conv.id}/tree", params={"include": "content"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "include"
+
+
+async def test_tree_nodes_tell_copies_apart(client, raw):
+    """After a delete the tree holds an item id twice; `parent_node` still names one parent."""
+    conv = await client.conversations.create(items=[msg(str(i)) for i in range(5)])
+    ids = [it.id async for it in client.conversations.items.list(conv.id, order="asc")]
+    await client.conversations.items.delete(ids[1], conversation_id=conv.id)
+    full = await tree(raw, conv.id, include=["node", "item"])
+    assert len(full["data"]) == 8  # 5 nodes + 3 re-hung copies
+    nodes = {row["node"]: row for row in full["data"]}
+    path, n = [], nodes[full["head_node"]]
+    while n is not None:
+        path.append(n["item"]["content"][0]["text"])
+        n = nodes.get(n["parent_node"])
+    assert path[::-1] == ["0", "2", "3", "4"]

@@ -17,15 +17,17 @@ PKG = Path(__file__).resolve().parent.parent / "src" / "branchwise"
 ALLOWED: dict[str, set[str]] = {
     "core": set(),
     "settings": set(),
+    "observe": {"settings"},  # logs, metrics, traces: a leaf every layer may use
     "wire": {"core"},
     "store": {"core", "settings"},
     "backends": {"core", "settings"},
-    "services": {"core", "wire", "store", "backends", "settings"},
-    "api": {"core", "wire", "services", "settings"},
+    "services": {"core", "wire", "store", "backends", "settings", "observe"},
+    "api": {"core", "wire", "services", "settings", "observe"},
     "testing": set(),
+    "explorer": set(),  # static files and the routes that serve them
     # composition roots: they wire everything together
-    "app": {"core", "wire", "store", "backends", "services", "api", "settings"},
-    "cli": {"core", "wire", "store", "backends", "services", "api", "settings", "app"},
+    "app": {"core", "wire", "store", "backends", "services", "api", "settings", "explorer", "observe"},
+    "cli": {"core", "wire", "store", "backends", "services", "api", "settings", "app", "observe"},
     "__init__": {"settings", "app"},
     "__main__": {"cli"},
 }

@@ -48,8 +48,9 @@ def test_default_model_path_points_at_a_gguf_file():
 def test_protocol_attributes():
     b = LocalBackend()
     assert b.name == "local"
-    assert b.supports_n is False
+    assert b.supports_n is True  # n alternatives decode together, sharing their prompt
     assert not b.loaded
+    assert b.queue_depth == 0 and b.active_sequences == 0
 
 
 async def test_bad_messages_are_a_backend_error_without_loading():
@@ -131,7 +132,7 @@ async def test_forced_tool_call(backend: LocalBackend):
 
 
 @pytest.mark.embedded
-async def test_n_generates_sequential_choices(backend: LocalBackend):
+async def test_n_generates_choices(backend: LocalBackend):
     request = req(QUESTION, temperature=0.8, max_tokens=4, seed=7)
     request.n = 2
     result = await backend.complete(request)

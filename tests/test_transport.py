@@ -57,18 +57,20 @@ def test_kinds_route_to_their_backends(monkeypatch):
     local, remote = router.backend("smollm"), router.backend("qwen")
     assert isinstance(local, LocalBackend) and isinstance(remote, ChatCompletionsBackend)
     assert not router.embedded and router.backend("smollm") is local  # one backend per entry
-    assert local.capabilities == Capabilities(supports_n=False, count_tokens=True, context_window=512)
+    assert local.capabilities == Capabilities(supports_n=True, count_tokens=True, context_window=512)
     assert remote.capabilities == Capabilities(supports_n=False, count_tokens=False, context_window=8192)
     assert router.context_window("smollm") == 512 and router.context_window("qwen") == 8192
     assert remote.supports_n is False  # the attribute the engine's older callers read
 
 
 def test_no_upstream_means_the_embedded_model():
-    router = Router(Settings(_env_file=None, local_n_ctx=1024))
+    router = Router(Settings(_env_file=None, local_n_ctx=1024, local_parallel=2))
     assert router.embedded
     backend = router.backend("anything")
     assert isinstance(backend, LocalBackend)
     assert backend.capabilities.count_tokens and backend.capabilities.context_window == 1024
+    # its KV cache: `local_parallel` windows (allocated when the model loads)
+    assert backend.parallel == 2 and backend.kv_cells == 2048
 
 
 def test_a_new_kind_is_one_registration(monkeypatch):

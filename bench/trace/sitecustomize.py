@@ -56,7 +56,7 @@ if os.environ.get("BRANCHWISE_BENCH_TRACE"):
     _step(responses.Responses, "validate", "start")
     _step(responses.Responses, "complete", "reply")
     _step(repository.Repository, "conversation_with_history", "read")
-    _step(responses.Responses, "_generate_now", "model")
+    _step(responses.Responses, "generate", "model")
     _step(repository.Repository, "commit_response", "commit")
 
     def _group(cls, name: str, kind: str, is_async: bool = True) -> None:

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import signal
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
+from branchwise import explorer
 from branchwise.api.app import API
 from branchwise.backends.router import Router
+from branchwise.observe import metrics, traces
+from branchwise.observe.logs import masked_url
 from branchwise.services.compact import compaction_key
 from branchwise.services.concurrency import Policies
 from branchwise.services.conversations import Conversations
@@ -29,12 +33,15 @@ from branchwise.store.leases import Leases
 from branchwise.store.repository import Repository
 from branchwise.store.runs import RunStore
 
+log = logging.getLogger("branchwise.server")
+
 
 def create_app(settings: Settings | None = None) -> API:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: API):
+        traces.configure(settings.otlp_endpoint)
         db = create_engine(settings.database_url, settings.db_pool_size, settings.db_pool_timeout)
         await migrate(db)
         router = Router(settings)
@@ -50,6 +57,10 @@ def create_app(settings: Settings | None = None) -> API:
         s.stored = StoredResponses(store)
         s.sockets = Sockets(responses, s.streams, settings)
         await runs.start()
+        # (one process: its /metrics flushes as it answers; workers: each hands its counts over
+        # every second, for whichever worker answers)
+        flusher = (asyncio.get_running_loop().create_task(_flush_metrics_forever())
+                   if metrics.multiprocess_dir() else None)
         # Everything made so far (modules, app, pools) lives as long as the process: keep it out
         # of the collector's full passes, which would otherwise walk it all again and again.
         gc.collect()
@@ -61,16 +72,34 @@ def create_app(settings: Settings | None = None) -> API:
         # for its connections, while the responses running here get `drain_timeout` to finish.
         loop = asyncio.get_running_loop()
         undo = on_stop_signal(lambda: loop.call_soon_threadsafe(runs.drain, settings.drain_timeout))
+        log.info("ready: %s, %s", masked_url(settings.database_url),
+                 "the embedded model answers every model name" if router.embedded else
+                 f"{len(router.routes)} upstream(s): " + ", ".join(cfg.name for cfg, _ in router.routes))
         try:
             yield
         finally:
             undo()
+            log.info("stopping")
             await runs.stop()
+            if flusher is not None:
+                flusher.cancel()
             await router.aclose()
             await store.close()
             await db.dispose()
+            metrics.process_stopped()
+            traces.shutdown()
+            log.info("stopped")
 
-    return API(lifespan, api_key=settings.api_key)
+    return API(lifespan, api_key=settings.api_key, pages=explorer.routes() if settings.explorer else (),
+               metrics=settings.metrics)
+
+
+async def _flush_metrics_forever() -> None:
+    """This process's counts into prometheus-client every second (see `observe.metrics.flush`),
+    so that a scrape answered by another worker sees them."""
+    while True:
+        await asyncio.sleep(metrics.FLUSH_INTERVAL)
+        metrics.flush()
 
 
 def on_stop_signal(callback: Callable[[], None]) -> Callable[[], None]:

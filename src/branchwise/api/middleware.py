@@ -7,6 +7,8 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable
+from logging import INFO
+from time import perf_counter
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -16,6 +18,8 @@ from starlette.responses import Response
 from branchwise.api.common import json_response
 from branchwise.core.errors import BranchwiseError
 from branchwise.core.ids import new_id
+from branchwise.observe import logs, metrics, traces
+from branchwise.observe.logs import ACCESS
 from branchwise.wire.errors import error_body, http_error
 
 log = logging.getLogger("branchwise.api")
@@ -54,11 +58,11 @@ async def refuse_handshake(scope, send) -> None:
         await send({"type": "websocket.close", "code": 1008})
 
 
-async def reply(pending: Awaitable[Response], scope, receive, send) -> None:
+async def reply(pending: Awaitable[Response], scope, receive, send) -> int:
     """Await a handler's response and send it; whatever the handler raised becomes an
     OpenAI-shaped error reply instead. Errors raised while a reply is being sent (a stream
     that breaks) cannot be answered any more: they go on to the server, which closes the
-    connection."""
+    connection. Returns the reply's status."""
     try:
         response = await pending
     except BranchwiseError as exc:
@@ -70,6 +74,28 @@ async def reply(pending: Awaitable[Response], scope, receive, send) -> None:
     except Exception:
         response = crash_reply(scope)
     await response(scope, receive, send)
+    return response.status_code
+
+
+PLAN = "branchwise.plan"
+"""The scope key under which a `POST /v1/responses` handler leaves its plan, for the log line."""
+
+
+def finished(scope, method: str, route: str, status: int, started: float) -> None:
+    """A request is answered: its metrics, and its log line when `info` is on."""
+    took = perf_counter() - started
+    metrics.request(method, route, status, took)
+    if traces.tracer is not None:
+        traces.request_done(method, route, status, scope.get(PLAN))
+    if ACCESS.isEnabledFor(INFO):
+        plan = scope.get(PLAN)
+        if plan is None:
+            logs.access(method, scope["path"], status, took * 1000)
+            return
+        usage, req = plan.usage, plan.req
+        logs.access(method, scope["path"], status, took * 1000, plan.ids[0], plan.status, req.conversation_id,
+                    req.model, usage.input_tokens if usage else None, usage.output_tokens if usage else None,
+                    plan.upstream_s * 1000)
 
 
 def error_reply(exc: BranchwiseError) -> Response:

@@ -88,7 +88,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", _V1 + "/head"): Op("Move a conversation's head to an item of its tree", "Conversation",
                                 m.MoveHead, errors=(400, 404), tag="conversations", extension=True),
     ("GET", _V1 + "/tree"): Op("Every item of a conversation's tree", "ConversationTree",
-                               query=_paging(max_limit=1000, default_limit=100, order=False),
+                               query=(*_paging(max_limit=1000, default_limit=100, order=False), schemas.query(
+                                   "include", {"type": "array", "items": {"enum": ["item", "node"]}},
+                                   "item: each row's item as stored; node: the node ids of the rows and the head.")),
                                errors=(400, 404), tag="conversations", extension=True),
     ("POST", "/v1/prompts"): Op("Create a stored prompt (its version 1)", "Prompt", m.CreatePrompt,
                                 tag="prompts", extension=True),

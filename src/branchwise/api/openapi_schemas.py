@@ -154,10 +154,14 @@ RESPONSE_SCHEMAS: dict[str, dict] = {
         "id": STR, "object": {"const": "conversation.deleted"}, "deleted": {"const": True}}),
     "ConversationTree": obj(["object", "head", "data", "has_more", "first_id", "last_id"], {
         "object": {"const": "conversation.tree"}, "head": nullable(STR),
+        "head_node": {**nullable(STR), "description": "With `include=node`: the head's node."},
         "data": {"type": "array", "items": obj(
             ["id", "parent_id", "type", "role", "response_id", "status", "created_at"], {
                 "id": STR, "parent_id": nullable(STR), "type": STR, "role": nullable(STR),
-                "response_id": nullable(STR), "status": nullable(STR), "created_at": INT})},
+                "response_id": nullable(STR), "status": nullable(STR), "created_at": INT,
+                "node": {**STR, "description": "With `include=node`: this row's node (its cursor)."},
+                "parent_node": {**nullable(STR), "description": "With `include=node`: the parent's node."},
+                "item": {**ref("Item"), "description": "With `include=item`: the item as stored."}})},
         "has_more": BOOL,
         "first_id": {**nullable(STR), "description": "A node id: the cursor (`after`) of the next page."},
         "last_id": nullable(STR)},

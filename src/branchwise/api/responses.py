@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from branchwise.api.common import json_response, paging, parse_body
+from branchwise.api.middleware import PLAN
 from branchwise.core.errors import InvalidRequest, not_found
 from branchwise.services.compact import compact
 from branchwise.services.concurrency import ClientGone
@@ -52,7 +53,9 @@ async def create_response(request: Request) -> Response:
     responses = _responses(request)
     if req.background:
         streams = _streams(request)
-        run = await streams.start_background(await responses.validate(req))
+        plan = await responses.validate(req)
+        run = await streams.start_background(plan)
+        request.scope[PLAN] = plan
         if req.stream:
             return _timed(_sse(run.follow()), started)
         return _timed(json_response(await streams.stored_body(run)), started)
@@ -60,6 +63,7 @@ async def create_response(request: Request) -> Response:
         plan = await responses.prepare(req, request.is_disconnected)
     except ClientGone:
         return Response(status_code=499)
+    request.scope[PLAN] = plan
     if not req.stream:
         body = await responses.complete(plan)
         return _timed(json_response(plan.body or body), started, plan.upstream_s)

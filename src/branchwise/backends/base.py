@@ -40,6 +40,13 @@ class Capabilities:
     context_window: int | None = None
     """Tokens the model takes (input + output), when known: `truncation` is enforced before the
     call. None: an input that is too long is left to the model to refuse."""
+    slots: int | None = None
+    """Requests the backend works on at once, when it is a fixed number (the embedded model);
+    the others wait in line before it is called (`services.upstream`), visibly. None: no limit."""
+    default_max_output_tokens: int | None = None
+    """The cap on output tokens of a request that sets no `max_output_tokens`. None: the model's."""
+    default_truncation: str | None = None
+    """`truncation` for a request that does not say (`auto` or `disabled`). None: `disabled`."""
 
 
 class Backend(Protocol):

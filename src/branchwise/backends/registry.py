@@ -20,6 +20,7 @@ and then `kind = "anthropic"` in the config file. The backend declares what it c
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from branchwise.backends.base import Backend
 from branchwise.settings import Settings, UpstreamConfig
@@ -64,5 +65,10 @@ def _chat_completions(cfg: UpstreamConfig, settings: Settings) -> Backend:
 def _local(cfg: UpstreamConfig, settings: Settings) -> Backend:
     from branchwise.backends.local import LocalBackend
 
-    return LocalBackend(model_path=settings.local_model_path, n_ctx=cfg.context_window or settings.local_n_ctx,
-                        repeat_penalty=settings.local_repeat_penalty)
+    backend = LocalBackend(model_path=settings.local_model_path, n_ctx=cfg.context_window or settings.local_n_ctx,
+                           repeat_penalty=settings.local_repeat_penalty, parallel=settings.local_parallel)
+    # what a request that does not say gets (settings, not the model's own nature)
+    backend.capabilities = replace(backend.capabilities,
+                                   default_max_output_tokens=settings.local_max_output_tokens,
+                                   default_truncation=settings.local_truncation)
+    return backend

@@ -14,8 +14,17 @@ app = typer.Typer(help="branchwise: OpenAI Responses + Conversations, where a co
                   no_args_is_help=True, add_completion=False)
 
 
+def _version(value: bool) -> None:
+    if value:
+        import branchwise
+
+        typer.echo(f"branchwise {branchwise.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
     """branchwise: OpenAI Responses + Conversations, where a conversation is a tree."""
 
 
@@ -24,6 +33,14 @@ app.add_typer(importer.app, name="import")
 app.command()(tree)
 app.command()(export)
 app.command()(chat)
+
+
+@app.command()
+def settings() -> None:
+    """Print every setting (variable, default, meaning) as a Markdown table."""
+    from branchwise.settings import reference
+
+    typer.echo(reference(), nl=False)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,22 @@ restarted server from binding it. Slow clients are cut off by the protocol in `c
 from __future__ import annotations
 
 import asyncio
+import logging.config
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
+import traceback
+from pathlib import Path
 
 import typer
 
+import branchwise
+from branchwise.cli.startup import StartupError
+from branchwise.observe import logs
 from branchwise.settings import Settings
 
 DRAIN_MARGIN_S = 5.0
@@ -35,33 +43,118 @@ free for a restart within seconds, and what is cut off is failed cleanly, as in 
 def serve(
     host: str = typer.Option(None, help="Interface to bind (default: BRANCHWISE_HOST or 127.0.0.1)."),
     port: int = typer.Option(None, help="Port (default: BRANCHWISE_PORT or 8000)."),
-    workers: int = typer.Option(1, help="Worker processes sharing the port."),
-    log_level: str = typer.Option("warning", help="uvicorn log level."),
+    workers: int = typer.Option(1, min=1, help="Worker processes sharing the port."),
+    log_level: str = typer.Option(None, help="critical | error | warning | info | debug (default: "
+                                  "BRANCHWISE_LOG_LEVEL or info: a line per request)."),
+    log_format: str = typer.Option(None, help="text | json (default: BRANCHWISE_LOG_FORMAT or text)."),
 ) -> None:
     """Serve the API."""
+    debug = (log_level or os.environ.get("BRANCHWISE_LOG_LEVEL", "")).lower() == "debug"
+    try:
+        _serve(host, port, workers, log_level, log_format)
+    except StartupError as e:
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"branchwise: cannot start: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _serve(host: str | None, port: int | None, workers: int, log_level: str | None, log_format: str | None) -> None:
+    from branchwise.cli.startup import StartupError, bind, check_database, check_models, load_settings
+
+    settings = load_settings()
+    level = (log_level or settings.log_level).lower()
+    fmt = (log_format or settings.log_format).lower()
+    if level not in logs.LEVELS:
+        raise StartupError(f"--log-level {level!r}: use one of {', '.join(logs.LEVELS)}")
+    if fmt not in logs.FORMATS:
+        raise StartupError(f"--log-format {fmt!r}: use one of {', '.join(logs.FORMATS)}")
+    host = host or settings.host
+    port = settings.port if port is None else port
+    logging.config.dictConfig(logs.log_config(level, fmt))  # (this process's; uvicorn sets each worker's)
+    check_models(settings)
+    sock = bind(host, port)
+    check_database(settings)
+    _serve_on(sock, settings, host, workers, level, fmt)
+
+
+def _serve_on(sock, settings: Settings, host: str, workers: int, level: str, fmt: str) -> None:
     import uvicorn
 
-    settings = Settings()
-    host = host or settings.host
-    port = port or settings.port
-    kwargs = dict(host=host, port=port, log_level=log_level, **server_options(settings))
+    port = sock.getsockname()[1]
+    # uvicorn's access log is off (server_options): branchwise writes its own request lines.
+    kwargs = dict(host=host, port=port, log_config=logs.log_config(level, fmt), log_level=logs.uvicorn_level(level),
+                  workers=workers, **server_options(settings))
     try:
         import uvloop  # noqa: F401
 
         kwargs["loop"] = "uvloop"
     except ImportError:
         pass
-    typer.echo(f"branchwise serving on http://{host}:{port} (database: {settings.database_url})")
+    shown = "0.0.0.0" if host in ("", "0.0.0.0") else host
+    banner = (f"branchwise {branchwise.__version__} serving on http://{shown}:{port} "
+              f"({workers} worker{'s' if workers > 1 else ''}, database {logs.masked_url(settings.database_url)})")
     warn_if_too_many_connections(settings, workers)
     if workers > 1:
+        metrics_dir = _metrics_dir()
         os.environ.setdefault("BRANCHWISE_DATABASE_URL", settings.database_url)
         os.environ[MASTER_ENV] = str(os.getpid())
-        uvicorn.run("branchwise.cli.serve:worker_app", factory=True, workers=workers, **kwargs)
-    else:
-        from branchwise.app import create_app
+        from uvicorn.supervisors import Multiprocess
 
-        prepare_process(settings)
-        uvicorn.run(create_app(settings), **kwargs)
+        config = uvicorn.Config("branchwise.cli.serve:worker_app", factory=True, **kwargs)
+        typer.echo(banner)
+        try:
+            Multiprocess(config, sockets=[sock]).run()
+        finally:
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+        return
+    from branchwise.app import create_app
+
+    prepare_process(settings)
+    server = _announcing_server()(uvicorn.Config(create_app(settings), **kwargs))
+    server.banner = banner
+    server.run(sockets=[sock])
+    if not server.started:
+        raise typer.Exit(3)
+
+
+class _Announcing:
+    """uvicorn's server, saying it serves once it does (after the bind and the application's
+    start-up), not before."""
+
+    banner = ""
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started and self.banner:
+            typer.echo(self.banner)
+
+
+def _announcing_server():
+    """(Made on first use: importing uvicorn at the module's top would slow every command.)"""
+    import uvicorn
+
+    return type("_AnnouncingServer", (_Announcing, uvicorn.Server), {})
+
+
+def _metrics_dir() -> str | None:
+    """Prometheus multiprocess mode for `--workers`: each worker counts into files under
+    `PROMETHEUS_MULTIPROC_DIR`, which must be empty when they start. An operator's own
+    directory is emptied of its metric files; otherwise a fresh one is made and removed at the
+    end (returned)."""
+    given = os.environ.get(metrics_env())
+    if given:
+        for f in Path(given).glob("*.db"):
+            f.unlink(missing_ok=True)
+        return None
+    made = tempfile.mkdtemp(prefix="branchwise-metrics-")
+    os.environ[metrics_env()] = made
+    return made
+
+
+def metrics_env() -> str:
+    return "PROMETHEUS_MULTIPROC_DIR"  # (read by prometheus-client as it is imported in a worker)
 
 
 def server_options(settings: Settings) -> dict:

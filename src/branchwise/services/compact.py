@@ -72,7 +72,9 @@ async def compact(engine: Responses, body: Any) -> dict[str, Any]:
         system += "\n\nThe conversation was held under these instructions:\n" + body.instructions
     messages = [{"role": "system", "content": system}, *history, {"role": "user", "content": COMPACT_REQUEST}]
     try:
-        result = await plan.backend.complete(ChatRequest(model=body.model, messages=orjson.dumps(messages)))
+        cap = plan.req.max_output_tokens  # (a backend's default cap, when it has one)
+        result = await engine.upstream.complete(plan, ChatRequest(
+            model=body.model, messages=orjson.dumps(messages), params={"max_tokens": cap} if cap else {}))
     except BackendError as e:
         raise ModelFailed(f"The model failed to compact the conversation: {e.message}",
                           code="server_error") from None

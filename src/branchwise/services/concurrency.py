@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from branchwise.core.errors import Conflict, InvalidRequest
+from branchwise.observe import metrics
 from branchwise.settings import Settings
 from branchwise.store.leases import Leases
 
@@ -99,6 +100,8 @@ class Policies:
             return self._hold(conv_id, seq)
         lease = self._hold(conv_id, await self.leases.enqueue(conv_id, holder, ttl))
         started = time.monotonic()
+        gauge = metrics.queued("conversation")
+        gauge.inc()
         try:
             while await self.leases.first(conv_id) != lease.seq:
                 waited = time.monotonic() - started
@@ -112,4 +115,6 @@ class Policies:
         except BaseException:
             await asyncio.shield(lease.release())
             raise
+        finally:
+            gauge.dec()
         return lease

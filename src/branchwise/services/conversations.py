@@ -122,12 +122,13 @@ class Conversations:
         return moved
 
     async def tree(self, conv_id: str, *, limit: int, after: str | None = None,
-                   after_node: str | None = None) -> tuple[Conversation, list[tuple], bool]:
+                   after_node: str | None = None, data: bool = False) -> tuple[Conversation, list[tuple], bool]:
         """A page of every node of the conversation's tree, in the order they were stored: after
         the node `after_node` (the cursor a page returns), or after the newest node holding the
-        item `after`. Rows end with their node."""
+        item `after`. Rows end with their node and their parent's node, then (with `data`) the
+        item as stored."""
         conv = await self.get(conv_id)
-        page = await self.store.tree_page(conv.tree, limit=limit, after=after, after_node=after_node)
+        page = await self.store.tree_page(conv.tree, limit=limit, after=after, after_node=after_node, data=data)
         if page is None:
             raise not_found("Item", after_node or after)
         rows, has_more = page

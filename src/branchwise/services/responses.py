@@ -30,6 +30,7 @@ from branchwise.services.concurrency import Lease, Policies
 from branchwise.services.context import Context
 from branchwise.services.prompts import Prompts
 from branchwise.services.runs import Run, Runs
+from branchwise.services.upstream import Upstream
 from branchwise.settings import Settings
 from branchwise.store.history_cache import extend
 from branchwise.store.repository import Repository
@@ -77,6 +78,8 @@ class Plan:
     terminal_frames: list[bytes] = field(default_factory=list)
     upstream_s: float = 0.0  # seconds spent waiting for the model (for Server-Timing)
     body: bytes | None = None  # the stored Response (alternative 0) as serialised for its row
+    status: str = "queued"  # alternative 0's, once stored (for the request's log line)
+    usage: Usage | None = None  # the model's, once it answered (for the request's log line)
     keep: bool = False  # make `kept` when it commits (a WebSocket turn)
     kept: list[Previous] | None = None  # each finished alternative, for a next turn to continue
 
@@ -96,6 +99,7 @@ class Responses:
         self.settings = settings
         self.runs = runs
         self.context = Context(store)
+        self.upstream = Upstream()
         self.prompts = Prompts(store)
 
     # ------------------------------------------------------------------ prepare
@@ -125,6 +129,11 @@ class Responses:
         if backend is None:
             raise InvalidRequest(f"The model '{req.model}' does not exist or no upstream serves it.",
                                  param="model", code="model_not_found")
+        caps = backend.capabilities
+        if req.max_output_tokens is None and caps.default_max_output_tokens:
+            req.max_output_tokens = caps.default_max_output_tokens  # (echoed: the response says what applied)
+        if req.truncation is None and caps.default_truncation:
+            req.truncation = caps.default_truncation
         raw = req.input
         if raw is None or raw == [] or raw == "":
             if not conv_id and not req.previous_response_id:
@@ -224,22 +233,24 @@ class Responses:
     # ------------------------------------------------------------------ generate
 
     async def generate(self, plan: Plan) -> ChatResult:
-        started = time.perf_counter()
-        try:
-            return await self._generate_now(plan)
-        finally:
-            plan.upstream_s += time.perf_counter() - started
-
-    async def _generate_now(self, plan: Plan) -> ChatResult:
+        """The model's answer(s); the time it took is added to `plan.upstream_s`."""
         backend, chat = plan.backend, plan.chat
         if plan.n == 1 or backend.capabilities.supports_n:
-            result = await backend.complete(chat)
+            started = time.perf_counter()
+            try:
+                result = await self.upstream.complete(plan, chat)
+            finally:
+                plan.upstream_s += time.perf_counter() - started
             if len(result.choices) < plan.n:
                 raise BackendError(f"The upstream returned {len(result.choices)} choices for n={plan.n}.",
                                    code="upstream_error")
             return result
         one = ChatRequest(model=chat.model, messages=chat.messages, params=chat.params, n=1)
-        results = await asyncio.gather(*(backend.complete(one) for _ in range(plan.n)))
+        started = time.perf_counter()
+        try:
+            results = await asyncio.gather(*(self.upstream.complete(plan, one) for _ in range(plan.n)))
+        finally:
+            plan.upstream_s += time.perf_counter() - started
         usage = Usage(
             input_tokens=results[0].usage.input_tokens,
             output_tokens=sum(r.usage.output_tokens for r in results),
@@ -294,6 +305,7 @@ class Responses:
         objs: list[dict[str, Any]] = []
         lasts: list[str | None] = []
         usages = self._usages(plan, usage)
+        plan.usage = usage
         # the new branches' histories: for the path cache once they are stored, and for the
         # client's next turn when it keeps them (`keep`)
         caches = self.store.caches_histories
@@ -356,6 +368,7 @@ class Responses:
                 })
         if rows:
             plan.body = rows[0]["body"]  # the reply reuses it: the object is serialised once
+        plan.status = first["status"]
         events: list[dict] = []
         if terminal is not None:
             frames = terminal(objs)

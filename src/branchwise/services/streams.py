@@ -15,6 +15,7 @@ import orjson
 from branchwise.backends.base import BackendError
 from branchwise.core.chat import Usage
 from branchwise.core.errors import BranchwiseError, InvalidRequest
+from branchwise.observe import metrics
 from branchwise.services.responses import Plan, Responses
 from branchwise.services.runs import SHUTDOWN_MESSAGE, TERMINAL, Run, Runs
 from branchwise.wire import items as witems
@@ -79,7 +80,15 @@ class Streams:
         run = plan.run
         try:
             if background:
-                async with self.runs.workers:
+                waiting = self.runs.workers.locked()
+                if waiting:  # every background worker busy: it waits, `queued`, visibly
+                    metrics.queued("background").inc()
+                try:
+                    await self.runs.workers.acquire()
+                finally:
+                    if waiting:
+                        metrics.queued("background").dec()
+                try:
                     try:
                         await self.responses.enter(plan)
                     except BranchwiseError as e:  # e.g. the queue's wait timed out, the conversation is gone
@@ -92,6 +101,8 @@ class Streams:
                                                      status="in_progress", output=[])) for rid in plan.ids])
                     async for alt, frames in self._stream(plan, created=False):
                         run.extend(alt, frames)
+                finally:
+                    self.runs.workers.release()
             else:
                 rows = self._running_rows(plan, "in_progress")
                 async for alt, frames in self._stream(plan, before_model=lambda: self.runs.store.insert_rows(rows)):
@@ -194,7 +205,7 @@ class Streams:
         max_calls = plan.req.max_tool_calls
         try:
             if plan.n == 1 or plan.backend.supports_n:
-                deltas = plan.backend.stream(plan.chat)
+                deltas = self.responses.upstream.stream(plan)
                 async for d in (self._tied(deltas) if tied else deltas):
                     if d.usage is not None:
                         usage = d.usage

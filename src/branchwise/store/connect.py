@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import weakref
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from branchwise.core.errors import Unavailable
 from branchwise.settings import Settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger("branchwise.store")
 
 # Every query branchwise runs is an index lookup or a short range scan; the recursive path walks
 # are index lookups step by step. A plan made while a table was small (prepared statements keep
@@ -287,11 +289,19 @@ async def migrate(engine: AsyncEngine) -> None:
     """Bring the schema to the newest revision. Safe to run from several processes at once."""
     cfg = _alembic_config()
 
-    def _upgrade(sync_conn) -> None:
+    def _upgrade(sync_conn) -> tuple[str | None, str | None]:
+        from alembic.migration import MigrationContext
+
+        before = MigrationContext.configure(sync_conn).get_current_revision()
         cfg.attributes["connection"] = sync_conn
         command.upgrade(cfg, "head")
+        return before, MigrationContext.configure(sync_conn).get_current_revision()
 
     async with writer(engine).begin() as conn:
         if engine.dialect.name == "postgresql":
             await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7351001)")
-        await conn.run_sync(_upgrade)
+        before, after = await conn.run_sync(_upgrade)
+    if before != after:
+        log.info("database schema migrated from %s to %s", before or "empty", after)
+    else:
+        log.info("database schema is current (%s)", after)

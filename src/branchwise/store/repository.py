@@ -228,10 +228,11 @@ class Repository:
         return {r[0]: tuple(r) for r in await self.db.all(sql, dict(zip(names, ids, strict=True)))}
 
     async def tree_page(self, tree: str, *, limit: int, after: str | None = None,
-                        after_node: str | None = None) -> tuple[list[tuple], bool] | None:
-        """A page of every node of `tree` in the order they were stored (rows end with the node),
-        after the node `after_node` or after the newest node holding the item `after`; None when
-        that is not in the tree."""
+                        after_node: str | None = None, data: bool = False) -> tuple[list[tuple], bool] | None:
+        """A page of every node of `tree` in the order they were stored (rows end with the node
+        and its parent's node, then, with `data`, the item's wire JSON), after the node
+        `after_node` or after the newest node holding the item `after`; None when that is not in
+        the tree."""
         after_seq = 0
         if after_node is not None:
             after_seq = await self.db.value(q.TREE_AFTER_NODE, {"tree": tree, "node": after_node})
@@ -239,7 +240,8 @@ class Repository:
             after_seq = await self.db.value(q.TREE_AFTER, {"tree": tree, "item_id": after})
         if after_seq is None:
             return None
-        rows = await self.db.all(q.TREE_PAGE, {"tree": tree, "after": after_seq, "limit": limit + 1})
+        rows = await self.db.all(q.TREE_PAGE_DATA if data else q.TREE_PAGE,
+                                 {"tree": tree, "after": after_seq, "limit": limit + 1})
         return [tuple(r) for r in rows[:limit]], len(rows) > limit
 
     async def tree_items(self, tree: str, page: int = 1000) -> list[tuple]:

@@ -179,11 +179,11 @@ NODE_PARENT = SQL("SELECT parent FROM items WHERE node = :node")
 # which re-hung copies share), or after the newest node holding an item id.
 TREE_AFTER_NODE = SQL("SELECT seq FROM items WHERE node = :node AND tree = :tree")
 TREE_AFTER = SQL("SELECT seq FROM items WHERE tree = :tree AND item_id = :item_id ORDER BY seq DESC LIMIT 1")
-TREE_PAGE = SQL(
-    "SELECT i.item_id, p.item_id, i.type, i.role, i.response_id, i.status, i.created_at, i.node"
-    " FROM items i LEFT JOIN items p ON p.node = i.parent"
-    " WHERE i.tree = :tree AND i.seq > :after ORDER BY i.seq LIMIT :limit"
-)
+_TREE_COLUMNS = "i.item_id, p.item_id, i.type, i.role, i.response_id, i.status, i.created_at, i.node, i.parent"
+_TREE_PAGE = " FROM items i LEFT JOIN items p ON p.node = i.parent WHERE i.tree = :tree AND i.seq > :after" \
+             " ORDER BY i.seq LIMIT :limit"
+TREE_PAGE = SQL(f"SELECT {_TREE_COLUMNS}{_TREE_PAGE}")
+TREE_PAGE_DATA = SQL(f"SELECT {_TREE_COLUMNS}, i.data{_TREE_PAGE}")  # the same rows with each item's wire JSON
 # Every node of a tree with its content, in the order stored (a parent always before its
 # children): what the CLI's `tree` and `export` show; a page at a time, after a seq.
 TREE_ITEMS = SQL(

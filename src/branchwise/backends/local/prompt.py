@@ -8,7 +8,8 @@ Tool calling uses a ChatML function-calling format (as llama-cpp-python's
 `functions.<name>:` (grammar-constrained), then the arguments are generated under a grammar built
 from that function's JSON schema. One tool call per turn.
 
-Everything here is pure Python and runs on the event loop: no model access.
+Everything here is pure Python, with no model access: planning runs on the event loop, the
+grammars on the preparing thread (`generate`).
 """
 
 from __future__ import annotations
@@ -239,8 +240,7 @@ def _plan_unchecked(request: ChatRequest) -> Plan:
     if not isinstance(response_format, dict) or response_format.get("type") in (None, "text"):
         response_format = None
 
-    # `request.n` is authoritative; a stray params["n"] is ignored (the engine, seeing
-    # supports_n False, fans out itself and may leave it there).
+    # `request.n` is authoritative; a stray params["n"] is ignored.
     n = request.n if request.n and request.n > 1 else 1
     return Plan(
         messages=messages,
@@ -256,15 +256,15 @@ def _plan_unchecked(request: ChatRequest) -> Plan:
 
 
 # --------------------------------------------------------------------------------------------
-# Grammars (built on the worker thread, just before generating)
+# Grammars (GBNF text, root rule `root`; built off the event loop, just before generating)
 # --------------------------------------------------------------------------------------------
 
 
-def response_grammar(response_format: dict[str, Any] | None) -> Any:
+def response_grammar(response_format: dict[str, Any] | None) -> str | None:
     """The grammar of `response_format` (`json_schema`, `json_object`), or None for text."""
     if not response_format:
         return None
-    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+    from llama_cpp.llama_grammar import JSON_GBNF
 
     kind = response_format.get("type")
     schema = None
@@ -277,22 +277,20 @@ def response_grammar(response_format: dict[str, Any] | None) -> Any:
         schema = response_format.get("schema")
     else:
         return None
-    return schema_grammar(schema) if schema is not None else LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    return schema_grammar(schema) if schema is not None else JSON_GBNF
 
 
-def schema_grammar(schema: Any) -> Any:
-    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+def schema_grammar(schema: Any) -> str:
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
     try:
-        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        return json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:  # unsupported schema feature: fall back to any JSON
         log.warning("JSON schema not convertible to a grammar (%s); constraining to JSON only", e)
-        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        return JSON_GBNF
 
 
-def choice_grammar(options: list[str]) -> Any:
+def choice_grammar(options: list[str]) -> str:
     """A grammar that produces exactly one of `options`."""
-    from llama_cpp.llama_grammar import LlamaGrammar
-
     rule = " | ".join(json.dumps(o) for o in options)
-    return LlamaGrammar.from_string(f"root ::= {rule}\n", verbose=False)
+    return f"root ::= {rule}\n"
