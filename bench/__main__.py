@@ -8,8 +8,10 @@ Sections: (a) added latency and (b) throughput of stored responses, (c) streamin
 operations (bench/tree_ops.py, in-process), (e) parallel branches, (f) server memory, (g)
 WebSocket mode against SSE (bench/websocket.py), (h) the embedded model's batched decoding and
 prefix reuse against llama.cpp's own rate (bench/embedded.py; `--skip-embedded` leaves it out),
-(i) the request log's cost at concurrency 1, (j) on PostgreSQL, a stream resumed on other
-instances of the same database (bench/resume.py). The load sections run branchwise and the mock upstream in their own processes on 127.0.0.1
+(i) the request log's cost at concurrency 1, (j) what API keys, their limits and Idempotency-Key
+add (bench/teams.py), (k) on PostgreSQL, a stream resumed on other instances of the same
+database (bench/resume.py).
+The load sections run branchwise and the mock upstream in their own processes on 127.0.0.1
 and drive them from this process
 (bench/loadgen.py); see bench/load.py for what each one does.
 """
@@ -31,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import embedded, load, loadgen, resume, tree_ops, websocket
+from bench import embedded, load, loadgen, resume, teams, tree_ops, websocket
 
 RESULTS = Path(__file__).parent / "results"
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -275,6 +277,21 @@ def md_memory(runs: list[dict]) -> str:
                   "Summed over the server's process tree (supervisor and workers with --server-workers).")
 
 
+def md_teams(runs: list[dict]) -> str:
+    rows = []
+    for run in runs:
+        for phase, by_c in run["load"]["teams"].items():
+            a = run["teams"][phase]
+            rows.append([run["db"], phase, _f(by_c[1]["p50_ms"]), _f(a["added_p50_ms"]), _f(by_c[32]["rps"], 0),
+                         f"{100 * a['throughput_ratio']:.0f}%", str(by_c[1]["errors"] + by_c[32]["errors"])])
+    note = ("The (a)/(b) workload on one server, phase after phase: no key at all; a key (a hash and a lookup "
+            "per request, the project in every statement); a key with limits far above the load (a counter "
+            "upsert and a concurrency slot per response, in the database); a key and a new Idempotency-Key on "
+            "every request (a claim before, the reply kept after). Added: p50 over the no-key phase's.")
+    return _table("(j) API keys, limits and Idempotency-Key", ["db", "phase", "c=1 p50 ms", "added p50 ms",
+                                                              "c=32 responses/s", "of no key", "errors"], rows, note)
+
+
 # --------------------------------------------------------------------------- budgets
 
 
@@ -295,6 +312,11 @@ def budgets(runs: list[dict], tree_runs: list[dict]) -> list[tuple[str, bool, st
                        f"{_f(s['first_event_p50_ms'])} ms"))
         checks.append((f"[{db}] streaming: added inter-chunk gap p99 <= 2 ms", s["gap_p99_ms"] <= 2,
                        f"{_f(s['gap_p99_ms'])} ms"))
+        k = run["teams"]["key"]
+        checks.append((f"[{db}] API key: added p50 at c=1 < 1 ms", k["added_p50_ms"] < 1,
+                       f"{_f(k['added_p50_ms'])} ms"))
+        checks.append((f"[{db}] API key: throughput at c=32 within 10% of no key", k["throughput_ratio"] >= 0.9,
+                       f"{100 * k['throughput_ratio']:.0f}%"))
         r = run["load"]["branch"]["ratio"]
         checks.append((f"[{db}] 16 branches on one conversation <= 1.2x 16 on separate", r <= 1.2, f"{r:.2f}x"))
         w = run["load"]["websocket"]["added_p50_ms"]
@@ -350,7 +372,9 @@ def _run_db(kind: str, args, out: dict, runs: list, servers: list, logs: Path, m
         res = loadgen.run(asyncio.wait_for(load.branchwise_load(
             bw, mock, warmup, duration, n_streams, branch_repeat,
             profile=RESULTS / f"profile-{kind}" if args.profile else None), RUN_TIMEOUT_S))
-        if kind == "postgresql":  # (j): two more instances on the same database
+        print(f"[{kind}] teams: no key, key, key with limits, Idempotency-Key ...", file=sys.stderr)
+        res["teams"] = loadgen.run(asyncio.wait_for(teams.teams_load(bw, mock, url, warmup, duration), RUN_TIMEOUT_S))
+        if kind == "postgresql":  # (k): two more instances on the same database
             print(f"[{kind}] streams resumed on other instances ...", file=sys.stderr)
             b = server("branchwise-b").start()
             c = server("branchwise-c", BRANCHWISE_DB_POOL_SIZE=str(resume.POLLING_POOL_SIZE)).start()
@@ -366,6 +390,7 @@ def _run_db(kind: str, args, out: dict, runs: list, servers: list, logs: Path, m
         bw.stop()
     d, s = res["direct_streaming"], res["streaming"]
     run = {"db": kind, "load": res, "added": _added(res, res["direct"]), "best": _best(res["sweep"]),
+           "teams": teams.added(res["teams"]),
            "stream_added": {"first_event_p50_ms": s["first_event_p50_ms"] - d["first_event_p50_ms"],
                             "first_delta_p50_ms": s["first_delta_p50_ms"] - d["first_delta_p50_ms"],
                             "gap_p99_ms": s["gap_p99_ms"] - d["gap_p99_ms"]}}
@@ -521,7 +546,7 @@ def main() -> int:
         md += [md_added(runs), md_sweep(runs), md_streaming(runs)]
     md += [tree_ops.table(res) for res in out["tree_ops"]]
     if runs:
-        md += [md_branch(runs), md_memory(runs), md_websocket(runs)]
+        md += [md_branch(runs), md_memory(runs), md_websocket(runs), md_teams(runs)]
         md += [resume.table(run["load"]["resume"]) for run in runs if "resume" in run["load"]]
         if args.profile:
             md.append(md_profile(runs))

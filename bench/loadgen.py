@@ -143,11 +143,12 @@ class Conn(asyncio.Protocol):
     # -- API
 
     async def request(self, method: str, path: str, body: bytes | None = None, *,
-                      record_chunks: bool = False) -> Result:
+                      record_chunks: bool = False, headers: bytes = b"") -> Result:
+        """`headers`: more header lines, each as b"\r\nname: value"."""
         if self.transport is None:
             raise ConnectionError("connection closed")
         self._reset(record_chunks)
-        head = f"{method} {path} HTTP/1.1\r\nhost: ".encode() + self.host
+        head = f"{method} {path} HTTP/1.1\r\nhost: ".encode() + self.host + headers
         if body is not None:
             head += b"\r\ncontent-type: application/json\r\ncontent-length: " + str(len(body)).encode()
         msg = head + b"\r\n\r\n" + (body or b"")

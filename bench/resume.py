@@ -1,4 +1,4 @@
-"""(j) A stream resumed on another instance (PostgreSQL): two branchwise processes on one database.
+"""(k) A stream resumed on another instance (PostgreSQL): two branchwise processes on one database.
 A background streaming response runs on instance A; the client reads its events live from A
 (from A's memory) and, at the same time, from B (which tails A's event log in the database).
 Each `output_text.delta`'s delay is the time B delivered it minus the time A did. B is woken by
@@ -72,7 +72,7 @@ async def compare(a: Server, listening: Server, polling: Server, rounds: int) ->
 
 
 def table(res: dict) -> str:
-    lines = ["### (j) Stream resumed on another instance (postgresql), added delay per event, ms", "",
+    lines = ["### (k) Stream resumed on another instance (postgresql), added delay per event, ms", "",
              f"A background stream on instance A ({WORDS} words, a chunk every {int(CHUNK_DELAY * 1000)} ms), read "
              "live from A and at once from B (woken by notifications) and C (polling, as before); "
              f"{res['rounds']} streams, {res['deltas']} deltas each. Delay: when B (C) delivered a delta minus "

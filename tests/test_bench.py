@@ -23,6 +23,7 @@ BUDGETS = [
     "streaming: added time to first event p50 <= 5 ms", "streaming: added inter-chunk gap p99 <= 2 ms",
     "16 branches on one conversation <= 1.2x 16 on separate", "WebSocket turn p50 <= SSE turn p50 + 1 ms (c=1)",
     "fork 10,000 items <= 1.5x fork 10 items", "context of a 10,000-item path <= 10 ms",
+    "API key: added p50 at c=1 < 1 ms", "API key: throughput at c=32 within 10% of no key",
 ]
 
 
@@ -73,7 +74,7 @@ def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
     for budget in BUDGETS[3:]:  # (the first three budgets are SQLite's alone)
         assert f"[postgresql] {budget}" in names
     assert sum(name.startswith("[embedded] ") for name in names) == 5
-    # (j) two more instances on PostgreSQL's database: a stream resumed on each
+    # (k) two more instances on PostgreSQL's database: a stream resumed on each
     assert "[postgresql] resumed stream on another instance: added delay per event p50 <= 5 ms" in names
     resumed = runs["postgresql"]["load"]["resume"]
     assert resumed["deltas"] > 0 and resumed["listening"]["p50_ms"] >= 0 and resumed["polling"]["p50_ms"] >= 0
@@ -84,7 +85,8 @@ def test_the_benchmark_measures_every_budget_on_both_databases(tmp_path):
     for title in ("Load client check", "(a) Added latency", "(b) Throughput", "(b) Fixed rate", "(c) Streaming",
                   "Tree operations (sqlite)", "Tree operations (postgresql)", "(e) Parallel branches",
                   "(f) branchwise memory", "(g) WebSocket mode against SSE", "(h) The embedded model",
-                  "(j) Stream resumed on another instance (postgresql), added delay per event, ms", "Budgets"):
+                  "(j) API keys, limits and Idempotency-Key",
+                  "(k) Stream resumed on another instance (postgresql), added delay per event, ms", "Budgets"):
         assert f"### {title}" in md, title
 
 

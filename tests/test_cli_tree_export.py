@@ -4,6 +4,7 @@ byte. On both databases."""
 
 from __future__ import annotations
 
+import openai
 import orjson
 import pytest
 
@@ -153,3 +154,29 @@ def test_unknown_or_malformed_conversations(db_url):
         result = cli(db_url, *args)
         assert result.exit_code == 1, (args, result.output)
         assert result.stderr.startswith("error: ") and expected in result.stderr and result.stderr.count("\n") == 1
+
+
+async def test_commands_act_for_their_project(client, db_url, mock, tmp_path):
+    """`tree`, `export` and `import` act for `--project` (default `default`): an export of the
+    default project's conversation imported into another is seen by that project's key alone."""
+    from branchwise.app import create_app
+    from branchwise.settings import Settings
+
+    from .teams import make_key, sdk
+
+    conv_id, _ = await _branched(client)
+    assert (await acli(db_url, "tree", conv_id, "--project", "team-a")).exit_code == 1  # not team-a's
+    path = tmp_path / "conv.jsonl"
+    assert (await acli(db_url, "export", conv_id, "-o", str(path))).exit_code == 0
+    await client.conversations.delete(conv_id)
+    back = await acli(db_url, "import", "jsonl", str(path), "--project", "team-a", "--list")
+    assert back.exit_code == 0 and listed(back) == [(conv_id, "new", "Branches <b>")], back.output
+    assert (await acli(db_url, "tree", conv_id, "--project", "team-a")).exit_code == 0
+    assert (await acli(db_url, "tree", conv_id)).exit_code == 1
+    _, a = make_key(db_url, "team-a")
+    _, b = make_key(db_url, "team-b")
+    app = create_app(Settings(database_url=db_url, upstream_base_url=mock.url))
+    async with app.router.lifespan_context(app):
+        assert (await sdk(app, a).conversations.retrieve(conv_id)).id == conv_id
+        with pytest.raises(openai.NotFoundError):
+            await sdk(app, b).conversations.retrieve(conv_id)

@@ -21,6 +21,7 @@ from branchwise.core.tree import place
 from branchwise.store import connect, statements
 from branchwise.store.connect import create_engine, migrate, writer
 from branchwise.store.group_commit import OneInFlight
+from branchwise.store.pg_groups import PgGroups
 from branchwise.store.repository import Repository
 from branchwise.store.sqlite_writer import SqliteWriter
 from branchwise.store.statements import SQL
@@ -487,13 +488,13 @@ async def test_group_commit_of_many_conversations_keeps_every_compare_and_swap(d
     monkeypatch.setattr(statements, "PG_VALUES_COMMITS_MAX", 0 if form == "unnest" else 100)
     sizes: list[int] = []
     # private: how commits are grouped into statements shows in no result, only in this call
-    real = Repository._pg_commit_many
+    real = PgGroups._commit_many
 
     async def recording(self, entries):
         sizes.append(len(entries))
         return await real(self, entries)
 
-    monkeypatch.setattr(Repository, "_pg_commit_many", recording)
+    monkeypatch.setattr(PgGroups, "_commit_many", recording)
     (a,) = stores = await _stores(db_url, 1)
     try:
         convs = []
@@ -552,14 +553,14 @@ async def test_reads_and_head_moves_of_one_loop_pass(db_url, monkeypatch):
     conversation in the same pass lands after the first, and a move to an item of another tree
     or of a missing conversation moves nothing."""
     sizes: dict[str, list[int]] = {"read": [], "move": []}
-    for kind, name in (("read", "_pg_read_group"), ("move", "_pg_move_group")):
-        real = getattr(Repository, name)
+    for kind, name in (("read", "reads"), ("move", "moves")):
+        real = getattr(PgGroups, name)
 
         def recording(self, entries, _real=real, _kind=kind):
             sizes[_kind].append(len(entries))
             return _real(self, entries)
 
-        monkeypatch.setattr(Repository, name, recording)
+        monkeypatch.setattr(PgGroups, name, recording)
     a, b = stores = await _stores(db_url, 2)
     try:
         convs = []

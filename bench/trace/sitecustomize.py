@@ -19,7 +19,7 @@ if os.environ.get("BRANCHWISE_BENCH_TRACE"):
     import time
 
     from branchwise.services import responses
-    from branchwise.store import repository, sqlite_writer
+    from branchwise.store import pg_groups, repository, sqlite_writer
 
     _OUT = os.environ["BRANCHWISE_BENCH_TRACE"]
     _now = time.perf_counter
@@ -77,9 +77,9 @@ if os.environ.get("BRANCHWISE_BENCH_TRACE"):
                     _groups.append((kind, t, _now(), len(a[0]) if kind == "sqlite write" else 0))
         setattr(cls, name, timed)
 
-    _group(repository.Repository, "_pg_read_group", "pg read")
-    _group(repository.Repository, "_pg_commit_group", "pg commit")
-    _group(repository.Repository, "_pg_move_group", "pg head move")
+    _group(pg_groups.PgGroups, "reads", "pg read")
+    _group(pg_groups.PgGroups, "commits", "pg commit")
+    _group(pg_groups.PgGroups, "moves", "pg head move")
     _group(sqlite_writer.SqliteWriter, "_write_inline", "sqlite write", is_async=False)
     _group(sqlite_writer.SqliteWriter, "_checkpoint", "sqlite checkpoint", is_async=False)
 

@@ -22,6 +22,8 @@ from branchwise.observe.logs import masked_url
 from branchwise.services.compact import compaction_key
 from branchwise.services.concurrency import Policies
 from branchwise.services.conversations import Conversations
+from branchwise.services.idempotency import Idempotency
+from branchwise.services.keys import Keys
 from branchwise.services.responses import Responses
 from branchwise.services.runs import Runs
 from branchwise.services.sockets import Sockets
@@ -29,6 +31,8 @@ from branchwise.services.stored import StoredResponses
 from branchwise.services.streams import Streams
 from branchwise.settings import Settings
 from branchwise.store.connect import create_engine, migrate
+from branchwise.store.idempotency import IdempotencyStore
+from branchwise.store.keys import KeyStore, Limits
 from branchwise.store.leases import Leases
 from branchwise.store.repository import Repository
 from branchwise.store.runs import RunStore
@@ -38,6 +42,7 @@ log = logging.getLogger("branchwise.server")
 
 def create_app(settings: Settings | None = None) -> API:
     settings = settings or Settings()
+    keys = Keys(settings)
 
     @asynccontextmanager
     async def lifespan(app: API):
@@ -55,6 +60,10 @@ def create_app(settings: Settings | None = None) -> API:
         s.responses, s.streams = responses, Streams(responses, runs)
         s.conversations = Conversations(store, responses.context, policies, settings)
         s.stored = StoredResponses(store)
+        s.keys = keys
+        s.idempotency = Idempotency(IdempotencyStore(store.db), settings)
+        await keys.start(KeyStore(db), Limits(store.db, store.dialect))
+        await s.idempotency.start()
         s.sockets = Sockets(responses, s.streams, settings)
         await runs.start()
         # (one process: its /metrics flushes as it answers; workers: each hands its counts over
@@ -81,6 +90,8 @@ def create_app(settings: Settings | None = None) -> API:
             undo()
             log.info("stopping")
             await runs.stop()
+            await s.idempotency.stop()
+            await keys.stop()
             if flusher is not None:
                 flusher.cancel()
             await router.aclose()
@@ -90,8 +101,7 @@ def create_app(settings: Settings | None = None) -> API:
             traces.shutdown()
             log.info("stopped")
 
-    return API(lifespan, api_key=settings.api_key, pages=explorer.routes() if settings.explorer else (),
-               metrics=settings.metrics)
+    return API(lifespan, keys, pages=explorer.routes() if settings.explorer else (), metrics=settings.metrics)
 
 
 async def _flush_metrics_forever() -> None:

@@ -211,7 +211,14 @@ class Settings(BaseSettings):
     when no notification wakes it (SQLite, or PostgreSQL's listening connection lost)."""
 
     api_key: str | None = None
-    """When set, clients must send `Authorization: Bearer <api_key>`."""
+    """When set, clients must send `Authorization: Bearer <api_key>`: a key of the `default`
+    project, beside those made with `branchwise keys create` (docs/security.md)."""
+    key_refresh_interval: float = Field(1.0, gt=0, le=60)
+    """Seconds between two looks at the database for new and revoked API keys: a revoked key
+    stops working on every server process within about this long."""
+    idempotency_ttl: float = Field(86400.0, gt=0)
+    """Seconds an `Idempotency-Key` and its reply are kept: a retry with the same key within
+    this long replays the first reply."""
     explorer: bool = True
     """Serve the web explorer at `/` (docs/explorer.md); false leaves the server API-only."""
 

@@ -1,7 +1,7 @@
 """The HTTP application: one route table and one request path.
 
-Every request takes the same path: `Auth` (a pure ASGI middleware, present when an API key is
-set), then `Routing`, which calls the route's plain handler `handler(request, **path_params)`
+Every request takes the same path: `Auth` (a pure ASGI middleware: API keys, projects, limits;
+a request passes it untouched while no key exists), then `Routing`, which calls the route's plain handler `handler(request, **path_params)`
 through `middleware.reply`, the one place where errors become OpenAI-shaped replies. There is
 no framework layer in between. A WebSocket connection takes the same `Auth`, then goes to its
 path's endpoint in `SOCKETS` (`api.sockets`).
@@ -27,6 +27,7 @@ from branchwise.api import conversations, openapi, prompts, responses, sockets
 from branchwise.api.common import json_response
 from branchwise.api.middleware import Auth, finished, http_exception_reply, reply
 from branchwise.observe import metrics, traces
+from branchwise.services.keys import Keys
 
 Handler = Callable[..., Awaitable[Response]]
 
@@ -146,17 +147,20 @@ class API:
     as `request.app.state`. `pages` are routes outside the API (the explorer's), reached through
     Starlette's router after the API's table."""
 
-    def __init__(self, lifespan, api_key: str | None = None, pages: Sequence[BaseRoute] = (),
-                 metrics: bool = True):
+    def __init__(self, lifespan, keys: Keys, pages: Sequence[BaseRoute] = (), metrics: bool = True):
         self.state = State()
         routing = Routing(lifespan, pages, metrics)
         self.router = routing.router  # (its `lifespan_context` runs the lifespan in tests)
-        self._app = Auth(routing, api_key) if api_key else routing
+        self._keys = keys
+        self._routing = routing
+        self._auth = Auth(routing, keys)
 
     async def __call__(self, scope, receive, send) -> None:
         scope["app"] = self  # (also makes Starlette's router raise 404/405 for `Routing` to shape)
+        # without any API key, a request goes straight to routing (no layer to pass through)
+        app = self._auth if self._keys.locked else self._routing
         if traces.tracer is not None and scope["type"] == "http":
             with traces.request_span(scope["method"], scope["path"]):
-                await self._app(scope, receive, send)
+                await app(scope, receive, send)
             return
-        await self._app(scope, receive, send)
+        await app(scope, receive, send)

@@ -10,7 +10,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from branchwise.api.common import json_response, paging, parse_body
-from branchwise.core.errors import InvalidRequest
+from branchwise.api.idempotency import Found, claim_of, idempotent
+from branchwise.core.errors import InvalidRequest, NotFound
 from branchwise.core.tree import Conversation
 from branchwise.services.concurrency import ClientGone
 from branchwise.services.conversations import Conversations
@@ -28,9 +29,24 @@ def _obj(c: Conversation) -> dict:
                                c.forked_from_conversation, c.forked_from_item)
 
 
+def _made_id(request: Request) -> str | None:
+    claim = claim_of(request)
+    return None if claim is None else claim.resource_id
+
+
+async def _made_conversation(request: Request, conv_id: str, body: bytes) -> Found:
+    """The conversation a request whose process died made, if it stored it (`api.idempotency`):
+    as it is now."""
+    try:
+        return ("json", 200, orjson.dumps(_obj(await _service(request).get(conv_id))))
+    except NotFound:
+        return None
+
+
+@idempotent("conv", _made_conversation)
 async def create_conversation(request: Request) -> Response:
     body = await parse_body(request, m.CreateConversation)
-    return json_response(_obj(await _service(request).create(body.metadata, body.items or [])))
+    return json_response(_obj(await _service(request).create(body.metadata, body.items or [], _made_id(request))))
 
 
 MAX_METADATA_FILTERS = 16  # (metadata holds 16 pairs at most)
@@ -84,16 +100,29 @@ async def delete_conversation(request: Request, conversation_id: str) -> Respons
     return json_response({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
 
 
+def _items_reply(chain) -> bytes:
+    return item_list([it.data for it in chain], chain[0].item_id if chain else None,
+                     chain[-1].item_id if chain else None, False)
+
+
+@idempotent(None)
 async def create_items(request: Request, conversation_id: str) -> Response:
     check_id(conversation_id, "conversation", "conversation_id")
     body = await parse_body(request, m.AddItems)
+    claim, record = claim_of(request), None
+    if claim is not None:  # the reply is kept in the transaction that stores the items
+        idempotency = request.app.state.idempotency
+
+        def record(chain):
+            return idempotency.finish_step(claim, 200, _items_reply(chain))
     try:
         chain = await _service(request).append(conversation_id, body.items, body.concurrency,
-                                               request.is_disconnected)
+                                               request.is_disconnected, record)
     except ClientGone:
         return Response(status_code=499)
-    return json_response(item_list([it.data for it in chain], chain[0].item_id if chain else None,
-                                   chain[-1].item_id if chain else None, False))
+    if claim is not None:
+        request.app.state.idempotency.finished(claim)
+    return json_response(_items_reply(chain))
 
 
 async def list_items(request: Request, conversation_id: str) -> Response:
@@ -119,12 +148,15 @@ async def delete_item(request: Request, conversation_id: str, item_id: str) -> R
 # ---------------------------------------------------------------- branchwise extensions
 
 
+@idempotent("conv", _made_conversation)
 async def fork_conversation(request: Request, conversation_id: str) -> Response:
     check_id(conversation_id, "conversation", "conversation_id")
     body = await parse_body(request, m.ForkConversation)
-    return json_response(_obj(await _service(request).fork(conversation_id, body.item_id, body.metadata)))
+    return json_response(_obj(await _service(request).fork(conversation_id, body.item_id, body.metadata,
+                                                           _made_id(request))))
 
 
+@idempotent(None)
 async def move_head(request: Request, conversation_id: str) -> Response:
     check_id(conversation_id, "conversation", "conversation_id")
     body = await parse_body(request, m.MoveHead)

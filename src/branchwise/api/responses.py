@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from branchwise.api.common import json_response, paging, parse_body
+from branchwise.api.idempotency import Found, claim_of, idempotent
 from branchwise.api.middleware import PLAN
-from branchwise.core.errors import InvalidRequest, not_found
+from branchwise.core.errors import InvalidRequest, NotFound, not_found
 from branchwise.services.compact import compact
 from branchwise.services.concurrency import ClientGone
 from branchwise.services.responses import Responses
@@ -47,20 +49,49 @@ def _timed(response: Response, started: float, upstream_s: float = 0.0) -> Respo
     return response
 
 
+async def _replay_stream(request: Request, response_id: str) -> Response:
+    """A stored response's whole stream, from its event log (an idempotent retry's reply)."""
+    return _sse(await _primed(_streams(request).replay(response_id, -1)))
+
+
+async def _made_response(request: Request, response_id: str, body: bytes) -> Found:
+    """The response a request whose process died made, if it stored it (`api.idempotency`)."""
+    try:
+        row = await _stored(request).get(response_id)
+    except NotFound:
+        return None
+    try:  # (the retry's body is the first request's)
+        stream = orjson.loads(body).get("stream") is True
+    except (orjson.JSONDecodeError, AttributeError):
+        stream = False
+    if stream:
+        return ("stream", response_id)
+    return ("json", 200, bytes(row.body))
+
+
+@idempotent("resp", _made_response, _replay_stream)
 async def create_response(request: Request) -> Response:
     started = time.perf_counter()
     req = await parse_body(request, CreateResponse)
     responses = _responses(request)
+    claim = claim_of(request)
+    first_id = None
+    if claim is not None:
+        if req.stream and req.store is False:
+            raise InvalidRequest("'Idempotency-Key' cannot be used with a stream that is not stored "
+                                 "('store': false): there would be nothing to replay.", param="Idempotency-Key",
+                                 code="invalid_idempotency_key")
+        first_id = claim.resource_id
     if req.background:
         streams = _streams(request)
-        plan = await responses.validate(req)
+        plan = await responses.validate(req, first_id=first_id)
         run = await streams.start_background(plan)
         request.scope[PLAN] = plan
         if req.stream:
             return _timed(_sse(run.follow()), started)
         return _timed(json_response(await streams.stored_body(run)), started)
     try:
-        plan = await responses.prepare(req, request.is_disconnected)
+        plan = await responses.prepare(req, request.is_disconnected, first_id=first_id)
     except ClientGone:
         return Response(status_code=499)
     request.scope[PLAN] = plan
@@ -70,7 +101,8 @@ async def create_response(request: Request) -> Response:
     streams = _streams(request)
     if req.store is False:
         return _timed(_sse(streams.stream(plan)), started)
-    return _timed(_sse((await streams.start_stream(plan)).follow()), started)
+    # (under an Idempotency-Key its row is written first, so that a replay finds it)
+    return _timed(_sse((await streams.start_stream(plan, row_first=claim is not None)).follow()), started)
 
 
 def _sse(frames) -> StreamingResponse:

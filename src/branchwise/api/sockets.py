@@ -22,8 +22,10 @@ import logging
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from branchwise.api.common import OFF_LOOP_BYTES, load_object, validate
+from branchwise.core import projects
 from branchwise.core.errors import BranchwiseError, InvalidRequest, LimitReached
 from branchwise.core.ids import new_id
+from branchwise.services.keys import Keys
 from branchwise.services.sockets import Socket
 from branchwise.wire.errors import RequestTooLarge, socket_error, socket_error_body
 from branchwise.wire.models import CreateResponse
@@ -48,7 +50,7 @@ async def responses_socket(scope, receive, send) -> None:
         return
     try:
         await ws.accept()
-        await Connection(ws, socket, scope["app"].state.settings).serve()
+        await Connection(ws, socket, scope["app"].state.settings, scope["app"].state.keys).serve()
     finally:
         sockets.disconnected()
 
@@ -68,8 +70,9 @@ def parse_event(raw: bytes, settings) -> CreateResponse:
 
 
 class Connection:
-    def __init__(self, ws: WebSocket, socket: Socket, settings):
+    def __init__(self, ws: WebSocket, socket: Socket, settings, keys: Keys | None = None):
         self.ws = ws
+        self.keys = keys
         self.socket = socket
         self.settings = settings
         self.inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue(PENDING)
@@ -129,6 +132,9 @@ class Connection:
                 req = await asyncio.to_thread(parse_event, raw, self.settings)
             else:
                 req = parse_event(raw, self.settings)
+            key = projects.current_caller().key  # (the handshake's: each turn counts as a request)
+            if key is not None and key.rpm is not None and self.keys is not None:
+                await self.keys.count_request(key)
             turn = self.socket.turn(req, self._disconnected)
             async with contextlib.aclosing(turn):  # (a send that fails ends the stream now, not at GC)
                 async for frame in turn:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from branchwise.cli import importer
+from branchwise.cli import importer, keys
 from branchwise.cli.chat import chat
 from branchwise.cli.export import export
 from branchwise.cli.serve import serve
@@ -29,6 +29,7 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 app.command()(serve)
+app.add_typer(keys.app, name="keys")
 app.add_typer(importer.app, name="import")
 app.command()(tree)
 app.command()(export)

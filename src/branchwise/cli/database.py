@@ -1,7 +1,8 @@
 """The stored data for the commands that read or write it (`import`, `export`, `tree`): the
 database `serve` uses (`BRANCHWISE_DATABASE_URL`), reached through the same repository, so they
 may run while a server runs. On SQLite their writes take the file lock the server's writer
-takes (`store.sqlite_writer`); on PostgreSQL they are plain transactions."""
+takes (`store.sqlite_writer`); on PostgreSQL they are plain transactions. They act for one
+project (`--project`, `default` unless said: docs/security.md), as a key of it would."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from typing import Any, NoReturn
 
 import typer
 
+from branchwise.core import projects
 from branchwise.settings import Settings
 from branchwise.store.connect import create_engine, migrate
 from branchwise.store.repository import Repository
 
 POOL_SIZE = 3
 """PostgreSQL connections a command opens at most (both pools together)."""
+PROJECT = typer.Option(projects.DEFAULT_PROJECT, "--project",
+                       help="The project whose conversations the command reads or writes (docs/security.md).")
 
 
 class CliError(Exception):
@@ -38,10 +42,12 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def repository(settings: Settings | None = None) -> AsyncIterator[Repository]:
+async def repository(settings: Settings | None = None,
+                     project: str = projects.DEFAULT_PROJECT) -> AsyncIterator[Repository]:
     """The repository on the configured database, its schema brought up to date first (as a
-    server does when it starts)."""
+    server does when it starts), acting for `project`."""
     settings = settings or Settings()
+    projects.enter(projects.Caller(project))  # (for the rest of this command's task)
     engine = create_engine(settings.database_url, POOL_SIZE, settings.db_pool_timeout)
     try:
         try:

@@ -13,7 +13,7 @@ import orjson
 import typer
 
 from branchwise.cli import jsonl
-from branchwise.cli.database import repository, run
+from branchwise.cli.database import PROJECT, repository, run
 from branchwise.cli.render import markdown
 from branchwise.cli.tree import load
 
@@ -27,11 +27,12 @@ def export(
     conversation_id: str = typer.Argument(..., help="The conversation (conv_...)."),
     format: Format = typer.Option(Format.jsonl, "--format", "-f", help="jsonl (re-importable) or md (to read)."),
     output: Path = typer.Option(None, "--output", "-o", help="Write to this file (default: standard output)."),
+    project: str = PROJECT,
 ) -> None:
     """Export a conversation's whole tree (every branch) as JSONL or Markdown."""
 
     async def read():
-        async with repository() as repo:
+        async with repository(project=project) as repo:
             return await load(repo, conversation_id)
 
     conv, rows, entries = run(read())

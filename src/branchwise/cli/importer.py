@@ -26,7 +26,7 @@ from rich.progress import (
 )
 
 from branchwise.cli import chatgpt, jsonl
-from branchwise.cli.database import CliError, repository, run
+from branchwise.cli.database import PROJECT, CliError, repository, run
 from branchwise.core.tree import ImportedConversation
 
 app = typer.Typer(help="Import conversations into the database (BRANCHWISE_DATABASE_URL).", no_args_is_help=True)
@@ -78,7 +78,7 @@ def _progress(console: Console) -> Progress:
 _ERRORS = (chatgpt.ExportError, jsonl.FormatError)
 
 
-async def _import(open_file: Callable[[], tuple[Reader, int, str]], listing: bool) -> None:
+async def _import(open_file: Callable[[], tuple[Reader, int, str]], listing: bool, project: str) -> None:
     read, size, name = open_file()
     err = Console(stderr=True)
     # 1. check everything, write nothing
@@ -93,7 +93,7 @@ async def _import(open_file: Callable[[], tuple[Reader, int, str]], listing: boo
             raise CliError(f"{e} (nothing was imported)") from None
     # 2. write, whole conversations per transaction
     new = old = 0
-    async with repository() as repo:
+    async with repository(project=project) as repo:
         with _progress(err) as bar:
             task = bar.add_task(f"importing {name}", total=total)
             batch: list[ImportedConversation] = []
@@ -133,15 +133,17 @@ _LIST = typer.Option(False, "--list", "-l", help="Print each conversation: its i
 def import_chatgpt(
     path: Path = typer.Argument(..., help="The export's conversations.json, or the export .zip itself."),
     listing: bool = _LIST,
+    project: str = PROJECT,
 ) -> None:
     """Import a ChatGPT data export: each conversation with every branch, its head where you left it."""
-    run(_import(lambda: _chatgpt_reader(path), listing))
+    run(_import(lambda: _chatgpt_reader(path), listing, project))
 
 
 @app.command("jsonl")
 def import_jsonl(
     path: Path = typer.Argument(..., help="A file written by `branchwise export --format jsonl`."),
     listing: bool = _LIST,
+    project: str = PROJECT,
 ) -> None:
     """Import conversations exported with `branchwise export --format jsonl` (ids kept)."""
-    run(_import(lambda: _jsonl_reader(path), listing))
+    run(_import(lambda: _jsonl_reader(path), listing, project))

@@ -7,7 +7,7 @@ import orjson
 import typer
 from rich.console import Console
 
-from branchwise.cli.database import CliError, repository, run
+from branchwise.cli.database import PROJECT, CliError, repository, run
 from branchwise.cli.render import Entry, item_text, rich_tree, title_of
 from branchwise.core.tree import Conversation
 from branchwise.store.repository import Repository
@@ -41,11 +41,12 @@ def console() -> Console:
 def tree(
     conversation_id: str = typer.Argument(..., help="The conversation (conv_...)."),
     ids: bool = typer.Option(False, "--ids", help="Show whole item ids (default: their last characters)."),
+    project: str = PROJECT,
 ) -> None:
     """Show a conversation's whole tree: every branch, each item's first line, the head marked."""
 
     async def show() -> None:
-        async with repository() as repo:
+        async with repository(project=project) as repo:
             conv, rows, entries = await load(repo, conversation_id)
         title = title_of(conv.id, orjson.loads(conv.metadata), conv.head_item, len(rows))
         out = console()

@@ -31,7 +31,26 @@ class NotFound(BranchwiseError):
 
 
 class Conflict(BranchwiseError):
-    """The stored state does not allow it now: e.g. gave up waiting in a conversation's queue."""
+    """The stored state does not allow it now: e.g. gave up waiting in a conversation's queue.
+    With `retry_after`, the same request may succeed after that many seconds."""
+
+    def __init__(self, message: str, *, retry_after: int | None = None, **kw):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class Unprocessable(BranchwiseError):
+    """Well-formed, but it contradicts what the same request said before (an Idempotency-Key
+    reused with another body)."""
+
+
+class RateLimited(BranchwiseError):
+    """Over a limit of the caller's API key: the same request may succeed after `retry_after`
+    seconds."""
+
+    def __init__(self, message: str, *, retry_after: int = 1, **kw):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
 
 
 class ModelFailed(BranchwiseError):

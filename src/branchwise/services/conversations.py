@@ -39,9 +39,11 @@ class Conversations:
     async def _items(self, raw: list) -> list[NewItem]:
         return await self.context.input_items(raw, param="items")
 
-    async def create(self, metadata: dict | None, raw_items: list) -> Conversation:
+    async def create(self, metadata: dict | None, raw_items: list, conv_id: str | None = None) -> Conversation:
+        """A new conversation (with the id `conv_id` when it was chosen before: an
+        Idempotency-Key's claim)."""
         chain = await self._items(raw_items)
-        conv_id = new_id("conv")
+        conv_id = conv_id or new_id("conv")
         await self.store.create_conversation(conv_id, conv_id, metadata or {}, chain)
         return await self.get(conv_id)
 
@@ -55,16 +57,19 @@ class Conversations:
             raise not_found("Conversation", conv_id)
 
     async def append(self, conv_id: str, raw_items: list, policy: str | None,
-                     disconnected: Callable[[], Awaitable[bool]]) -> list[NewItem]:
+                     disconnected: Callable[[], Awaitable[bool]],
+                     record: Callable[[list[NewItem]], tuple] | None = None) -> list[NewItem]:
         """Hang the items under the head and move it to their end, under the conversation's
         policy's lease (waiting in line for `queue`; raises `ClientGone` when the client leaves
-        while it waits): the items as stored."""
+        while it waits): the items as stored. `record(items)`: a statement stored in the same
+        transaction (an Idempotency-Key's reply)."""
         await self.get(conv_id)
         chain = await self._items(raw_items)
         lease = await self.policies.acquire(conv_id, new_id("append"), policy or self.settings.default_concurrency,
                                             disconnected)
         try:
-            if await self.store.append_items(conv_id, chain) is None:
+            also = record(chain) if record is not None else None
+            if await self.store.append_items(conv_id, chain, also) is None:
                 raise not_found("Conversation", conv_id)
         finally:
             if lease is not None:
@@ -95,9 +100,10 @@ class Conversations:
             raise not_found("Item", item_id)
         return await self.get(conv_id)
 
-    async def fork(self, conv_id: str, item_id: str | None, metadata: dict | None) -> Conversation:
+    async def fork(self, conv_id: str, item_id: str | None, metadata: dict | None,
+                   new_conv_id: str | None = None) -> Conversation:
         """A new conversation on the same tree, its head at the source's head or at an item on
-        the source's path."""
+        the source's path (with the id `new_conv_id` when it was chosen before)."""
         source = await self.get(conv_id)
         at = None
         if item_id is not None:
@@ -106,7 +112,7 @@ class Conversations:
                 raise InvalidRequest(f"Item '{item_id}' is not in conversation '{conv_id}'.",
                                      param="item_id", code="item_not_found")
         head, forked_from = fork_point(source, at)
-        new = new_id("conv")
+        new = new_conv_id or new_id("conv")
         await self.store.create_conversation(new, source.tree, metadata or {}, [], head=head, forked_from=forked_from)
         return await self.get(new)
 

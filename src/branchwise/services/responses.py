@@ -25,6 +25,7 @@ from branchwise.backends.router import Router
 from branchwise.core.chat import ChatRequest, ChatResult, Choice, Usage
 from branchwise.core.errors import InvalidRequest, NotFound
 from branchwise.core.ids import new_id, now
+from branchwise.core.projects import Slot
 from branchwise.core.tree import Conversation, NewItem, Placed, place
 from branchwise.services.concurrency import Lease, Policies
 from branchwise.services.context import Context
@@ -78,6 +79,7 @@ class Plan:
     terminal_frames: list[bytes] = field(default_factory=list)
     upstream_s: float = 0.0  # seconds spent waiting for the model (for Server-Timing)
     body: bytes | None = None  # the stored Response (alternative 0) as serialised for its row
+    slot: Slot | None = None  # the API key's concurrent-response slot a run holds until it ends
     status: str = "queued"  # alternative 0's, once stored (for the request's log line)
     usage: Usage | None = None  # the model's, once it answered (for the request's log line)
     keep: bool = False  # make `kept` when it commits (a WebSocket turn)
@@ -106,18 +108,20 @@ class Responses:
 
     async def prepare(self, req: m.CreateResponse,
                       disconnected: Callable[[], Awaitable[bool]] | None = None,
-                      previous: Previous | None = None) -> Plan:
+                      previous: Previous | None = None, first_id: str | None = None) -> Plan:
         """`validate`, then `enter`: everything before the model runs. Raises an APIError
         before anything is stored."""
-        plan = await self.validate(req, previous)
+        plan = await self.validate(req, previous, first_id)
         await self.enter(plan, disconnected)
         return plan
 
-    async def validate(self, req: m.CreateResponse, previous: Previous | None = None) -> Plan:
+    async def validate(self, req: m.CreateResponse, previous: Previous | None = None,
+                       first_id: str | None = None) -> Plan:
         """Check the request and resolve what it names (conversation, previous response, item
         references, model). Takes no lease and reads no history yet (unless a branch's is at
         hand). `previous` is `req.previous_response_id` as the client's connection holds it:
-        then the store is not asked for it."""
+        then the store is not asked for it. `first_id`: the id of the response (alternative 0)
+        when it was chosen before (an Idempotency-Key's claim)."""
         conv_id = req.conversation_id
         if req.previous_response_id and conv_id:
             raise InvalidRequest("Cannot use both 'previous_response_id' and 'conversation' in one request.",
@@ -144,6 +148,8 @@ class Responses:
         prefix = None if req.prompt is None else await self.prompts.prefix(req)
         params = chat_params(req)
         ids = [new_id("resp") for _ in range(req.n)]
+        if first_id is not None:
+            ids[0] = first_id
         base: str | None = None
         base_depth = -1
         base_type: str | None = None

@@ -15,6 +15,7 @@ import orjson
 from branchwise.backends.base import BackendError
 from branchwise.core.chat import Usage
 from branchwise.core.errors import BranchwiseError, InvalidRequest
+from branchwise.core.projects import hold_slot
 from branchwise.observe import metrics
 from branchwise.services.responses import Plan, Responses
 from branchwise.services.runs import SHUTDOWN_MESSAGE, TERMINAL, Run, Runs
@@ -40,13 +41,24 @@ class Streams:
         finally:
             await self.responses.release(plan)
 
-    async def start_stream(self, plan: Plan) -> Run:
+    async def start_stream(self, plan: Plan, row_first: bool = False) -> Run:
         """A stored streaming response: it runs to the end whatever its client does, and its
         events can be replayed (`GET /v1/responses/{id}?stream=true`). Its row is written while
-        the first events are already on their way (see `_produce`)."""
-        plan.run = self.runs.new(plan.ids)
-        plan.run.task = asyncio.get_running_loop().create_task(self._produce(plan, background=False))
-        return plan.run
+        the first events are already on their way (see `_produce`), or with `row_first` before
+        this returns."""
+        run = plan.run = self.runs.new(plan.ids)
+        if row_first:
+            try:
+                await self.runs.store.insert_rows(self._running_rows(plan, "in_progress"))
+            except BaseException:
+                self.runs.forget(run)
+                run.finish()
+                await self.responses.release(plan)
+                raise
+        plan.slot = hold_slot()  # (the caller's concurrent-response slot, until the run ends)
+        run.task = asyncio.get_running_loop().create_task(self._produce(plan, background=False,
+                                                                        row_written=row_first))
+        return run
 
     async def start_background(self, plan: Plan) -> Run:
         """`background: true`: stored as `queued` at once; a bounded worker runs it later."""
@@ -63,6 +75,7 @@ class Streams:
             run.append(em.alt, em.event("response.created", response=em.snapshot("queued")))
         for em in ems:
             run.append(em.alt, em.event("response.queued", response=em.snapshot("queued")))
+        plan.slot = hold_slot()
         run.task = asyncio.get_running_loop().create_task(self._produce(plan, background=True))
         return run
 
@@ -76,7 +89,7 @@ class Streams:
             "background": bool(req.background), "owner": self.runs.owner, "heartbeat_at": time.time(),
         } for rid in plan.ids]
 
-    async def _produce(self, plan: Plan, background: bool) -> None:
+    async def _produce(self, plan: Plan, background: bool, row_written: bool = False) -> None:
         run = plan.run
         try:
             if background:
@@ -105,7 +118,8 @@ class Streams:
                     self.runs.workers.release()
             else:
                 rows = self._running_rows(plan, "in_progress")
-                async for alt, frames in self._stream(plan, before_model=lambda: self.runs.store.insert_rows(rows)):
+                write = None if row_written else (lambda: self.runs.store.insert_rows(rows))
+                async for alt, frames in self._stream(plan, before_model=write):
                     run.extend(alt, frames)
         except asyncio.CancelledError:
             status = "cancelled" if run.cancel_reason == "cancel" else "failed"
@@ -125,6 +139,9 @@ class Streams:
             await self.responses.release(plan)
             self.runs.forget(run)
             run.finish()
+            if plan.slot is not None:
+                with contextlib.suppress(Exception):
+                    await plan.slot.drop()
 
     @staticmethod
     def _terminal_failed(plan: Plan) -> Terminal:

@@ -2,7 +2,11 @@
 into trees), their histories, items, responses, and the commit of a finished response by
 compare-and-swap of the head. The tree's rules are `core.tree`'s pure functions; this module
 executes what they compute, on one database (`sqlite_writer` or `postgres`), with the
-statements of `statements`. Write transactions are short and never span a model call."""
+statements of `statements`. Write transactions are short and never span a model call.
+
+Every method acts for the caller's project (`core.projects.current_project`), read when the
+method builds its parameters, in the caller's task: a grouped statement (PostgreSQL's
+`OneInFlight`) carries each entry's project, since it runs in whichever task flushes it."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from branchwise.core.ids import now
+from branchwise.core.projects import current_project
 from branchwise.core.tree import (
     Conversation,
     ImportedConversation,
@@ -27,9 +32,10 @@ from branchwise.core.tree import (
 )
 from branchwise.store import statements as q
 from branchwise.store.connect import is_sqlite
-from branchwise.store.group_commit import OneInFlight, in_rounds
+from branchwise.store.group_commit import OneInFlight
 from branchwise.store.history_cache import PathCache
 from branchwise.store.imports import store_batch
+from branchwise.store.pg_groups import PgGroups
 from branchwise.store.postgres import PgDatabase
 from branchwise.store.prompts import PromptStore
 from branchwise.store.sqlite_writer import SqliteWriter
@@ -47,13 +53,13 @@ HEAVY_WRITE_BYTES = 1 << 20
 """Items this big in one commit are written off the event loop (`SqliteWriter.write`)."""
 
 
-def _item_rows(tree: str, placed: Sequence[Placed], created: int) -> list[dict]:
+def _item_rows(tree: str, placed: Sequence[Placed], created: int, project: str) -> list[dict]:
     return [
         {
             "node": p.node, "parent": p.parent, "depth": p.depth, "tree": tree,
             "item_id": p.item.item_id, "type": p.item.type, "role": p.item.role,
             "status": p.item.status, "response_id": p.response_id, "created_at": created,
-            "data": p.item.data, "chat": p.item.chat,
+            "data": p.item.data, "chat": p.item.chat, "project": project,
         }
         for p in placed
     ]
@@ -73,9 +79,10 @@ class Repository:
         self.db: SqliteWriter | PgDatabase = SqliteWriter(engine) if is_sqlite(engine) else PgDatabase(engine)
         # PostgreSQL: the hot path's reads, commits (SQLite's group commit is the writer's) and
         # head moves, each kind grouped (see `group_commit`)
-        self._pg_reads = OneInFlight(self._pg_read_group)
-        self._pg_commits = OneInFlight(self._pg_commit_group)
-        self._pg_moves = OneInFlight(self._pg_move_group)
+        groups = PgGroups(self.db)
+        self._pg_reads = OneInFlight(groups.reads)
+        self._pg_commits = OneInFlight(groups.commits)
+        self._pg_moves = OneInFlight(groups.moves)
         self._history_cache_bytes = history_cache_bytes
         # node -> its path's messages (see `history_cache`); None when switched off
         self._histories = PathCache(history_cache_bytes) if history_cache_bytes > 0 else None
@@ -110,7 +117,7 @@ class Repository:
     # ------------------------------------------------------------------ reads
 
     async def conversation(self, conv_id: str) -> Conversation | None:
-        row = await self.db.one(q.CONVERSATION, {"id": conv_id})
+        row = await self.db.one(q.CONVERSATION, {"id": conv_id, "project": current_project()})
         return None if row is None else Conversation(*row)
 
     async def list_conversations(self, *, limit: int, order: str, after: str | None,
@@ -122,7 +129,7 @@ class Repository:
             counts = [await self.db.value(q.METADATA_PAIR_COUNT, {"k": k, "v": v, "cap": RAREST_CAP})
                       for k, v in metadata]
             metadata = [pair for _, pair in sorted(zip(counts, metadata, strict=True), key=lambda x: x[0])]
-        params: dict = {"limit": limit + 1}
+        params: dict = {"limit": limit + 1, "project": current_project()}
         if after is not None:
             params["after"] = after
         for n, (key, value) in enumerate(metadata):
@@ -147,12 +154,14 @@ class Repository:
         cached = self._histories.get(known) if known is not None and self._histories is not None else None
         if cached is None:
             known = None
+        project = current_project()
         if self.dialect == "postgresql":
-            row = await self._pg_reads.submit((conv_id, known))
+            row = await self._pg_reads.submit((conv_id, known, project))
         elif known is None:
-            row = await self.db.one(q.CONVERSATION_HISTORY[self.dialect], {"id": conv_id})
+            row = await self.db.one(q.CONVERSATION_HISTORY[self.dialect], {"id": conv_id, "project": project})
         else:
-            row = await self.db.one(q.CONVERSATION_HISTORY_UNLESS[self.dialect], {"id": conv_id, "known": known})
+            row = await self.db.one(q.CONVERSATION_HISTORY_UNLESS[self.dialect],
+                                    {"id": conv_id, "known": known, "project": project})
         if row is None:
             self._heads.pop(conv_id, None)
             return None, b""
@@ -205,7 +214,7 @@ class Repository:
         return rows[:limit], len(rows) > limit
 
     async def response(self, resp_id: str) -> ResponseRow | None:
-        row = await self.db.one(q.RESPONSE, {"id": resp_id})
+        row = await self.db.one(q.RESPONSE, {"id": resp_id, "project": current_project()})
         return None if row is None else ResponseRow(*row)
 
     async def node_depth(self, node: str | None) -> int:
@@ -222,10 +231,12 @@ class Repository:
         return await self.db.value(q.NODE_DATA, {"node": node})
 
     async def items_by_id(self, ids: Sequence[str]) -> dict[str, tuple]:
-        """Content of existing items, for `item_reference` inputs."""
+        """Content of existing items of the project, for `item_reference` inputs."""
         ids = list(dict.fromkeys(ids))
         sql, names = q.items_by_id(len(ids))
-        return {r[0]: tuple(r) for r in await self.db.all(sql, dict(zip(names, ids, strict=True)))}
+        params = dict(zip(names, ids, strict=True))
+        params["project"] = current_project()
+        return {r[0]: tuple(r) for r in await self.db.all(sql, params)}
 
     async def tree_page(self, tree: str, *, limit: int, after: str | None = None,
                         after_node: str | None = None, data: bool = False) -> tuple[list[tuple], bool] | None:
@@ -264,18 +275,20 @@ class Repository:
         """A new conversation: `chain` as a new root line of `tree` and the head at its end, or
         (a fork) no items and the head at `head`."""
         created = now()
+        project = current_project()
         placed = place(chain, None, -1)
         if placed:
             head = placed[-1].node
         steps: list = []
         if placed:
-            steps.append((q.INSERT_ITEMS, _item_rows(tree, placed, created)))
+            steps.append((q.INSERT_ITEMS, _item_rows(tree, placed, created, project)))
             steps += self._block_steps(placed)
         steps.append((q.INSERT_CONVERSATION, {
             "id": conv_id, "tree": tree, "head": head, "created_at": created,
             "metadata": orjson.dumps(metadata).decode(),
             "forked_from_conversation": forked_from[0] if forked_from else None,
             "forked_from_item": forked_from[1] if forked_from else None,
+            "project": project,
         }))
         if metadata:
             steps.append((q.INSERT_CONVERSATION_METADATA, _metadata_rows(conv_id, metadata)))
@@ -291,8 +304,11 @@ class Repository:
 
     async def update_metadata(self, conv_id: str, metadata: dict) -> bool:
         """Replace the conversation's metadata; False when there is no such conversation."""
+        project = current_project()
+
         async def update(tx: Tx) -> bool:
-            if await tx.execute(q.UPDATE_METADATA, {"id": conv_id, "metadata": orjson.dumps(metadata).decode()}) == 0:
+            if await tx.execute(q.UPDATE_METADATA, {"id": conv_id, "project": project,
+                                                    "metadata": orjson.dumps(metadata).decode()}) == 0:
                 return False
             await tx.execute(q.DELETE_CONVERSATION_METADATA, {"id": conv_id})
             await tx.execute(q.INSERT_CONVERSATION_METADATA, _metadata_rows(conv_id, metadata))
@@ -301,27 +317,42 @@ class Repository:
         return await self.db.transaction(update)
 
     async def delete_conversation(self, conv_id: str) -> bool:
-        return await self.db.write([(q.DELETE_CONVERSATION_METADATA, {"id": conv_id}),
-                                    (q.DELETE_CONVERSATION, {"id": conv_id})]) > 0
+        """False when the project has no such conversation (nothing of another's is touched)."""
+        project = current_project()
 
-    async def _locked_conversation(self, tx: Tx, conv_id: str) -> Conversation | None:
-        if await tx.one(q.LOCK_CONVERSATION[self.dialect], {"id": conv_id}) is None:
+        async def delete(tx: Tx) -> bool:
+            if await tx.execute(q.DELETE_CONVERSATION, {"id": conv_id, "project": project}) == 0:
+                return False
+            await tx.execute(q.DELETE_CONVERSATION_METADATA, {"id": conv_id})
+            return True
+
+        return await self.db.transaction(delete)
+
+    async def _locked_conversation(self, tx: Tx, conv_id: str, project: str) -> Conversation | None:
+        key = {"id": conv_id, "project": project}
+        if await tx.one(q.LOCK_CONVERSATION[self.dialect], key) is None:
             return None
-        return Conversation(*await tx.one(q.CONVERSATION, {"id": conv_id}))
+        return Conversation(*await tx.one(q.CONVERSATION, key))
 
-    async def append_items(self, conv_id: str, chain: Sequence[NewItem]) -> Conversation | None:
+    async def append_items(self, conv_id: str, chain: Sequence[NewItem],
+                           also: tuple[q.SQL, dict] | None = None) -> Conversation | None:
         """Hang `chain` under the conversation's head and move the head to its end, atomically.
-        The conversation as it was; None when there is no such conversation."""
+        The conversation as it was; None when there is no such conversation. `also`: a statement
+        run in the same transaction once the items are in (an idempotency record's reply)."""
+        project = current_project()
+
         async def append(tx: Tx) -> Conversation | None:
-            conv = await self._locked_conversation(tx, conv_id)
+            conv = await self._locked_conversation(tx, conv_id, project)
             if conv is None:
                 return None
             placed = place(chain, conv.head, conv.head_depth)
             if placed:
-                await tx.execute(q.INSERT_ITEMS, _item_rows(conv.tree, placed, now()))
+                await tx.execute(q.INSERT_ITEMS, _item_rows(conv.tree, placed, now(), project))
                 for sql, params in self._block_steps(placed):
                     await tx.execute(sql, params)
                 await tx.execute(q.SET_HEAD, {"id": conv_id, "head": placed[-1].node})
+            if also is not None:
+                await tx.execute(*also)
             return conv
 
         return await self.db.transaction(append)
@@ -331,10 +362,12 @@ class Repository:
         (`core.tree.head_target`): one statement, one round trip. The conversation's
         (created_at, metadata, forked_from_conversation, forked_from_item) after the move, or
         None when there is no such conversation or the item is not in its tree."""
+        project = current_project()
         if self.dialect == "postgresql":
-            row = await self._pg_moves.submit((conv_id, item_id))
+            row = await self._pg_moves.submit((conv_id, item_id, project))
         else:
-            rows = await self.db.write_returning(q.SET_HEAD_TO_ITEM, {"id": conv_id, "item_id": item_id})
+            rows = await self.db.write_returning(q.SET_HEAD_TO_ITEM,
+                                                 {"id": conv_id, "item_id": item_id, "project": project})
             row = rows[0] if rows else None
         if row is None:
             return None
@@ -346,8 +379,10 @@ class Repository:
         """Take `item_id` out of the conversation's path without touching any shared node: the
         nodes below it are re-hung (copied, same item ids) under its parent (`core.tree.rehang`).
         None: no such conversation; False: the item is not on its path."""
+        project = current_project()
+
         async def delete(tx: Tx) -> bool | None:
-            conv = await self._locked_conversation(tx, conv_id)
+            conv = await self._locked_conversation(tx, conv_id, project)
             if conv is None:
                 return None
             target = await _find_on_path(tx, conv, item_id)
@@ -393,9 +428,12 @@ class Repository:
         (compare-and-swap). `histories`: (node, its history) of the new branches'
         ends (`history_cache.extend`), kept once the items are stored. Returns whether the head
         moved."""
+        project = current_project()
+        for row in response_rows:
+            row["project"] = project
         if self.dialect == "postgresql" and not events and not update_existing:
             conv = conversation_id if new_head is not None else None
-            entry = (_item_rows(tree, placed, now()), list(response_rows), conv, base, new_head)
+            entry = (_item_rows(tree, placed, now(), project), list(response_rows), conv, base, new_head)
             moved = await self._pg_commits.submit(entry)
             if placed and placed[-1].depth + len(placed) >= q.FIRST_BLOCK_END:  # (else no block ends among them)
                 blocks = self._block_steps(placed)
@@ -403,7 +441,7 @@ class Repository:
                     await self.db.write(blocks)
         else:
             moved = await self._commit_steps(tree, placed, response_rows, conversation_id, base, new_head,
-                                             update_existing, events)
+                                             update_existing, events, project)
         if moved and conversation_id is not None:
             self._note_head(conversation_id, new_head)
         if placed and self._histories is not None:
@@ -414,10 +452,10 @@ class Repository:
 
     async def _commit_steps(self, tree: str, placed: Sequence[Placed], response_rows: Sequence[dict],
                             conversation_id: str | None, base: str | None, new_head: str | None,
-                            update_existing: bool, events: Sequence[dict]) -> bool:
+                            update_existing: bool, events: Sequence[dict], project: str) -> bool:
         steps: list = []
         if placed:
-            steps.append((q.INSERT_ITEMS, _item_rows(tree, placed, now())))
+            steps.append((q.INSERT_ITEMS, _item_rows(tree, placed, now(), project)))
             if placed[-1].depth + len(placed) >= q.FIRST_BLOCK_END:  # (else no block ends among them)
                 steps += self._block_steps(placed)
         if events:
@@ -442,65 +480,7 @@ class Repository:
         return [(q.INSERT_BLOCK[self.dialect], rows)] if rows else []
 
     async def delete_response(self, resp_id: str) -> bool:
-        return await self.db.write([(q.DELETE_RESPONSE, {"id": resp_id})]) > 0
-
-    # ------------------------------------------------------------------ PostgreSQL's groups
-
-    async def _pg_read_group(self, entries: list[tuple[str, str | None]]) -> list:
-        """A group of conversation reads (conversation id, known head), one statement for all of
-        them when there are several: each one's row or None."""
-        if len(entries) == 1:  # (no known head: `c.head = NULL` is not true, so it walks)
-            conv_id, known = entries[0]
-            return [await self.db.one(q.CONVERSATION_HISTORY_UNLESS["postgresql"], {"id": conv_id, "known": known})]
-        out: list = [None] * len(entries)
-        rows = await self.db.all(q.PG_CONVERSATION_HISTORY_MANY, {"ids": [e[0] for e in entries],
-                                                                  "known": [e[1] for e in entries]})
-        for row in rows:
-            out[row[0] - 1] = row[1:]
-        return out
-
-    async def _pg_move_group(self, entries: list[tuple[str, str]]) -> list:
-        """A group of head moves (conversation id, item id), in rounds (see `in_rounds`; a second
-        move of one conversation sees the first): each one's (head, created_at, metadata,
-        forked_from...) or None when it did not move."""
-        async def together(group: list[int]) -> list:
-            rows = await self.db.write_returning(q.PG_SET_HEADS_TO_ITEMS, {
-                "ids": [entries[i][0] for i in group], "item_ids": [entries[i][1] for i in group]})
-            out: list = [None] * len(group)
-            for row in rows:
-                out[row[0] - 1] = row[1:]
-            return out
-
-        async def alone(i: int):
-            rows = await self.db.write_returning(q.SET_HEAD_TO_ITEM, {"id": entries[i][0], "item_id": entries[i][1]})
-            return rows[0] if rows else None
-
-        return await in_rounds([e[0] for e in entries], together, alone)
-
-    async def _pg_commit_group(self, entries: list[tuple]) -> list:
-        """The group commit: commits (items, response rows, conversation, base, new head) in
-        rounds (see `in_rounds`; a conversation named twice, parallel branches, waits for the
-        next round, so that each compare-and-swap sees the one before it): whether each one
-        moved its head."""
-        async def together(group: list[int]) -> list:
-            moved = await self._pg_commit_many([entries[i] for i in group])
-            return [entries[i][2] in moved for i in group]
-
-        async def alone(i: int) -> bool:
-            moved = await self._pg_commit_many([entries[i]])
-            return entries[i][2] is not None and entries[i][2] in moved
-
-        return await in_rounds([e[2] for e in entries], together, alone)
-
-    async def _pg_commit_many(self, entries: list[tuple]) -> set[str]:
-        """Commits (items, response rows, conversation, base, new head), each conversation at most
-        once and in conversation order, in one statement: the conversations whose head moved."""
-        rows = [r for e in entries for r in e[0]]
-        response_rows = [r for e in entries for r in e[1]]
-        moves = [(e[2], e[3], e[4]) for e in entries if e[2] is not None]  # (in conversation order)
-        arrays = q.commit_in_arrays(len(entries), len(rows), len(response_rows), len(moves))
-        text = q.pg_commit(len(rows), len(response_rows), len(moves), arrays)
-        return {r[0] for r in await self.db.fetch_numbered(text, q.commit_args(rows, response_rows, moves, arrays))}
+        return await self.db.write([(q.DELETE_RESPONSE, {"id": resp_id, "project": current_project()})]) > 0
 
 
 async def _find_on_path(reader: SqliteWriter | PgDatabase | Tx, conv: Conversation, item_id: str) -> PathRow | None:

@@ -10,6 +10,7 @@ import orjson
 from sqlalchemy import and_, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from branchwise.core.projects import current_project
 from branchwise.store.connect import reader, writer
 from branchwise.store.signals import Signals
 from branchwise.store.statements import EVENTS_CHANNEL
@@ -40,8 +41,10 @@ class RunStore:
                 await conn.execute(select(func.pg_notify(EVENTS_CHANNEL, rid)))
 
     async def insert_rows(self, rows: Sequence[dict]) -> None:
+        """A running response's rows, in the caller's project."""
+        project = current_project()
         async with self.writer.begin() as conn:
-            await conn.execute(insert(responses), list(rows))
+            await conn.execute(insert(responses), [{**r, "project": project} for r in rows])
 
     async def set_status(self, ids: Sequence[str], status: str, bodies: Sequence[bytes]) -> None:
         async with self.writer.begin() as conn:
@@ -74,11 +77,11 @@ class RunStore:
             return [(s, bytes(f)) for s, f in rows.all()]
 
     async def state(self, response_id: str) -> tuple[str, bytes, bool, bool] | None:
-        """(status, body, background, cancel_requested)"""
+        """(status, body, background, cancel_requested) of the caller's project's response."""
         async with self.reader.connect() as conn:
             row = (await conn.execute(
                 select(responses.c.status, responses.c.body, responses.c.background, responses.c.cancel_requested)
-                .where(responses.c.id == response_id)
+                .where(responses.c.id == response_id, responses.c.project == current_project())
             )).first()
         return None if row is None else (row[0], bytes(row[1]), bool(row[2]), bool(row[3]))
 

@@ -59,12 +59,17 @@ class Tx:
         raise NotImplementedError
 
 
+# Every statement that reads or writes stored objects by id names the caller's project
+# (`:project`, `core.projects`): another project's id finds nothing, exactly as an unknown id.
+# Statements on nodes and trees need not: a node or tree is only ever reached through a
+# conversation or response that was found in the caller's project.
 ITEM_COLUMNS = ("node", "parent", "depth", "tree", "item_id", "type", "role", "status", "response_id",
-                "created_at", "data", "chat")
-_ITEM_TYPES = ("text", "text", "int", "text", "text", "text", "text", "text", "text", "bigint", "bytea", "bytea")
+                "created_at", "data", "chat", "project")
+_ITEM_TYPES = ("text", "text", "int", "text", "text", "text", "text", "text", "text", "bigint", "bytea", "bytea",
+               "text")
 RESPONSE_COLUMNS = ("id", "status", "created_at", "conversation_id", "previous_response_id", "tree", "base_node",
-                    "input_node", "input_count", "last_node", "body")
-_RESPONSE_TYPES = ("text", "text", "bigint", "text", "text", "text", "text", "text", "int", "text", "bytea")
+                    "input_node", "input_count", "last_node", "body", "project")
+_RESPONSE_TYPES = ("text", "text", "bigint", "text", "text", "text", "text", "text", "int", "text", "bytea", "text")
 
 # ---------------------------------------------------------------------------------- reads
 
@@ -72,7 +77,7 @@ _CONV_SELECT = (
     "SELECT c.id, c.tree, c.head, i.item_id, COALESCE(i.depth, -1), i.type, c.created_at, c.metadata, "
     "c.forked_from_conversation, c.forked_from_item"
 )
-_CONV_FROM = " FROM conversations c LEFT JOIN items i ON i.node = c.head WHERE c.id = :id"
+_CONV_FROM = " FROM conversations c LEFT JOIN items i ON i.node = c.head WHERE c.id = :id AND c.project = :project"
 CONVERSATION = SQL(_CONV_SELECT + _CONV_FROM)
 
 
@@ -135,7 +140,7 @@ def block_rows(nodes: Sequence[tuple[str, int]]) -> list[dict]:
 
 def _conv_history(history: str) -> str:
     """The conversation row and `history`, an expression over its path, in one round trip."""
-    return _path_from("(SELECT head FROM conversations WHERE id = :id)") + f"{_CONV_SELECT}, {history}{_CONV_FROM}"
+    return _path_from("(SELECT head FROM conversations WHERE id = :id AND project = :project)") + f"{_CONV_SELECT}, {history}{_CONV_FROM}"
 
 
 # The conversation and its history's messages, in one round trip (the hot path).
@@ -152,8 +157,8 @@ CONVERSATION_HISTORY_UNLESS = {
 PG_CONVERSATION_HISTORY_MANY = SQL(
     "SELECT q.ord, " + _CONV_SELECT[len("SELECT "):] + ", CASE WHEN c.head = q.known THEN NULL ELSE ("
     + _path_from("c.head") + "SELECT " + _JOINED["postgresql"] + ") END"
-    " FROM unnest(:ids::text[], :known::text[]) WITH ORDINALITY AS q(id, known, ord)"
-    " JOIN conversations c ON c.id = q.id LEFT JOIN items i ON i.node = c.head"
+    " FROM unnest(:ids::text[], :known::text[], :projects::text[]) WITH ORDINALITY AS q(id, known, project, ord)"
+    " JOIN conversations c ON c.id = q.id AND c.project = q.project LEFT JOIN items i ON i.node = c.head"
 )
 
 
@@ -191,12 +196,12 @@ TREE_ITEMS = SQL(
     " WHERE tree = :tree AND seq > :after ORDER BY seq LIMIT :limit"
 )
 RESPONSE = SQL("SELECT id, status, conversation_id, tree, base_node, input_node, input_count, last_node, body"
-               " FROM responses WHERE id = :id")
+               " FROM responses WHERE id = :id AND project = :project")
 # The conversation's row, locked until the transaction ends (PostgreSQL; SQLite's write
 # transactions are serial already): what every read-then-write of a conversation starts with.
 LOCK_CONVERSATION = {
-    "sqlite": SQL("SELECT id FROM conversations WHERE id = :id"),
-    "postgresql": SQL("SELECT id FROM conversations WHERE id = :id FOR UPDATE"),
+    "sqlite": SQL("SELECT id FROM conversations WHERE id = :id AND project = :project"),
+    "postgresql": SQL("SELECT id FROM conversations WHERE id = :id AND project = :project FOR UPDATE"),
 }
 
 
@@ -206,9 +211,9 @@ def _in(column: str, n: int) -> tuple[str, list[str]]:
 
 
 def items_by_id(n: int) -> tuple[SQL, list[str]]:
-    """Content of `n` items by item id, and the parameter names in order."""
+    """Content of `n` items of the project by item id, and the parameter names in order."""
     where, names = _in("item_id", n)
-    return SQL(f"SELECT item_id, type, role, status, data, chat FROM items WHERE {where}"), names
+    return SQL(f"SELECT item_id, type, role, status, data, chat FROM items WHERE {where} AND project = :project"), names
 
 
 def item_rows(n: int) -> tuple[SQL, list[str]]:
@@ -228,11 +233,11 @@ INSERT_ITEMS = _insert("items", ITEM_COLUMNS)
 INSERT_EVENTS = _insert("events", ("response_id", "alternative", "seq", "frame"))
 INSERT_RESPONSES = _insert("responses", RESPONSE_COLUMNS)
 INSERT_CONVERSATION = _insert("conversations", ("id", "tree", "head", "created_at", "metadata",
-                                                "forked_from_conversation", "forked_from_item"))
-UPDATE_METADATA = SQL("UPDATE conversations SET metadata = :metadata WHERE id = :id")
-SET_HEAD = SQL("UPDATE conversations SET head = :head WHERE id = :id")
-DELETE_CONVERSATION = SQL("DELETE FROM conversations WHERE id = :id")
-DELETE_RESPONSE = SQL("DELETE FROM responses WHERE id = :id")
+                                                "forked_from_conversation", "forked_from_item", "project"))
+UPDATE_METADATA = SQL("UPDATE conversations SET metadata = :metadata WHERE id = :id AND project = :project")
+SET_HEAD = SQL("UPDATE conversations SET head = :head WHERE id = :id")  # (after LOCK_CONVERSATION)
+DELETE_CONVERSATION = SQL("DELETE FROM conversations WHERE id = :id AND project = :project")
+DELETE_RESPONSE = SQL("DELETE FROM responses WHERE id = :id AND project = :project")
 FINISH_RESPONSE = SQL("UPDATE responses SET status = :status, input_node = :input_node, input_count = :input_count,"
                       " last_node = :last_node, body = :body, owner = NULL WHERE id = :id")
 # Compare-and-swap: the head moves only if it is still where the response started.
@@ -244,7 +249,7 @@ MOVE_HEAD = {
 
 # PostgreSQL: stored responses (their items, their rows, each head's compare-and-swap) in one
 # statement, so one round trip and its own transaction; each conversation at most once
-# (`Repository._pg_commit_group`), the heads moved in conversation order (one lock order for all
+# (`PgGroups.commits`), the heads moved in conversation order (one lock order for all
 # such transactions, so two of them never wait for each other in a cycle); RETURNING names the
 # conversations whose head moved. One builder, from one description of the columns, in two
 # forms (docs/decisions/0013-postgresql-commit-values-unnest.md, 0020): a VALUES row per row
@@ -316,15 +321,16 @@ def commit_in_arrays(n_commits: int, n_items: int, n_rows: int, n_moves: int) ->
 SET_HEAD_TO_ITEM = SQL(
     "UPDATE conversations SET head = (SELECT i.node FROM items i WHERE i.tree = conversations.tree"
     " AND i.item_id = :item_id ORDER BY i.seq DESC LIMIT 1)"
-    " WHERE id = :id AND EXISTS (SELECT 1 FROM items i WHERE i.tree = conversations.tree AND i.item_id = :item_id)"
+    " WHERE id = :id AND project = :project"
+    " AND EXISTS (SELECT 1 FROM items i WHERE i.tree = conversations.tree AND i.item_id = :item_id)"
     " RETURNING head, created_at, metadata, forked_from_conversation, forked_from_item")
 # The same for several conversations (each at most once, in conversation order: one lock order
 # for every such statement) in one statement: their ordinals and rows.
 PG_SET_HEADS_TO_ITEMS = SQL(
     "UPDATE conversations c SET head = (SELECT i.node FROM items i WHERE i.tree = c.tree"
     " AND i.item_id = m.item_id ORDER BY i.seq DESC LIMIT 1)"
-    " FROM unnest(:ids::text[], :item_ids::text[]) WITH ORDINALITY AS m(id, item_id, ord)"
-    " WHERE c.id = m.id AND EXISTS (SELECT 1 FROM items i WHERE i.tree = c.tree AND i.item_id = m.item_id)"
+    " FROM unnest(:ids::text[], :item_ids::text[], :projects::text[]) WITH ORDINALITY AS m(id, item_id, project, ord)"
+    " WHERE c.id = m.id AND c.project = m.project AND EXISTS (SELECT 1 FROM items i WHERE i.tree = c.tree AND i.item_id = m.item_id)"
     " RETURNING m.ord, c.head, c.created_at, c.metadata, c.forked_from_conversation, c.forked_from_item")
 
 
@@ -346,13 +352,14 @@ def list_conversations(order: str, after: bool, n_metadata: int) -> SQL:
         if n_metadata:
             source = ("conversation_metadata m0 JOIN conversations c ON c.id = m0.conversation_id"
                       " LEFT JOIN items i ON i.node = c.head")
-            where = ["m0.key = :k0", "m0.value = :v0"] + ([f"m0.conversation_id {cmp} :after"] if after else [])
+            where = ["m0.key = :k0", "m0.value = :v0", "c.project = :project"]
+            where += [f"m0.conversation_id {cmp} :after"] if after else []
             where += [f"EXISTS (SELECT 1 FROM conversation_metadata m{n} WHERE m{n}.conversation_id = c.id"
                       f" AND m{n}.key = :k{n} AND m{n}.value = :v{n})" for n in range(1, n_metadata)]
             by = "m0.conversation_id"
         else:
             source = "conversations c LEFT JOIN items i ON i.node = c.head"
-            where = [f"c.id {cmp} :after"] if after else []
+            where = ["c.project = :project"] + ([f"c.id {cmp} :after"] if after else [])
             by = "c.id"
         sql = _CONV_LISTS[key] = SQL(_CONV_SELECT + " FROM " + source
                                      + (" WHERE " + " AND ".join(where) if where else "")
@@ -373,29 +380,33 @@ SECRET = SQL("SELECT value FROM secrets WHERE name = :name")
 INSERT_SECRET = SQL("INSERT INTO secrets (name, value, created_at) VALUES (:name, :value, :created_at)"
                     " ON CONFLICT (name) DO NOTHING")
 
-INSERT_PROMPT = SQL("INSERT INTO prompts (id, created_at, version) VALUES (:id, :created_at, 1)")
+# Prompts belong to a project: every statement names it (a prompt's versions through their prompt).
+INSERT_PROMPT = SQL("INSERT INTO prompts (id, created_at, version, project) VALUES (:id, :created_at, 1, :project)")
 INSERT_PROMPT_VERSION = SQL("INSERT INTO prompt_versions (prompt_id, version, created_at, data)"
                             " VALUES (:prompt_id, :version, :created_at, :data)")
 # A new version's number, taken under the prompt row's lock (two new versions at once get two
 # numbers); no row: no such prompt.
-BUMP_PROMPT = SQL("UPDATE prompts SET version = version + 1 WHERE id = :id RETURNING version")
-PROMPT_VERSION = SQL("SELECT version, created_at, data FROM prompt_versions WHERE prompt_id = :id AND version = :version")
+BUMP_PROMPT = SQL("UPDATE prompts SET version = version + 1 WHERE id = :id AND project = :project RETURNING version")
+_PROMPT_IS_MINE = "EXISTS (SELECT 1 FROM prompts p WHERE p.id = :id AND p.project = :project)"
+PROMPT_VERSION = SQL("SELECT version, created_at, data FROM prompt_versions WHERE prompt_id = :id AND version = :version"
+                     f" AND {_PROMPT_IS_MINE}")
 PROMPT_LATEST = SQL("SELECT v.version, v.created_at, v.data FROM prompts p"
-                    " JOIN prompt_versions v ON v.prompt_id = p.id AND v.version = p.version WHERE p.id = :id")
-PROMPT_EXISTS = SQL("SELECT 1 FROM prompts WHERE id = :id")
-DELETE_PROMPT_VERSIONS = SQL("DELETE FROM prompt_versions WHERE prompt_id = :id")
-DELETE_PROMPT = SQL("DELETE FROM prompts WHERE id = :id")
+                    " JOIN prompt_versions v ON v.prompt_id = p.id AND v.version = p.version"
+                    " WHERE p.id = :id AND p.project = :project")
+PROMPT_EXISTS = SQL("SELECT 1 FROM prompts WHERE id = :id AND project = :project")
+DELETE_PROMPT_VERSIONS = SQL(f"DELETE FROM prompt_versions WHERE prompt_id = :id AND {_PROMPT_IS_MINE}")
+DELETE_PROMPT = SQL("DELETE FROM prompts WHERE id = :id AND project = :project")
 
 
 def _prompt_pages(after: bool, order: str) -> SQL:
     return SQL("SELECT p.id, v.version, v.created_at, v.data FROM prompts p"
-               " JOIN prompt_versions v ON v.prompt_id = p.id AND v.version = p.version"
-               + (f" WHERE p.id {'<' if order == 'desc' else '>'} :after" if after else "")
+               " JOIN prompt_versions v ON v.prompt_id = p.id AND v.version = p.version WHERE p.project = :project"
+               + (f" AND p.id {'<' if order == 'desc' else '>'} :after" if after else "")
                + f" ORDER BY p.id {order.upper()} LIMIT :limit")
 
 
 def _version_pages(after: bool, order: str) -> SQL:
-    return SQL("SELECT version, created_at, data FROM prompt_versions WHERE prompt_id = :id"
+    return SQL(f"SELECT version, created_at, data FROM prompt_versions WHERE prompt_id = :id AND {_PROMPT_IS_MINE}"
                + (f" AND version {'<' if order == 'desc' else '>'} :after" if after else "")
                + f" ORDER BY version {order.upper()} LIMIT :limit")
 
@@ -406,7 +417,7 @@ LIST_PROMPT_VERSIONS = {(a, o): _version_pages(a, o) for a in (False, True) for 
 
 
 # Imports (`Repository.import_conversations`). Which of a batch's conversations are there
-# already: by id, or by a metadata entry (`:keys`, a JSON array of values on SQLite, an array on
+# already: by id (ids are the whole database's), or by a metadata entry in the project (`:keys`, a JSON array of values on SQLite, an array on
 # PostgreSQL). Metadata is JSON text with no index: each batch reads the conversations table
 # once. On PostgreSQL imports take turns on an advisory lock so that two running at once never
 # both find a conversation missing; SQLite's write transactions take turns already.
@@ -415,10 +426,10 @@ IMPORTED_BY_ID = {
     "postgresql": SQL("SELECT id, id FROM conversations WHERE id = ANY(:keys::text[])"),
 }
 IMPORTED_BY_METADATA = {
-    "sqlite": SQL("SELECT id, json_extract(metadata, :path) FROM conversations"
-                  " WHERE json_extract(metadata, :path) IN (SELECT value FROM json_each(:keys))"),
-    "postgresql": SQL("SELECT id, metadata::jsonb ->> :name FROM conversations"
-                      " WHERE metadata::jsonb ->> :name = ANY(:keys::text[])"),
+    "sqlite": SQL("SELECT id, json_extract(metadata, :path) FROM conversations WHERE project = :project"
+                  " AND json_extract(metadata, :path) IN (SELECT value FROM json_each(:keys))"),
+    "postgresql": SQL("SELECT id, metadata::jsonb ->> :name FROM conversations WHERE project = :project"
+                      " AND metadata::jsonb ->> :name = ANY(:keys::text[])"),
 }
 IMPORT_LOCK = SQL("SELECT pg_advisory_xact_lock(7351002)")
 

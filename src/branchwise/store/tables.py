@@ -47,6 +47,7 @@ items = Table(
     Column("created_at", Integer, nullable=False),
     Column("data", LargeBinary, nullable=False),  # the item as it goes on the wire (JSON)
     Column("chat", LargeBinary, nullable=True),  # the item as a Chat Completions message (JSON), or NULL
+    Column("project", String(64), nullable=False, server_default="default"),
     Index("ix_items_item_tree_seq", "item_id", "tree", "seq"),
     Index("ix_items_tree_seq", "tree", "seq"),
 )
@@ -61,6 +62,7 @@ conversations = Table(
     Column("metadata", Text, nullable=False),  # JSON object
     Column("forked_from_conversation", String(64), nullable=True),
     Column("forked_from_item", String(64), nullable=True),
+    Column("project", String(64), nullable=False, server_default="default"),
 )
 
 # A conversation's metadata, one row per pair, kept with `conversations.metadata` (the object as
@@ -94,6 +96,7 @@ responses = Table(
     Column("owner", String(64), nullable=True),
     Column("heartbeat_at", Float, nullable=True),
     Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("project", String(64), nullable=False, server_default="default"),
     Index("ix_responses_owner_status", "status", "owner"),
 )
 
@@ -121,6 +124,61 @@ leases = Table(
     Index("ix_leases_conversation_seq", "conversation_id", "seq"),
 )
 
+# Teams (docs/security.md): API keys, each of one project; only the secret's SHA-256 is kept.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("project", String(64), nullable=False),
+    Column("name", String(128), nullable=True),
+    Column("secret_hash", String(64), nullable=False, unique=True),
+    Column("hint", String(16), nullable=False),  # the secret's last characters, to tell keys apart
+    Column("rpm", Integer, nullable=True),
+    Column("max_concurrent", Integer, nullable=True),
+    Column("created_at", Integer, nullable=False),
+    Column("last_used_at", Integer, nullable=True),
+    Column("revoked_at", Integer, nullable=True),
+)
+
+# The concurrent responses of keys with `max_concurrent`: leases, renewed while held, that
+# expire when their process dies.
+key_slots = Table(
+    "key_slots",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("key_id", String(64), nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Index("ix_key_slots_key_expires", "key_id", "expires_at"),
+)
+
+# Requests per key per minute (`rpm`): one counter per key and minute, counted up atomically.
+rate_windows = Table(
+    "rate_windows",
+    metadata,
+    Column("key_id", String(64), primary_key=True),
+    Column("window_start", Integer, primary_key=True),  # unix time of the minute's start
+    Column("used", Integer, nullable=False),
+)
+
+# One record per (project, Idempotency-Key): the request's fingerprint, who runs it while it
+# runs, and its reply once it is done (or the id of the response whose event log replays it).
+idempotency = Table(
+    "idempotency",
+    metadata,
+    Column("project", String(64), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("state", String(16), nullable=False),  # running | done
+    Column("owner", String(64), nullable=True),
+    Column("locked_until", Float, nullable=True),
+    Column("resource_id", String(64), nullable=True),
+    Column("status", Integer, nullable=True),
+    Column("body", LargeBinary, nullable=True),
+    Column("stream", Boolean, nullable=False, server_default="0"),
+    Column("expires_at", Float, nullable=False),
+    Index("ix_idempotency_expires", "expires_at"),
+)
+
 # Stored prompts (POST /v1/responses's `prompt`): a prompt holds its latest version's number;
 # each version's content is one JSON document, never changed once written.
 prompts = Table(
@@ -129,6 +187,7 @@ prompts = Table(
     Column("id", String(64), primary_key=True),
     Column("created_at", Integer, nullable=False),
     Column("version", Integer, nullable=False),
+    Column("project", String(64), nullable=False, server_default="default"),
 )
 
 prompt_versions = Table(

@@ -13,8 +13,10 @@ from branchwise.core.errors import (
     LimitReached,
     ModelFailed,
     NotFound,
+    RateLimited,
     ServerFault,
     Unavailable,
+    Unprocessable,
 )
 
 
@@ -32,6 +34,8 @@ _STATUS: dict[type[BranchwiseError], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request_error"),
     NotFound: (404, "invalid_request_error"),
     Conflict: (409, "invalid_request_error"),
+    Unprocessable: (422, "invalid_request_error"),
+    RateLimited: (429, "requests"),  # (OpenAI's type for a requests-per-minute limit)
     LimitReached: (429, "rate_limit_error"),
     ModelFailed: (502, "server_error"),
     ServerFault: (500, "server_error"),
@@ -59,8 +63,9 @@ def http_error(exc: BranchwiseError) -> tuple[int, dict, dict[str, str]]:
     headers = {} if exc.retryable is None else {"x-should-retry": "true" if exc.retryable else "false"}
     if status == 413:
         headers["connection"] = "close"
-    if isinstance(exc, Unavailable):
-        headers["retry-after"] = str(exc.retry_after)
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers["retry-after"] = str(retry_after)
     return status, error_body(exc.message, kind, exc.param, exc.code), headers
 
 

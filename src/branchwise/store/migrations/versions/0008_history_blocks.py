@@ -6,14 +6,14 @@ read in a few hundred steps instead of one step per item (docs/decisions/0058).
   change, so neither does a block. Filled here for the paths already stored.
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
-down_revision = "0006"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
