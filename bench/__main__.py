@@ -372,9 +372,7 @@ def _run_db(kind: str, args, out: dict, runs: list, servers: list, logs: Path, m
         res = loadgen.run(asyncio.wait_for(load.branchwise_load(
             bw, mock, warmup, duration, n_streams, branch_repeat,
             profile=RESULTS / f"profile-{kind}" if args.profile else None), RUN_TIMEOUT_S))
-        print(f"[{kind}] teams: no key, key, key with limits, Idempotency-Key ...", file=sys.stderr)
-        res["teams"] = loadgen.run(asyncio.wait_for(teams.teams_load(bw, mock, url, warmup, duration), RUN_TIMEOUT_S))
-        if kind == "postgresql":  # (k): two more instances on the same database
+        if kind == "postgresql":  # (k): two more instances on the same database (before (j) makes keys)
             print(f"[{kind}] streams resumed on other instances ...", file=sys.stderr)
             b = server("branchwise-b").start()
             c = server("branchwise-c", BRANCHWISE_DB_POOL_SIZE=str(resume.POLLING_POOL_SIZE)).start()
@@ -383,6 +381,8 @@ def _run_db(kind: str, args, out: dict, runs: list, servers: list, logs: Path, m
             finally:
                 b.stop()
                 c.stop()
+        print(f"[{kind}] teams: no key, key, key with limits, Idempotency-Key ...", file=sys.stderr)
+        res["teams"] = loadgen.run(asyncio.wait_for(teams.teams_load(bw, mock, url, warmup, duration), RUN_TIMEOUT_S))
     except BaseException:
         print(f"branchwise log tail:\n{bw.tail()}", file=sys.stderr)
         raise
