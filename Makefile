@@ -1,4 +1,4 @@
-# branchwise: make install | make run | make test | make bench | make bench-instructions
+# branchwise: make install | make run | make test | make bench | make bench-scale | make bench-instructions
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.install-stamp
 HOST   ?=
 PORT   ?=
 
-.PHONY: install run test bench bench-instructions lint
+.PHONY: install run test bench bench-scale bench-instructions lint
 
 install: $(STAMP)
 
@@ -47,6 +47,12 @@ test: install
 
 bench: install
 	$(PY) -m bench
+
+# Cost as the stored data grows: 10k, 100k and 1M stored responses on both databases, in about
+# ten minutes (sizes that would not fit are skipped and reported; SIZES=10k,100k to choose).
+SIZES ?= 10k,100k,1m
+bench-scale: install
+	$(PY) -m bench.scale --sizes $(SIZES)
 
 # Instructions per stored response under valgrind: the number that does not move with the
 # machine's load (see docs/performance.md).

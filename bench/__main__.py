@@ -9,7 +9,8 @@ operations (bench/tree_ops.py, in-process), (e) parallel branches, (f) server me
 WebSocket mode against SSE (bench/websocket.py), (h) the embedded model's batched decoding and
 prefix reuse against llama.cpp's own rate (bench/embedded.py; `--skip-embedded` leaves it out),
 (i) the request log's cost at concurrency 1, (j) what API keys, their limits and Idempotency-Key
-add (bench/teams.py).
+add (bench/teams.py), (k) on PostgreSQL, a stream resumed on other instances of the same
+database (bench/resume.py).
 The load sections run branchwise and the mock upstream in their own processes on 127.0.0.1
 and drive them from this process
 (bench/loadgen.py); see bench/load.py for what each one does.
@@ -32,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import embedded, load, loadgen, teams, tree_ops, websocket
+from bench import embedded, load, loadgen, resume, teams, tree_ops, websocket
 
 RESULTS = Path(__file__).parent / "results"
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -320,6 +321,9 @@ def budgets(runs: list[dict], tree_runs: list[dict]) -> list[tuple[str, bool, st
         checks.append((f"[{db}] 16 branches on one conversation <= 1.2x 16 on separate", r <= 1.2, f"{r:.2f}x"))
         w = run["load"]["websocket"]["added_p50_ms"]
         checks.append((f"[{db}] WebSocket turn p50 <= SSE turn p50 + 1 ms (c=1)", w <= 1, f"{_f(w)} ms"))
+        if db == "postgresql":
+            name, ok, got = resume.budget(run["load"]["resume"])
+            checks.append((f"[{db}] {name}", ok, got))
     for res in tree_runs:
         checks += [(f"[{res['db']}] {name}", ok, got) for name, ok, got in tree_ops.budget(res)]
     return checks
@@ -342,27 +346,41 @@ def _busy_now(seconds: float = 1.0) -> float:
 
 
 def _run_db(kind: str, args, out: dict, runs: list, servers: list, logs: Path, mock: loadgen.Server, repeat: int,
-            warmup: float, duration: float, n_streams: int, branch_repeat: int) -> None:
+            warmup: float, duration: float, n_streams: int, branch_repeat: int, resume_rounds: int) -> None:
     if not args.skip_tree_ops:
         print(f"[{kind}] tree operations ...", file=sys.stderr)
         out["tree_ops"].append(asyncio.run(tree_ops.run(_fresh(kind, "branchwise_bench"), repeat)))
     url = _fresh(kind, "branchwise_bench_load")
     _settle()
-    port = loadgen.free_port()
     venv_bin = Path(sys.executable).parent
     exe = [str(venv_bin / "branchwise")] if (venv_bin / "branchwise").exists() else [sys.executable, "-m", "branchwise"]
     (logs / "none.toml").write_text("")
-    bw = loadgen.Server(f"branchwise-{kind}", [*exe, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers",
-                                               str(args.server_workers)], port, logs, cwd=str(logs), env={
-        "BRANCHWISE_DATABASE_URL": url, "BRANCHWISE_UPSTREAM_BASE_URL": f"http://127.0.0.1:{mock.port}/v1",
-        "BRANCHWISE_CONFIG": str(logs / "none.toml")})
-    servers.append(bw)
+    env = {"BRANCHWISE_DATABASE_URL": url, "BRANCHWISE_UPSTREAM_BASE_URL": f"http://127.0.0.1:{mock.port}/v1",
+           "BRANCHWISE_CONFIG": str(logs / "none.toml")}
+
+    def server(name: str, workers: int = 1, **extra: str) -> loadgen.Server:
+        port = loadgen.free_port()
+        s = loadgen.Server(name, [*exe, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers",
+                                  str(workers)], port, logs, cwd=str(logs), env={**env, **extra})
+        servers.append(s)
+        return s
+
+    bw = server(f"branchwise-{kind}", args.server_workers)
     bw.start()
     print(f"[{kind}] load: sweep {load.SWEEP}, streams, branches ...", file=sys.stderr)
     try:
         res = loadgen.run(asyncio.wait_for(load.branchwise_load(
             bw, mock, warmup, duration, n_streams, branch_repeat,
             profile=RESULTS / f"profile-{kind}" if args.profile else None), RUN_TIMEOUT_S))
+        if kind == "postgresql":  # (k): two more instances on the same database (before (j) makes keys)
+            print(f"[{kind}] streams resumed on other instances ...", file=sys.stderr)
+            b = server("branchwise-b").start()
+            c = server("branchwise-c", BRANCHWISE_DB_POOL_SIZE=str(resume.POLLING_POOL_SIZE)).start()
+            try:
+                res["resume"] = loadgen.run(asyncio.wait_for(resume.compare(bw, b, c, resume_rounds), RUN_TIMEOUT_S))
+            finally:
+                b.stop()
+                c.stop()
         print(f"[{kind}] teams: no key, key, key with limits, Idempotency-Key ...", file=sys.stderr)
         res["teams"] = loadgen.run(asyncio.wait_for(teams.teams_load(bw, mock, url, warmup, duration), RUN_TIMEOUT_S))
     except BaseException:
@@ -452,11 +470,12 @@ def main() -> int:
     warmup, duration = (0.5, 1.5) if quick else (1.0, 5.0)
     n_streams = 8 if quick else 32
     branch_repeat = 3 if quick else 7
+    resume_rounds = 3 if quick else 10
     if args.smoke:  # the concurrencies and sizes the tables and budgets read, each once, briefly
         load.SWEEP, load.DIRECT, load.RATES = (1, 16, 32, 64), (1, 16, 32, 64), (600,)
         tree_ops.SIZES = (10, 10000)
         websocket.ROUNDS, websocket.TURNS = 1, 4
-        repeat, warmup, duration, n_streams, branch_repeat = 3, 0.2, 0.5, 4, 1
+        repeat, warmup, duration, n_streams, branch_repeat, resume_rounds = 3, 0.2, 0.5, 4, 1, 1
     kinds = [k for k in ("sqlite", "postgresql") if args.only in (None, k)]
     out: dict = {"machine": _machine(),
                  "config": {"quick": quick, "smoke": args.smoke, "warmup_s": warmup, "phase_s": duration, "server_workers": args.server_workers,
@@ -492,7 +511,8 @@ def main() -> int:
 
         for kind in kinds:
             try:
-                _run_db(kind, args, out, runs, servers, logs, mock, repeat, warmup, duration, n_streams, branch_repeat)
+                _run_db(kind, args, out, runs, servers, logs, mock, repeat, warmup, duration, n_streams, branch_repeat,
+                        resume_rounds)
             except Exception as e:  # the other database still runs; the failure is a missed check
                 msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                 print(f"[{kind}] FAILED: {msg}", file=sys.stderr)
@@ -527,6 +547,7 @@ def main() -> int:
     md += [tree_ops.table(res) for res in out["tree_ops"]]
     if runs:
         md += [md_branch(runs), md_memory(runs), md_websocket(runs), md_teams(runs)]
+        md += [resume.table(run["load"]["resume"]) for run in runs if "resume" in run["load"]]
         if args.profile:
             md.append(md_profile(runs))
     if out.get("embedded"):

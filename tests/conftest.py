@@ -164,7 +164,8 @@ async def _truncate(url: str) -> None:
     async with engine.begin() as conn:
         exists = (await conn.execute(text("SELECT to_regclass('items') IS NOT NULL"))).scalar()
         if exists:
-            await conn.execute(text("TRUNCATE items, conversations, conversation_metadata, responses, prompts, prompt_versions"))
+            await conn.execute(text("TRUNCATE items, conversations, conversation_metadata, responses, prompts, prompt_versions,"
+                                    " history_blocks"))
             if (await conn.execute(text("SELECT to_regclass('api_keys') IS NOT NULL"))).scalar():
                 await conn.execute(text("TRUNCATE api_keys, key_slots, rate_windows, idempotency"))
     await engine.dispose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import random
 import sqlite3
 
 import orjson
@@ -17,7 +18,7 @@ from sqlalchemy import text
 
 from branchwise.core.ids import new_id
 from branchwise.core.tree import place
-from branchwise.store import statements
+from branchwise.store import connect, statements
 from branchwise.store.connect import create_engine, migrate, writer
 from branchwise.store.group_commit import OneInFlight
 from branchwise.store.pg_groups import PgGroups
@@ -26,6 +27,8 @@ from branchwise.store.sqlite_writer import SqliteWriter
 from branchwise.store.statements import SQL
 from branchwise.wire import items as witems
 from branchwise.wire import models as m
+
+from .helpers import until
 
 
 def test_sql_numbers_parameters_for_asyncpg_and_leaves_casts_alone():
@@ -168,8 +171,10 @@ async def test_sqlite_wal_starts_over_under_steady_writes(tmp_path, monkeypatch,
     pass that lets it start over is put off, but only five times in a row."""
     # "fast": no pass ever counts as slow, whatever else the machine is doing meanwhile
     monkeypatch.setattr(SqliteWriter, "SLOW_CHECKPOINT_S", -1.0 if disk == "slow" else 3600.0)
-    monkeypatch.setattr(SqliteWriter, "CHECKPOINT_EVERY", 10)
-    monkeypatch.setattr(SqliteWriter, "RESTART_EVERY", 30)
+    # (rows written: each write below stores two items and a response row; all but the first
+    # find the head moved)
+    monkeypatch.setattr(SqliteWriter, "CHECKPOINT_EVERY", 30)
+    monkeypatch.setattr(SqliteWriter, "RESTART_EVERY", 90)
     url = f"sqlite:///{tmp_path / 'wal.db'}"
     wal = tmp_path / "wal.db-wal"
     (a,) = stores = await _stores(url, 1)
@@ -178,8 +183,8 @@ async def test_sqlite_wal_starts_over_under_steady_writes(tmp_path, monkeypatch,
         await a.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
         conv = await a.conversation(conv_id)
         # private: the checkpoint schedule is internal; nothing public runs or reports it
-        a.db._next_checkpoint = a.db._commits + 10
-        a.db._next_restart = a.db._commits + 30
+        a.db._next_checkpoint = a.db._rows + 30
+        a.db._next_restart = a.db._rows + 90
         size_before = wal.stat().st_size
         for k in range(10):
             await _commit(a, conv_id, conv.tree, conv.head, conv.head_depth, k)
@@ -196,6 +201,62 @@ async def test_sqlite_wal_starts_over_under_steady_writes(tmp_path, monkeypatch,
         assert wal.stat().st_size < size_before + (8 if disk == "fast" else 20) * ten
         assert a.db._restarted > 0
         assert len(await a.candidates(conv.tree, (await a.conversation(conv_id)).head_item)) == 1
+    finally:
+        await _close(stores)
+
+
+async def test_sqlite_wal_file_shrinks_back_after_a_burst(tmp_path, monkeypatch):
+    """A burst of writes grows the WAL file far past its limit; SQLite reuses the file from its
+    start once it is checkpointed, but never gives the space back unless told to
+    (journal_size_limit). The next checkpoint sees the WAL too big and lets it start over (no
+    scheduled restart is due), and the next write cuts the file back to the limit."""
+    limit = 64 << 10
+    monkeypatch.setattr(connect, "SQLITE_WAL_LIMIT", limit)
+    monkeypatch.setattr(SqliteWriter, "SLOW_CHECKPOINT_S", 3600.0)
+    monkeypatch.setattr(SqliteWriter, "CHECKPOINT_EVERY", 40)
+    monkeypatch.setattr(SqliteWriter, "RESTART_EVERY", 10**9)  # only the WAL's size can start it over
+    url = f"sqlite:///{tmp_path / 'burst.db'}"
+    wal = tmp_path / "burst.db-wal"
+    (a,) = stores = await _stores(url, 1)
+    try:
+        conv_id = new_id("conv")
+        await a.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
+        for k in range(5):  # the burst: 5 x 200 items of 2 kB, one transaction each
+            await a.append_items(conv_id, [_message("user", f"{k}.{j} " + "x" * 2000) for j in range(200)])
+        burst = wal.stat().st_size
+        assert burst > 16 * limit
+        conv = await a.conversation(conv_id)
+        sizes = []
+        for k in range(200):  # then ordinary writes
+            await _commit(a, conv_id, conv.tree, conv.head, conv.head_depth, k)
+            if a.db._checkpoint_task is not None:  # (private: see the test above)
+                await asyncio.wait_for(asyncio.shield(a.db._checkpoint_task), 10)
+            sizes.append(wal.stat().st_size)
+        assert min(sizes) <= limit, (burst, sizes[::20])
+        assert a.db._restarted > 0
+        assert (await a.conversation(conv_id)).head_depth == conv.head_depth + 2
+    finally:
+        await _close(stores)
+
+
+async def test_sqlite_wal_file_is_emptied_once_the_writes_stop(tmp_path, monkeypatch):
+    """Whatever size the writes left the WAL file at, a short while after they stop it is
+    checkpointed whole and truncated: an idle server keeps no WAL."""
+    monkeypatch.setattr(SqliteWriter, "IDLE_S", 0.05)
+    url = f"sqlite:///{tmp_path / 'idle.db'}"
+    wal = tmp_path / "idle.db-wal"
+    (a,) = stores = await _stores(url, 1)
+    try:
+        conv_id = new_id("conv")
+        await a.create_conversation(conv_id, conv_id, {}, [_message("user", "seed")])
+        for k in range(3):
+            await a.append_items(conv_id, [_message("user", f"{k}.{j} " + "x" * 2000) for j in range(200)])
+            await asyncio.sleep(0)  # (writes back to back: not idle)
+        assert wal.stat().st_size > 1 << 20
+        await until(lambda: wal.stat().st_size == 0, "the WAL file to be emptied", timeout=10)
+        assert (await a.conversation(conv_id)).head_depth == 600  # (all of it in the database file)
+        await a.append_items(conv_id, [_message("user", "after")])  # and writes go on
+        assert (await a.conversation(conv_id)).head_depth == 601
     finally:
         await _close(stores)
 
@@ -280,6 +341,87 @@ async def test_commits_of_every_shape_store_everything(db_url):
             for rid in ids:
                 row = await store.response(rid)
                 assert row is not None and row.last_node == last and row.input_count == n_items
+    finally:
+        await store.close()
+        await engine.dispose()
+
+
+async def test_long_histories_read_through_blocks_are_the_paths(db_url):
+    """A history is read 64 items at a time past the second block (`history_blocks`). In a tree
+    that branches within and across blocks (a commit on top of a branch, a line appended
+    whole, a delete that re-hangs a path as copies), with items a model never sees among them,
+    every history read from the database is the path's messages, item by item, in order."""
+    engine = create_engine(db_url)
+    await migrate(engine)
+    store = Repository(engine, 0)  # no history cache: every path below is read from the database
+    rng = random.Random(20)
+    try:
+        conv_id = new_id("conv")
+        texts: dict[str, str | None] = {}  # node -> its message's text (None: not a message)
+        parent_of: dict[str, str | None] = {}
+
+        def item(k: int) -> witems.NewItem:
+            if k % 11 == 5:  # an item with no chat message (never sent to a model)
+                it = _message("user", f"hidden {k}")
+                it.chat = None
+                return it
+            return _message("user" if k % 2 else "assistant", f"m{k}")
+
+        def remember(placed) -> None:
+            for p in placed:
+                texts[p.node] = None if p.item.chat is None else orjson.loads(p.item.data)["content"][0]["text"]
+                parent_of[p.node] = p.parent
+
+        def expected(node: str | None) -> list[str]:
+            out = []
+            while node is not None:
+                if texts[node] is not None:
+                    out.append(texts[node])
+                node = parent_of[node]
+            return out[::-1]
+
+        async def read(node: str) -> list[str]:
+            return [m["content"] for m in orjson.loads(b"[" + await store.path_chat(node) + b"]")]
+
+        chain = [item(k) for k in range(300)]
+        await store.create_conversation(conv_id, conv_id, {}, chain)
+        conv = await store.conversation(conv_id)
+        # (the chain's nodes, from the tree's rows: create_conversation places them)
+        rows = await store.tree_items(conv.tree)
+        for node, parent, *_rest, data, chat in rows:
+            parent_of[node] = parent
+            texts[node] = None if chat is None else orjson.loads(data)["content"][0]["text"]
+        nodes = [r[0] for r in rows]
+        k = 1000
+        for _ in range(12):  # branches from random points, up to 150 items each, as responses
+            base = rng.choice(nodes)
+            depth = (await store.node_info(base))[0]
+            line = [item(k + j) for j in range(rng.randint(1, 150))]
+            k += len(line)
+            placed = place(line, base, depth, new_id("resp"))
+            await store.commit_response(tree=conv.tree, placed=placed, response_rows=[], conversation_id=None,
+                                        base=None, new_head=None)
+            remember(placed)
+            nodes += [p.node for p in placed]
+        await store.append_items(conv_id, [item(k + j) for j in range(70)])  # onto the head, in one go
+        head = (await store.conversation(conv_id)).head
+        for node, parent, *_rest, data, chat in await store.tree_items(conv.tree):
+            if node not in texts:
+                parent_of[node] = parent
+                texts[node] = None if chat is None else orjson.loads(data)["content"][0]["text"]
+        victim = (await store.walk(head, 40, 40))[0]  # a delete re-hangs the 330 items below it
+        assert await store.delete_from_path(conv_id, victim.item_id) is True
+        for node, parent, *_rest, data, chat in await store.tree_items(conv.tree):
+            if node not in texts:
+                parent_of[node] = parent
+                texts[node] = None if chat is None else orjson.loads(data)["content"][0]["text"]
+        head = (await store.conversation(conv_id)).head
+        deep = [n for n in texts if n != head]
+        for node in [head, *rng.sample(deep, 60)]:
+            assert await read(node) == expected(node)
+        async with engine.connect() as conn:  # (private: that blocks were used at all)
+            blocks = (await conn.execute(text("SELECT count(*) FROM history_blocks"))).scalar()
+        assert blocks >= 8
     finally:
         await store.close()
         await engine.dispose()

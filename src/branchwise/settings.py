@@ -125,8 +125,10 @@ class Settings(BaseSettings):
     """`sqlite:///path/file.db` or `postgresql://user@host:port/db`; the async driver is chosen for you."""
     db_pool_size: int = Field(10, ge=2)
     """PostgreSQL: connections one server process opens at most, all of them together (a third
-    for leases, runs and event logs, the rest for conversations and responses); `--workers` times
-    this is what the server needs of PostgreSQL's `max_connections`. Unused on SQLite."""
+    for leases, runs and event logs, the rest for conversations and responses, of which one, from
+    7 on, listens for the notifications that wake streams tailed from another process);
+    `--workers` times this is what the server needs of PostgreSQL's `max_connections`. Unused on
+    SQLite."""
     db_pool_timeout: float = Field(10.0, gt=0)
     """PostgreSQL: seconds a request waits for a connection while all are busy; then it gets a
     503 with `Retry-After` (`database_busy`), and nothing of it is stored."""
@@ -202,9 +204,11 @@ class Settings(BaseSettings):
     background_workers: int = 8
     """Background responses generated at once by one server process; the rest wait, `queued`."""
     event_flush_interval: float = 0.05
-    """Seconds between writes of a running response's events to the database."""
+    """Seconds between writes of a running response's events to the database (a response that a
+    reader in another process tails has each event written as it comes)."""
     event_poll_interval: float = 0.1
-    """How often a reader tailing a response that runs in another process looks for new events."""
+    """How often a reader tailing a response that runs in another process looks for new events
+    when no notification wakes it (SQLite, or PostgreSQL's listening connection lost)."""
 
     api_key: str | None = None
     """When set, clients must send `Authorization: Bearer <api_key>`: a key of the `default`

@@ -99,6 +99,24 @@ def place_tree(parents: Sequence[int | None]) -> list[tuple[str, int | None, int
 
 
 @dataclass(slots=True)
+class ImportedResponse:
+    """A stored response of an imported conversation, its nodes given as positions among the
+    conversation's items: `base` (its input hangs under it), `input_last` (its last input
+    item) and `last` (its last item: what a follow-up chains from). `body`: the Response object
+    as the API returns it."""
+
+    id: str
+    created_at: int
+    base: int | None
+    input_last: int | None
+    input_count: int
+    last: int | None
+    body: bytes
+    status: str = "completed"
+    previous_response_id: str | None = None
+
+
+@dataclass(slots=True)
 class ImportedConversation:
     """A conversation made elsewhere (an export file), whole: its items as a tree
     (`place_tree`'s parent positions) with their own creation times, and its head's position.
@@ -116,6 +134,7 @@ class ImportedConversation:
     key: tuple[str, str] | None = None
     forked_from: tuple[str | None, str | None] | None = None
     response_ids: list[str | None] | None = None
+    responses: list[ImportedResponse] | None = None  # their rows, when the source kept them
 
 
 # A branch is the path from a tree's root to one of its nodes: what a model sees as history and

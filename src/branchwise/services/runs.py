@@ -61,6 +61,7 @@ class Run:
         self.finished = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.cancel_reason: str | None = None
+        self.eager = False  # a reader in another process tails it: write each event as it comes
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()
         self._interval = flush_interval
@@ -76,6 +77,8 @@ class Run:
             for _ in frames:
                 self.alts.append(alternative)
             self._notify()
+            if self.eager:
+                self._wake.set()
 
     def append(self, alternative: int, frame: bytes) -> None:
         self.extend(alternative, [frame])
@@ -89,10 +92,20 @@ class Run:
         return [{"response_id": ids[alts[s]], "alternative": alts[s], "seq": s, "frame": frames[s]}
                 for s in range(start, end)]
 
+    def write_eagerly(self) -> None:
+        """From now on, write events as they come (one write in flight, the events that arrive
+        meanwhile in the next) instead of every `event_flush_interval`: a reader in another
+        process follows this run, and each event's delay to it is its wait for this write."""
+        self.eager = True
+        self._wake.set()
+
     async def _flush_forever(self) -> None:
         while not self.closing:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+            if not (self.eager and len(self.frames) > self.written):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._interval)
+            if not self.closing:
+                self._wake.clear()
             end = len(self.frames)
             if end > self.written and not self.closing:
                 try:
@@ -100,6 +113,7 @@ class Run:
                     self.written = end
                 except Exception:  # keep them for the final transaction
                     log.exception("could not write events of %s", self.key)
+                    await asyncio.sleep(self._interval)  # (not at once again, eager or not)
 
     async def drain(self, terminal: list[bytes]) -> list[dict]:
         """Stop the flusher and hand over what is left to write, plus the terminal frames (one
@@ -167,12 +181,19 @@ class Runs:
             self.active[rid] = run
         return run
 
+    def _followed(self, response_id: str) -> None:
+        run = self.active.get(response_id)
+        if run is not None:
+            run.write_eagerly()
+
     def forget(self, run: Run) -> None:
         for rid in run.ids:
             if self.active.get(rid) is run:
                 del self.active[rid]
 
     async def start(self) -> None:
+        self.store.signals.on_follow = self._followed
+        await self.store.signals.start()
         await self.reap()
         self._loop_task = asyncio.get_running_loop().create_task(self._maintain())
 
@@ -245,6 +266,7 @@ class Runs:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop_task
+        await self.store.signals.close()
 
     async def reap(self) -> None:
         reaped = await self.store.reap(self.settings.lease_ttl, REAPED_MESSAGE)
@@ -288,9 +310,27 @@ class Runs:
     async def follow_stored(self, response_id: str, after: int) -> AsyncIterator[bytes]:
         """Replay a response's event log from the database, live-tailing it while the response
         runs elsewhere. When the log has no terminal event (the process died, or the response was
-        never streamed), one is made from the stored response."""
+        never streamed), one is made from the stored response. While it runs elsewhere, the
+        writes of its events wake this reader (PostgreSQL's notifications, `store.signals`), and
+        its process is asked to write them as they come; without notifications (SQLite, a lost
+        listening connection) it looks every `event_poll_interval`."""
+        with self.store.signals.watch(response_id) as woken:
+            asked = False
+            async with contextlib.aclosing(self._tail(response_id, after, woken)) as frames:
+                async for frame in frames:
+                    if frame is None:  # (nothing new yet: the response runs in another process)
+                        if not asked:
+                            asked = True
+                            await self.store.signals.follow(response_id)
+                        await woken.wait(self.settings.event_poll_interval)
+                        continue
+                    yield frame
+
+    async def _tail(self, response_id: str, after: int, woken) -> AsyncIterator[bytes | None]:
+        """`follow_stored`'s frames, and None each time there is nothing new to read."""
         last, frame = after, None
         while True:
+            woken.arm()
             batch = await self.store.events_after(response_id, last)
             for seq, frame in batch:
                 last = seq
@@ -322,4 +362,4 @@ class Runs:
                 return
             if self.stopped:  # this process is stopping: the reader resumes elsewhere (`starting_after`)
                 return
-            await asyncio.sleep(self.settings.event_poll_interval)
+            yield None

@@ -39,17 +39,26 @@ PG_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off", "enable_mergej
 # opens, the SQLAlchemy engine's and the raw pool's together, so that workers x budget is what a
 # deployment needs of PostgreSQL's `max_connections`. The hot path's statements go grouped, one
 # in flight per kind (docs/decisions/0012), so the raw pool needs a few connections, not one per
-# request; the engine (leases, runs, event logs, migrations) gets a third.
+# request; the engine (leases, runs, event logs, migrations) gets a third, the raw pool the rest,
+# less one connection that listens for notifications when that leaves it four (`store.signals`).
 DEFAULT_POOL_SIZE = 10
 DEFAULT_POOL_TIMEOUT = 10.0
 RETRY_AFTER_S = 1
-_BUDGETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # sync engine -> (raw pool size, timeout)
+_BUDGETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # sync engine -> (raw pool, timeout, listener)
 
 
 def pool_split(size: int) -> tuple[int, int]:
     """(the SQLAlchemy engine's connections, the raw pool's) of a budget of `size` (2 at least)."""
     engine = max(1, size // 3)
     return engine, max(1, size - engine)
+
+
+def listener_split(size: int) -> tuple[int, int]:
+    """(the raw pool's connections, the one listening for notifications or none) out of the raw
+    pool's share of a budget of `size` (`store.signals`): the listener when that leaves the raw
+    pool four connections at least, so a small budget polls instead."""
+    raw = pool_split(size)[1]
+    return (raw - 1, 1) if raw >= 5 else (raw, 0)
 
 
 def connections_per_process(settings: Settings) -> int:
@@ -79,6 +88,12 @@ def is_sqlite(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+SQLITE_WAL_LIMIT = 16 << 20
+"""Bytes the SQLite WAL file is cut back to each time it starts over (`journal_size_limit`):
+without it the file stays as large as the longest stretch between two restarts ever made it
+(1.65 GB after a bulk fill), though SQLite reuses it from the start."""
+
+
 def sqlite_settings(conn: sqlite3.Connection, busy_ms: int, raw: bool) -> None:
     """Every SQLite connection branchwise opens, whichever driver opens it; `raw`: one of the
     repository's own (a few a process, and the only ones that checkpoint)."""
@@ -89,6 +104,8 @@ def sqlite_settings(conn: sqlite3.Connection, busy_ms: int, raw: bool) -> None:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(f"PRAGMA busy_timeout={busy_ms}")
+    # (any connection that starts the WAL over cuts the file back: set on every one)
+    conn.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_LIMIT}")
     if not raw:
         return
     # Checkpoints are the writer thread's (see `sqlite_writer`): never inside a commit.
@@ -138,11 +155,12 @@ def create_engine(url: str, pool_size: int = DEFAULT_POOL_SIZE,
         return engine
     # A fixed pool: connections opened and closed under load cost PostgreSQL more than they save.
     # (The repository has a raw pool of its own: see `open_pg_pool`.)
-    mine, raw = pool_split(pool_size)
+    mine, _ = pool_split(pool_size)
+    raw, listener = listener_split(pool_size)
     engine = create_async_engine(url, pool_size=mine, max_overflow=0, pool_timeout=pool_timeout,
                                  pool_pre_ping=False, pool_reset_on_return=None,
                                  connect_args={"server_settings": dict(PG_SETTINGS)})
-    _BUDGETS[engine.sync_engine] = (raw, pool_timeout)
+    _BUDGETS[engine.sync_engine] = (raw, pool_timeout, listener)
     return engine
 
 
@@ -160,13 +178,35 @@ async def _reset(conn) -> None:
         await conn.execute("ROLLBACK")
 
 
+def _budget(engine: AsyncEngine) -> tuple[int, float, int]:
+    """(raw pool size, pool timeout, listener) of `engine`'s process."""
+    budget = _BUDGETS.get(engine.sync_engine)
+    if budget is None:
+        raw, listener = listener_split(DEFAULT_POOL_SIZE)
+        return raw, DEFAULT_POOL_TIMEOUT, listener
+    return budget
+
+
 def pg_pool_timeout(engine: AsyncEngine) -> float:
-    return _BUDGETS.get(engine.sync_engine, (0, DEFAULT_POOL_TIMEOUT))[1]
+    return _budget(engine)[1]
 
 
 def pg_pool_size(engine: AsyncEngine) -> int:
     """The raw pool's size for `engine` (its share of the budget)."""
-    return _BUDGETS.get(engine.sync_engine, (pool_split(DEFAULT_POOL_SIZE)[1], 0))[0]
+    return _budget(engine)[0]
+
+
+def listener_share(engine: AsyncEngine) -> int:
+    """Connections `engine`'s process may keep listening for notifications (0 or 1)."""
+    return _budget(engine)[2]
+
+
+async def pg_connect(engine: AsyncEngine):
+    """One connection of its own on `engine`'s database (the notification listener's)."""
+    import asyncpg
+
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    return await asyncpg.connect(url)
 
 
 async def open_pg_pool(engine: AsyncEngine):

@@ -1,6 +1,7 @@
 """Conversations made elsewhere (a ChatGPT export, a branchwise JSONL export) stored whole: each
-one's items as a new tree, with their own creation times, and the conversation with its head,
-in one transaction per batch, skipping those stored before."""
+one's items as a new tree, with their own creation times, the rows of their responses when the
+source has them, and the conversation with its head, in one transaction per batch, skipping
+those stored before."""
 
 from __future__ import annotations
 
@@ -36,14 +37,18 @@ async def store_batch(tx: Tx, dialect: str, batch: Sequence[ImportedConversation
     out: list[tuple[str, bool]] = []
     rows: list[dict] = []
     convs: list[dict] = []
+    responses: list[dict] = []
     for c, key in zip(batch, keys, strict=True):
         if key in there:  # (stored before, or twice in this batch)
             out.append((there[key], False))
             continue
         there[key] = c.conv_id
         out.append((c.conv_id, True))
+        first = len(rows)
         rows += _rows(c, project)
-        head = None if c.head is None else rows[len(rows) - len(c.items) + c.head]["node"]
+        head = None if c.head is None else rows[first + c.head]["node"]
+        if c.responses:
+            responses += _response_rows(c, rows[first:], project)
         convs.append({
             "id": c.conv_id, "tree": c.tree, "head": head, "created_at": c.created_at,
             "metadata": orjson.dumps(c.metadata).decode(),
@@ -53,6 +58,11 @@ async def store_batch(tx: Tx, dialect: str, batch: Sequence[ImportedConversation
         })
     if rows:
         await tx.execute(q.INSERT_ITEMS, rows)
+        blocks = q.block_rows([(r["node"], r["depth"]) for r in rows])
+        if blocks:
+            await tx.execute(q.INSERT_BLOCK[dialect], blocks)
+    if responses:
+        await tx.execute(q.INSERT_RESPONSES, responses)
     if convs:
         await tx.execute(q.INSERT_CONVERSATION, convs)
         # the listing's metadata filter reads these (GET /v1/conversations?metadata[k]=v)
@@ -73,4 +83,17 @@ def _rows(c: ImportedConversation, project: str) -> list[dict]:
             "response_id": resp, "created_at": created, "data": it.data, "chat": it.chat, "project": project,
         }
         for it, (node, parent, depth), created, resp in zip(c.items, nodes, c.item_created, responses, strict=True)
+    ]
+
+
+def _response_rows(c: ImportedConversation, rows: list[dict], project: str) -> list[dict]:
+    def node(k: int | None) -> str | None:
+        return None if k is None else rows[k]["node"]
+
+    return [
+        {"id": r.id, "status": r.status, "created_at": r.created_at, "conversation_id": c.conv_id,
+         "previous_response_id": r.previous_response_id, "tree": c.tree, "base_node": node(r.base),
+         "input_node": node(r.input_last), "input_count": r.input_count, "last_node": node(r.last), "body": r.body,
+         "project": project}
+        for r in c.responses
     ]

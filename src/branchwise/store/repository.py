@@ -282,6 +282,7 @@ class Repository:
         steps: list = []
         if placed:
             steps.append((q.INSERT_ITEMS, _item_rows(tree, placed, created, project)))
+            steps += self._block_steps(placed)
         steps.append((q.INSERT_CONVERSATION, {
             "id": conv_id, "tree": tree, "head": head, "created_at": created,
             "metadata": orjson.dumps(metadata).decode(),
@@ -347,6 +348,8 @@ class Repository:
             placed = place(chain, conv.head, conv.head_depth)
             if placed:
                 await tx.execute(q.INSERT_ITEMS, _item_rows(conv.tree, placed, now(), project))
+                for sql, params in self._block_steps(placed):
+                    await tx.execute(sql, params)
                 await tx.execute(q.SET_HEAD, {"id": conv_id, "head": placed[-1].node})
             if also is not None:
                 await tx.execute(*also)
@@ -397,6 +400,9 @@ class Repository:
             copies, new_head = rehang(below, parent, target.depth)
             if copies:
                 await tx.execute(q.INSERT_ITEMS, copies)
+                blocks = q.block_rows([(c["node"], c["depth"]) for c in copies])
+                if blocks:
+                    await tx.execute(q.INSERT_BLOCK[self.dialect], blocks)
             await tx.execute(q.SET_HEAD, {"id": conv_id, "head": new_head})
             return True
 
@@ -429,6 +435,10 @@ class Repository:
             conv = conversation_id if new_head is not None else None
             entry = (_item_rows(tree, placed, now(), project), list(response_rows), conv, base, new_head)
             moved = await self._pg_commits.submit(entry)
+            if placed and placed[-1].depth + len(placed) >= q.FIRST_BLOCK_END:  # (else no block ends among them)
+                blocks = self._block_steps(placed)
+                if blocks:  # (after the commit, on its own: a block is derived data, and optional)
+                    await self.db.write(blocks)
         else:
             moved = await self._commit_steps(tree, placed, response_rows, conversation_id, base, new_head,
                                              update_existing, events, project)
@@ -446,8 +456,12 @@ class Repository:
         steps: list = []
         if placed:
             steps.append((q.INSERT_ITEMS, _item_rows(tree, placed, now(), project)))
+            if placed[-1].depth + len(placed) >= q.FIRST_BLOCK_END:  # (else no block ends among them)
+                steps += self._block_steps(placed)
         if events:
             steps.append((q.INSERT_EVENTS, list(events)))
+            if self.dialect == "postgresql":  # (readers in other processes: `store.signals`)
+                steps.append((q.NOTIFY_EVENTS, {"ids": list({e["response_id"]: 0 for e in events})}))
         if update_existing:
             steps.append((q.FINISH_RESPONSE, list(response_rows)))
         elif response_rows:
@@ -459,6 +473,11 @@ class Repository:
             return False
         count = await self.db.write(steps, heavy=sum(len(p.item.data) for p in placed) > HEAVY_WRITE_BYTES)
         return move and count > 0
+
+    def _block_steps(self, placed: Sequence[Placed]) -> list:
+        """The history blocks that `placed` ends (`statements.BLOCK`), as a write step."""
+        rows = q.block_rows([(p.node, p.depth) for p in placed])
+        return [(q.INSERT_BLOCK[self.dialect], rows)] if rows else []
 
     async def delete_response(self, resp_id: str) -> bool:
         return await self.db.write([(q.DELETE_RESPONSE, {"id": resp_id, "project": current_project()})]) > 0

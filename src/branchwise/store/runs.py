@@ -7,14 +7,21 @@ import time
 from collections.abc import Sequence
 
 import orjson
-from sqlalchemy import and_, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import and_, func, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from branchwise.core.projects import current_project
 from branchwise.store.connect import reader, writer
+from branchwise.store.signals import Signals
+from branchwise.store.statements import EVENTS_CHANNEL
 from branchwise.store.tables import events, responses
 
 RUNNING = ("queued", "in_progress")
+_APPEND_AND_NOTIFY = text(
+    "WITH new AS (INSERT INTO events (response_id, alternative, seq, frame)"
+    " SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:alts AS int[]), CAST(:seqs AS int[]), CAST(:frames AS bytea[]))"
+    " RETURNING response_id)"
+    f" SELECT pg_notify('{EVENTS_CHANNEL}', r) FROM (SELECT DISTINCT response_id AS r FROM new) AS d")
 
 
 class RunStore:
@@ -22,6 +29,16 @@ class RunStore:
         self.engine = engine
         self.writer = writer(engine)
         self.reader = reader(engine)
+        self.pg = engine.dialect.name == "postgresql"
+        # wakes readers of a response that runs in another process (PostgreSQL; see `signals`)
+        self.signals = Signals(engine)
+
+    async def _notify(self, conn: AsyncConnection, response_ids) -> None:
+        """Readers in other processes learn of `response_ids`' new events (or end) when the
+        transaction of `conn` commits."""
+        if self.pg:
+            for rid in dict.fromkeys(response_ids):
+                await conn.execute(select(func.pg_notify(EVENTS_CHANNEL, rid)))
 
     async def insert_rows(self, rows: Sequence[dict]) -> None:
         """A running response's rows, in the caller's project."""
@@ -35,8 +52,16 @@ class RunStore:
                 await conn.execute(update(responses).where(responses.c.id == rid).values(status=status, body=body))
 
     async def append_events(self, rows: Sequence[dict]) -> None:
-        """Rows of `events`: {response_id, alternative, seq, frame}."""
+        """Rows of `events`: {response_id, alternative, seq, frame}. On PostgreSQL in one
+        statement that also notifies the readers (one round trip: a reader elsewhere waits for
+        it, see `signals`)."""
         if not rows:
+            return
+        if self.pg:
+            async with self.reader.connect() as conn:  # (autocommit: the statement is its transaction)
+                await conn.execute(_APPEND_AND_NOTIFY, {
+                    "ids": [r["response_id"] for r in rows], "alts": [r["alternative"] for r in rows],
+                    "seqs": [r["seq"] for r in rows], "frames": [r["frame"] for r in rows]})
             return
         async with self.writer.begin() as conn:
             await conn.execute(insert(events), list(rows))
@@ -94,6 +119,8 @@ class RunStore:
                                 responses.c.heartbeat_at < stale))
                     .values(status="failed", body=orjson.dumps(obj), owner=None)
                 )
+                if r.rowcount:
+                    await self._notify(conn, [rid])
             if r.rowcount:
                 reaped.append(rid)
         return reaped

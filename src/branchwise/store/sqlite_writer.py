@@ -122,9 +122,14 @@ class SqliteWriter:
       checkpoint syncs the file); the writer thread does (see `_checkpoint`).
     """
 
-    CHECKPOINT_EVERY = 200  # commits between two checkpoints that run beside the writes
-    RESTART_EVERY = 1000  # commits between two that hold the writes back, so the WAL starts over
+    # Checkpoints are scheduled by rows written (inserted, updated or deleted), not by commits: a
+    # stored response changes ~4 rows, an import batch thousands, and the WAL grows with what
+    # is written, not with how many transactions wrote it.
+    CHECKPOINT_EVERY = 800  # rows between two checkpoints that run beside the writes (~200 responses)
+    RESTART_EVERY = 4000  # rows between two that hold the writes back, so the WAL starts over
     SLOW_CHECKPOINT_S = 0.05
+    WAL_PAST_LIMIT = 4  # a WAL this many times `journal_size_limit` starts over at the next checkpoint
+    IDLE_S = 1.0  # writes that stop this long are followed by a checkpoint that empties the WAL file
     POLL_S = 0.0005  # first wait when another process holds the flock, doubled up to 4 ms
     POLL_FOR_S = 0.05  # then the writer thread waits for it instead
 
@@ -135,11 +140,15 @@ class SqliteWriter:
         self._loop_conn = sqlite_connect(self._path, busy_ms=0)
         self._thread_conn: sqlite3.Connection | None = None
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="branchwise-sqlite-write")
-        self._commits = 0
+        self._rows = 0  # rows this process's writes changed (what schedules the checkpoints)
         self._next_checkpoint = self.CHECKPOINT_EVERY
         self._next_restart = self.RESTART_EVERY
         self._restarted = 0
+        self._frame_bytes = 0  # a WAL frame: a page and its 24-byte header
+        self._wal_limit = 0  # the connections' journal_size_limit
         self._checkpoint_task: asyncio.Task | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._emptied_at = 0  # `_rows` when the WAL file was last emptied
         self._group: _Group | None = None  # the writes of this pass of the loop, not yet flushed
         self._slow_flushes: set[asyncio.Task] = set()
 
@@ -204,12 +213,14 @@ class SqliteWriter:
         pages): SQLite writes each page once per transaction. Alone, a write costs one extra
         turn of the loop. Each write's statements still run in its own order, so the
         compare-and-swap of one sees the ones before it, exactly as in separate transactions."""
-        if self._commits >= self._next_checkpoint and (self._checkpoint_task is None or self._checkpoint_task.done()):
-            self._next_checkpoint = self._commits + self.CHECKPOINT_EVERY
-            restart = self._commits >= self._next_restart
+        if self._rows >= self._next_checkpoint and (self._checkpoint_task is None or self._checkpoint_task.done()):
+            self._next_checkpoint = self._rows + self.CHECKPOINT_EVERY
+            restart = self._rows >= self._next_restart
             if restart:
-                self._next_restart = self._commits + self.RESTART_EVERY
+                self._next_restart = self._rows + self.RESTART_EVERY
             self._checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint_soon(restart))
+        if self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_later(self.IDLE_S, self._when_idle, self._rows)
         group = self._group
         if group is None:
             group = self._group = _Group()
@@ -312,70 +323,121 @@ class SqliteWriter:
             fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise _Held from None
+        conn = self._loop_conn
+        before = conn.total_changes
         try:
             try:
-                self._loop_conn.execute("BEGIN IMMEDIATE")
+                conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as e:  # a writer that does not take the flock
                 if _is_busy(e):
                     raise _Busy from None
                 raise
-            results = self._run(self._loop_conn, writes, begun=True)
+            results = self._run(conn, writes, begun=True)
         finally:
             fcntl.flock(self._lockfile, fcntl.LOCK_UN)
-        self._commits += len(writes)
+        self._rows += conn.total_changes - before
         return results
 
     def _write_waiting(self, writes: Sequence[Write]) -> list:
         """On the writer thread: wait for the other processes' writers, then write."""
         if self._thread_conn is None:
             self._thread_conn = sqlite_connect(self._path, busy_ms=30000)
+        conn = self._thread_conn
+        before = conn.total_changes
         fcntl.flock(self._lockfile, fcntl.LOCK_EX)
         try:
-            results = self._run(self._thread_conn, writes)
+            results = self._run(conn, writes)
         finally:
             fcntl.flock(self._lockfile, fcntl.LOCK_UN)
-        self._commits += len(writes)
+        self._rows += conn.total_changes - before
         return results
 
     async def _checkpoint_soon(self, restart: bool) -> None:
-        """Every `CHECKPOINT_EVERY` commits: copy the WAL back into the database file, on the
+        """Every `CHECKPOINT_EVERY` rows: copy the WAL back into the database file, on the
         writer thread, while the writes go on (see `_checkpoint`)."""
         loop = asyncio.get_running_loop()
-        overdue = self._commits - self._restarted >= 5 * self.RESTART_EVERY
+        overdue = self._rows - self._restarted >= 5 * self.RESTART_EVERY
         if await loop.run_in_executor(self._writes, self._checkpoint, restart, overdue):
-            self._restarted = self._commits
+            self._restarted = self._rows
         elif restart:
-            self._next_restart = self._commits + self.CHECKPOINT_EVERY  # try again soon
+            self._next_restart = self._rows + self.CHECKPOINT_EVERY  # try again soon
 
     def _checkpoint(self, restart: bool, overdue: bool) -> bool:
         """A passive checkpoint. It races the writes and never catches up, though, so the WAL
         never starts over: it grows by every page of every write, slowing every read with it. So
-        with `restart` (every `RESTART_EVERY` commits) a second, short pass (what landed during
+        with `restart` (every `RESTART_EVERY` rows) a second, short pass (what landed during
         the first) follows at once, holding the flock: the writes poll for it as for another
-        process's write, and the next one starts the WAL over from its beginning. That holds the
+        process's write, and the next one starts the WAL over from its beginning (and cuts the
+        file back to `journal_size_limit`, `connect.SQLITE_WAL_LIMIT`). That holds the
         writes back only for the second pass, its copy and its two fsyncs; the loop runs on.
         Neither behind this process's asyncio write lock (the thread's GIL waits and the loop's
         iteration made the 99th percentile) nor on the loop itself (it blocked everything), nor
         holding the writes back for the whole copy: decision 0007 has the numbers. A slow first pass (over
         `SLOW_CHECKPOINT_S`) means a busy disk, and the second pass's fsyncs would hold the
-        writes back as long: skip it, up to five times in a row (`overdue`). True when the
+        writes back as long: skip it, up to five times in a row (`overdue`). A WAL that has
+        grown past `WAL_PAST_LIMIT` times the limit anyway (writes this process does not count:
+        another process's, SQLAlchemy's) starts over at once, slow disk or not. True when the
         second pass ran."""
-        if self._thread_conn is None:
-            self._thread_conn = sqlite_connect(self._path, busy_ms=30000)
+        conn = self._thread_conn
+        if conn is None:
+            conn = self._thread_conn = sqlite_connect(self._path, busy_ms=30000)
         started = time.perf_counter()
+        frames = 0
+        # (fetchall: a statement not stepped to its end keeps its read open, and a WAL that a
+        # reader uses never starts over)
         with contextlib.suppress(sqlite3.Error):
-            self._thread_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        if not restart or (time.perf_counter() - started > self.SLOW_CHECKPOINT_S and not overdue):
+            frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][1]
+        if self._frame_bytes == 0:
+            self._frame_bytes = conn.execute("PRAGMA page_size").fetchall()[0][0] + 24
+            self._wal_limit = max(1, conn.execute("PRAGMA journal_size_limit").fetchall()[0][0])
+        too_big = frames * self._frame_bytes > self.WAL_PAST_LIMIT * self._wal_limit
+        slow = time.perf_counter() - started > self.SLOW_CHECKPOINT_S
+        if not too_big and (not restart or (slow and not overdue)):
             return False
         fcntl.flock(self._lockfile, fcntl.LOCK_EX)
         try:
             with contextlib.suppress(sqlite3.Error):
-                self._thread_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             fcntl.flock(self._lockfile, fcntl.LOCK_UN)
         return True
 
+    def _when_idle(self, rows: int) -> None:
+        """`IDLE_S` after a write: while writes go on, look again later; once they stopped, empty
+        the WAL file (a burst leaves it as large as its last stretch between two restarts, up to
+        `WAL_PAST_LIMIT` times the limit, until the next write cuts it back)."""
+        loop = asyncio.get_running_loop()
+        if self._rows != rows:
+            self._idle_timer = loop.call_later(self.IDLE_S, self._when_idle, self._rows)
+            return
+        self._idle_timer = None
+        if self._rows == self._emptied_at or not (self._checkpoint_task is None or self._checkpoint_task.done()):
+            return
+        self._emptied_at = self._rows
+        self._checkpoint_task = loop.create_task(self._empty_soon())
+
+    async def _empty_soon(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._writes, self._empty)
+
+    def _empty(self) -> None:
+        """A checkpoint that copies the whole WAL back and truncates the file to nothing, under
+        the flock (no write of any process runs meanwhile; they wait for it as for a write). A
+        reader in the WAL would make it wait: it waits 100 ms at most, then leaves the file."""
+        conn = self._thread_conn
+        if conn is None:
+            conn = self._thread_conn = sqlite_connect(self._path, busy_ms=30000)
+        fcntl.flock(self._lockfile, fcntl.LOCK_EX)
+        try:
+            conn.execute("PRAGMA busy_timeout=100")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            conn.execute("PRAGMA busy_timeout=30000")
+            fcntl.flock(self._lockfile, fcntl.LOCK_UN)
+
     async def close(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         for task in [self._checkpoint_task, *self._slow_flushes]:
             if task is not None:
                 with contextlib.suppress(BaseException):

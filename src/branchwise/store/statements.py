@@ -81,23 +81,61 @@ _CONV_FROM = " FROM conversations c LEFT JOIN items i ON i.node = c.head WHERE c
 CONVERSATION = SQL(_CONV_SELECT + _CONV_FROM)
 
 
+# A long path is read in blocks: a node at depth 64k+63 (from the third block on) has a row in
+# `history_blocks` with the joined messages of its 64-item block and the node above the block,
+# so a history of 10,000 items is ~150 block steps and at most ~250 item steps, not 10,000
+# (docs/decisions/0058). Nodes never change, so neither do blocks; a block that is missing (not
+# written yet) only means item steps.
+BLOCK = 64
+FIRST_BLOCK_END = 3 * BLOCK - 1
+
+
 def _path_from(seed: str) -> str:
-    """The path from the node `seed` selects up to the root, carrying each item's chat message."""
+    """The path from the node `seed` selects up to the root: (next node up, depth, chat) per
+    step, a step being an item or, where a block ends, its whole block. The block is looked up
+    only at a block's end (elsewhere its key is NULL, which matches nothing)."""
+    block = f"LEFT JOIN history_blocks b ON b.node = CASE WHEN (i.depth + 1) % {BLOCK} = 0 THEN i.node END"
+    step = ("SELECT CASE WHEN b.node IS NULL THEN i.parent ELSE b.below END, i.depth,"
+            " CASE WHEN b.node IS NULL THEN i.chat ELSE b.chat END")
     return (
-        "WITH RECURSIVE path(node, parent, depth, chat) AS ("
-        f" SELECT node, parent, depth, chat FROM items WHERE node = {seed}"
+        "WITH RECURSIVE path(next, depth, chat) AS ("
+        f" {step} FROM items i {block} WHERE i.node = {seed}"
         " UNION ALL"
-        " SELECT i.node, i.parent, i.depth, i.chat FROM items i JOIN path p ON i.node = p.parent"
+        f" {step} FROM path p JOIN items i ON i.node = p.next {block}"
         ") "
     )
 
 
-# The path's messages joined by commas in the database: one value back, whatever the length.
+# The path's messages joined by commas in the database: one value back, whatever the length
+# (bytes: on SQLite group_concat makes text, which would be decoded and encoded again).
 _JOINED = {
-    "sqlite": "(SELECT group_concat(chat, ',') FROM (SELECT chat FROM path WHERE chat IS NOT NULL ORDER BY depth))",
+    "sqlite": "(SELECT CAST(group_concat(chat, ',') AS BLOB)"
+              " FROM (SELECT chat FROM path WHERE chat IS NOT NULL ORDER BY depth))",
     "postgresql": "(SELECT string_agg(chat, '\\x2c'::bytea ORDER BY depth) FROM path WHERE chat IS NOT NULL)",
 }
 PATH_CHAT = {d: SQL(_path_from(":node") + "SELECT " + agg) for d, agg in _JOINED.items()}
+
+
+# A block's row from the items already stored (they may have been written in the same
+# transaction): the block of 64 ending at `:node`, whose first item is at depth `:lo`.
+_BLOCK_AGG = {
+    "sqlite": "(SELECT CAST(group_concat(chat, ',') AS BLOB) FROM (SELECT chat FROM up WHERE chat IS NOT NULL"
+              " ORDER BY depth))",
+    "postgresql": "(SELECT string_agg(chat, '\\x2c'::bytea ORDER BY depth) FROM up WHERE chat IS NOT NULL)",
+}
+INSERT_BLOCK = {d: SQL(
+    "WITH RECURSIVE up(node, parent, depth, chat) AS ("
+    " SELECT node, parent, depth, chat FROM items WHERE node = :node"
+    " UNION ALL"
+    " SELECT i.node, i.parent, i.depth, i.chat FROM items i JOIN up ON i.node = up.parent WHERE up.depth > :lo"
+    ") INSERT INTO history_blocks (node, below, chat)"
+    f" SELECT :node, (SELECT parent FROM up WHERE depth = :lo), {agg} ON CONFLICT (node) DO NOTHING"
+) for d, agg in _BLOCK_AGG.items()}
+
+
+def block_rows(nodes: Sequence[tuple[str, int]]) -> list[dict]:
+    """`INSERT_BLOCK`'s parameters for those of `nodes` (node, depth) that end a block."""
+    return [{"node": n, "lo": d - BLOCK + 1} for n, d in nodes if d >= FIRST_BLOCK_END and (d + 1) % BLOCK == 0]
 
 
 def _conv_history(history: str) -> str:
@@ -394,3 +432,9 @@ IMPORTED_BY_METADATA = {
                       " AND metadata::jsonb ->> :name = ANY(:keys::text[])"),
 }
 IMPORT_LOCK = SQL("SELECT pg_advisory_xact_lock(7351002)")
+
+# PostgreSQL's notifications (`store.signals`): a response's new events, sent with the
+# transaction that writes them (delivered when it commits).
+EVENTS_CHANNEL = "branchwise_events"
+FOLLOW_CHANNEL = "branchwise_follow"
+NOTIFY_EVENTS = SQL(f"SELECT pg_notify('{EVENTS_CHANNEL}', id) FROM unnest(:ids::text[]) AS t(id)")
