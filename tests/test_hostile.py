@@ -231,6 +231,9 @@ async def test_hostile_conversation_bodies(hostile, db_engine, mock):
         ("POST", f"/v1/conversations/{conv}/head", {"item_id": "\x00"}, "item_id", "invalid_value"),
         ("POST", f"/v1/conversations/{conv}/head", {"item_id": 5}, "item_id", "invalid_value"),
         ("POST", f"/v1/conversations/{conv}", {"metadata": {"k": "v" * 1001}}, None, "string_above_max_length"),
+        ("POST", f"/v1/conversations/{conv}", {"metadata": {"k\x00": "v"}}, "metadata", "invalid_value"),
+        ("POST", f"/v1/conversations/{conv}", {"metadata": {"k": "\x00"}}, "metadata", "invalid_value"),
+        ("POST", "/v1/conversations", {"metadata": {"k": "a\x00b"}}, "metadata", "invalid_value"),
     ]
     for method, url, body, param, code in cases:
         async with Untouched(db_engine, mock, f"{url} {body!r:.60}"):

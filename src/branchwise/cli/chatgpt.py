@@ -188,7 +188,8 @@ def _convert(raw: Any, position: int, build: bool) -> ImportedConversation | Non
     items = [from_input(model(**fields)) for model, fields in specs]
     metadata = {KEY: cid}
     if title:
-        metadata["title"] = title[:MAX_METADATA_VALUE]
+        # (the API refuses NUL in metadata: PostgreSQL's text cannot hold it)
+        metadata["title"] = title.replace("\x00", "")[:MAX_METADATA_VALUE]
     conv_id = new_id("conv")
     return ImportedConversation(conv_id=conv_id, tree=conv_id, metadata=metadata, created_at=conv_created,
                                 items=items, parents=parents, item_created=times, head=head, key=(KEY, cid))

@@ -160,6 +160,8 @@ def check_metadata(v: dict[str, str] | None) -> dict[str, str] | None:
             raise ValueError(f"metadata key '{key[:20]}...' is longer than 64 characters")
         if len(value) > 512:
             raise ValueError(f"metadata value for '{key}' is longer than 512 characters")
+        if "\x00" in key or "\x00" in value:  # (as in the listing's filters: PostgreSQL's text has no NUL)
+            raise ValueError("metadata keys and values cannot contain NUL characters")
     return v
 
 
