@@ -37,6 +37,7 @@ async def store_batch(tx: Tx, dialect: str, batch: Sequence[ImportedConversation
     out: list[tuple[str, bool]] = []
     rows: list[dict] = []
     convs: list[dict] = []
+    pairs: list[dict] = []  # the listing's metadata filter reads these (GET /v1/conversations?metadata[k]=v)
     responses: list[dict] = []
     for c, key in zip(batch, keys, strict=True):
         if key in there:  # (stored before, or twice in this batch)
@@ -49,6 +50,7 @@ async def store_batch(tx: Tx, dialect: str, batch: Sequence[ImportedConversation
         head = None if c.head is None else rows[first + c.head]["node"]
         if c.responses:
             responses += _response_rows(c, rows[first:], project)
+        pairs += q.metadata_rows(c.conv_id, c.metadata)
         convs.append({
             "id": c.conv_id, "tree": c.tree, "head": head, "created_at": c.created_at,
             "metadata": orjson.dumps(c.metadata).decode(),
@@ -65,9 +67,6 @@ async def store_batch(tx: Tx, dialect: str, batch: Sequence[ImportedConversation
         await tx.execute(q.INSERT_RESPONSES, responses)
     if convs:
         await tx.execute(q.INSERT_CONVERSATION, convs)
-        # the listing's metadata filter reads these (GET /v1/conversations?metadata[k]=v)
-        pairs = [{"conversation_id": conv["id"], "key": k, "value": v}
-                 for conv in convs for k, v in orjson.loads(conv["metadata"]).items()]
         if pairs:
             await tx.execute(q.INSERT_CONVERSATION_METADATA, pairs)
     return out

@@ -68,10 +68,6 @@ def _item_rows(tree: str, placed: Sequence[Placed], created: int, project: str) 
 RAREST_CAP = 1000  # metadata pairs are counted up to this many conversations to find the rarest
 
 
-def _metadata_rows(conv_id: str, metadata: dict) -> list[dict]:
-    return [{"conversation_id": conv_id, "key": k, "value": v} for k, v in metadata.items()]
-
-
 class Repository:
     def __init__(self, engine: AsyncEngine, history_cache_bytes: int = 16 << 20):
         self.engine = engine
@@ -291,7 +287,7 @@ class Repository:
             "project": project,
         }))
         if metadata:
-            steps.append((q.INSERT_CONVERSATION_METADATA, _metadata_rows(conv_id, metadata)))
+            steps.append((q.INSERT_CONVERSATION_METADATA, q.metadata_rows(conv_id, metadata)))
         await self.db.write(steps)
 
     async def import_conversations(self, batch: Sequence[ImportedConversation]) -> list[tuple[str, bool]]:
@@ -311,7 +307,7 @@ class Repository:
                                                     "metadata": orjson.dumps(metadata).decode()}) == 0:
                 return False
             await tx.execute(q.DELETE_CONVERSATION_METADATA, {"id": conv_id})
-            await tx.execute(q.INSERT_CONVERSATION_METADATA, _metadata_rows(conv_id, metadata))
+            await tx.execute(q.INSERT_CONVERSATION_METADATA, q.metadata_rows(conv_id, metadata))
             return True
 
         return await self.db.transaction(update)

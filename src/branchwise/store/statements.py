@@ -372,6 +372,11 @@ def list_conversations(order: str, after: bool, n_metadata: int) -> SQL:
 METADATA_PAIR_COUNT = SQL("SELECT COUNT(*) FROM (SELECT 1 FROM conversation_metadata WHERE key = :k AND value = :v"
                           " LIMIT :cap) AS found")
 INSERT_CONVERSATION_METADATA = _insert("conversation_metadata", ("conversation_id", "key", "value"))
+
+
+def metadata_rows(conv_id: str, metadata: dict) -> list[dict]:
+    """`INSERT_CONVERSATION_METADATA`'s rows for one conversation's metadata."""
+    return [{"conversation_id": conv_id, "key": k, "value": v} for k, v in metadata.items()]
 DELETE_CONVERSATION_METADATA = SQL("DELETE FROM conversation_metadata WHERE conversation_id = :id")
 
 
